@@ -1,0 +1,77 @@
+"""ckptwriter: an asynchronous, crash-safe checkpoint writer for long training runs.
+
+The training loop submits :class:`Snapshot` objects to a :class:`CheckpointWriter`;
+a background writer commits them atomically, moves ``latest`` and applies retention.
+"""
+
+from __future__ import annotations
+
+from .errors import CheckpointCorruptError as CheckpointCorruptError
+from .errors import CheckpointError as CheckpointError
+from .errors import CheckpointNotFoundError as CheckpointNotFoundError
+from .errors import ConfigError as ConfigError
+from .errors import DirectoryLockedError as DirectoryLockedError
+from .errors import MemoryTypeMismatchError as MemoryTypeMismatchError
+from .errors import StorageError as StorageError
+from .errors import UnsafePathError as UnsafePathError
+from .errors import WriterClosedError as WriterClosedError
+from .errors import WriterFailedError as WriterFailedError
+from .memory import Action as Action
+from .memory import Feedback as Feedback
+from .memory import FeedbackContent as FeedbackContent
+from .memory import MemoryEntry as MemoryEntry
+from .memory import MemoryLog as MemoryLog
+from .memory import Observation as Observation
+from .memory import Reflection as Reflection
+from .resume import CheckpointFallbackWarning as CheckpointFallbackWarning
+from .resume import CheckpointInfo as CheckpointInfo
+from .resume import LoadedCheckpoint as LoadedCheckpoint
+from .resume import list_checkpoints as list_checkpoints
+from .resume import load_checkpoint as load_checkpoint
+from .resume import resolve_checkpoint as resolve_checkpoint
+from .resume import verify_checkpoint as verify_checkpoint
+from .snapshot import Snapshot as Snapshot
+from .sync import SyncCheckpointHandle as SyncCheckpointHandle
+from .sync import SyncCheckpointWriter as SyncCheckpointWriter
+from .writer import CheckpointHandle as CheckpointHandle
+from .writer import CheckpointResult as CheckpointResult
+from .writer import CheckpointWriter as CheckpointWriter
+from .writer import WriterStats as WriterStats
+from .writer import switch_interval as switch_interval
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Action",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointFallbackWarning",
+    "CheckpointHandle",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointResult",
+    "CheckpointWriter",
+    "ConfigError",
+    "DirectoryLockedError",
+    "Feedback",
+    "FeedbackContent",
+    "LoadedCheckpoint",
+    "MemoryEntry",
+    "MemoryLog",
+    "MemoryTypeMismatchError",
+    "Observation",
+    "Reflection",
+    "Snapshot",
+    "StorageError",
+    "SyncCheckpointHandle",
+    "SyncCheckpointWriter",
+    "UnsafePathError",
+    "WriterClosedError",
+    "WriterFailedError",
+    "WriterStats",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "switch_interval",
+    "verify_checkpoint",
+]

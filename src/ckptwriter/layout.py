@@ -1,0 +1,83 @@
+"""Names and paths: checkpoint directories, run directories, temp and trash names."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from datetime import datetime
+from pathlib import Path
+
+__all__ = [
+    "AGENT_JSON",
+    "LATEST_JSON",
+    "LATEST_LINK",
+    "RUNTIME_JSON",
+    "checkpoint_name",
+    "create_run_dir",
+    "memory_file_name",
+    "parse_checkpoint_name",
+]
+
+RUNTIME_JSON = "runtime.json"
+AGENT_JSON = "agent.json"
+LATEST_LINK = "latest"
+LATEST_JSON = "latest.json"
+LOCK_FILE = ".lock"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+FORMAT_VERSION = 1
+
+_NAME_RE = re.compile(r"^ep_(\d{6,})$")
+RUN_DIR_RE = re.compile(r"^\d{8}_\d{6}(?:_\d+)?$")
+
+
+def checkpoint_name(episode_index: int) -> str:
+    """``ep_000100`` for episode 100 (more digits past 999999)."""
+    return f"ep_{episode_index:06d}"
+
+
+def parse_checkpoint_name(name: str) -> int | None:
+    """The episode index of a checkpoint directory name, or None if it is not one."""
+    m = _NAME_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def memory_file_name(episode_index: int) -> str:
+    """``memory_100.jsonl`` for episode 100, as the guide shows."""
+    return f"memory_{episode_index}.jsonl"
+
+
+def temp_name(name: str) -> str:
+    """A unique temp directory name for a checkpoint being written."""
+    return f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+
+
+def trash_name(name: str) -> str:
+    """A unique name a checkpoint is renamed to before it is deleted."""
+    return f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
+
+
+def is_leftover(name: str) -> bool:
+    """True for temp and trash entries a crashed writer may leave behind."""
+    return name.startswith((TMP_PREFIX, TRASH_PREFIX))
+
+
+def create_run_dir(output_dir: str | os.PathLike[str], run_name: str,
+                   now: datetime | None = None) -> Path:
+    """Create ``<output_dir>/<run_name>/<YYYYmmdd_HHMMSS>/``, unique even within a second.
+
+    Two runs that start in the same second get ``..._HHMMSS`` and ``..._HHMMSS_1``;
+    ``mkdir`` without ``exist_ok`` makes the choice race-free across processes.
+    """
+    stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
+    parent = Path(output_dir) / run_name
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        candidate = parent / (stamp if n == 0 else f"{stamp}_{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a fresh run directory under {parent}")

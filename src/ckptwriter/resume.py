@@ -1,0 +1,355 @@
+"""Find, verify and load checkpoints: what ``resume_from`` and the inspection commands use.
+
+A reader trusts only a directory whose ``runtime.json`` is valid and whose files match
+their recorded sizes and sha256. ``latest`` (symlink or ``latest.json``) is followed only
+to a plain name inside the same checkpoints directory; when it is missing or broken the
+newest valid checkpoint is used instead, with a :class:`CheckpointFallbackWarning`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from . import layout
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    MemoryTypeMismatchError,
+    UnsafePathError,
+)
+from .manifest import AgentManifest, LatestPointer, RuntimeManifest, check_plain_name
+from .memory import MemoryLog
+from .retention import CheckpointRecord
+
+__all__ = [
+    "CheckpointFallbackWarning",
+    "CheckpointInfo",
+    "LoadedCheckpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "scan_checkpoints",
+    "verify_checkpoint",
+]
+
+_READ_CHUNK = 4 * 1024 * 1024
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """``latest`` was missing or broken; an older valid checkpoint is used instead."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint directory as found on disk (cheap checks only: sizes, not sha256)."""
+
+    name: str
+    path: Path
+    episode_index: int
+    complete: bool
+    runtime: RuntimeManifest | None = None
+    problem: str | None = None
+    size_bytes: int = 0
+
+    @property
+    def record(self) -> CheckpointRecord:
+        """The retention view of this checkpoint."""
+        score = self.runtime.val_score if self.runtime else None
+        return CheckpointRecord(self.name, self.episode_index, score)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A verified checkpoint, read back."""
+
+    path: Path
+    runtime: RuntimeManifest
+    agent: AgentManifest
+    memory: MemoryLog
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+
+def _read_regular(path: Path, checkpoint: Path, name: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CheckpointCorruptError(checkpoint, name, "missing") from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise UnsafePathError(checkpoint, name, "is a symlink; refusing to follow it") from None
+        raise CheckpointCorruptError(checkpoint, name, f"unreadable ({exc.strerror})") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointCorruptError(checkpoint, name, "is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _parse_runtime(ckpt: Path) -> RuntimeManifest:
+    data = _read_regular(ckpt / layout.RUNTIME_JSON, ckpt, layout.RUNTIME_JSON)
+    try:
+        rt = RuntimeManifest.model_validate_json(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "document"
+        msg = f"invalid ({where}: {err['msg']})"
+        if err["loc"] and err["loc"][0] in {"memory_snapshot_path", "files"}:
+            raise UnsafePathError(ckpt, layout.RUNTIME_JSON, msg) from None
+        raise CheckpointCorruptError(ckpt, layout.RUNTIME_JSON, msg) from None
+    if rt.memory_snapshot_path not in rt.files:
+        raise CheckpointCorruptError(
+            ckpt, layout.RUNTIME_JSON, f"lists no checksum for {rt.memory_snapshot_path}"
+        )
+    if layout.AGENT_JSON not in rt.files:
+        raise CheckpointCorruptError(ckpt, layout.RUNTIME_JSON, "lists no checksum for agent.json")
+    return rt
+
+
+def _quick_check(ckpt: Path) -> tuple[RuntimeManifest, int]:
+    """runtime.json valid and every file present, regular, of the recorded size."""
+    rt = _parse_runtime(ckpt)
+    total = 0
+    for name, digest in rt.files.items():
+        p = ckpt / name
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise CheckpointCorruptError(ckpt, name, "missing") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(ckpt, name, "is a symlink; refusing to follow it")
+        if st.st_size != digest.bytes:
+            raise CheckpointCorruptError(
+                ckpt, name, f"size {st.st_size} bytes, expected {digest.bytes} (truncated?)"
+            )
+        total += st.st_size
+    return rt, total
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
+    """Check every file of one checkpoint directory against its size and sha256.
+
+    Returns:
+        the validated runtime manifest.
+
+    Raises:
+        CheckpointNotFoundError: the directory does not exist.
+        CheckpointCorruptError: a file is missing, damaged or unsafe (the file is named).
+    """
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise CheckpointNotFoundError(ckpt, _nearby(ckpt))
+    rt, _ = _quick_check(ckpt)
+    for name, digest in rt.files.items():
+        if _sha256_file(ckpt / name, ckpt, name) != digest.sha256:
+            raise CheckpointCorruptError(ckpt, name, "sha256 does not match runtime.json")
+    return rt
+
+
+def _sha256_file(path: Path, ckpt: Path, name: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CheckpointCorruptError(ckpt, name, f"unreadable ({exc.strerror})") from exc
+    sha = hashlib.sha256()
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def scan_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Every ``ep_*`` directory under a checkpoints dir, oldest first, with quick checks."""
+    base = Path(root)
+    out: list[CheckpointInfo] = []
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        ep = layout.parse_checkpoint_name(name)
+        if ep is None:
+            continue
+        p = base / name
+        if p.is_symlink() or not p.is_dir():
+            out.append(CheckpointInfo(name, p, ep, False, problem="not a directory"))
+            continue
+        try:
+            rt, size = _quick_check(p)
+        except CheckpointCorruptError as exc:
+            out.append(CheckpointInfo(name, p, ep, False, problem=f"{exc.file}: {exc.problem}"))
+            continue
+        out.append(CheckpointInfo(name, p, ep, True, runtime=rt, size_bytes=size))
+    out.sort(key=lambda i: i.episode_index)
+    return out
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Checkpoints of a checkpoints directory, oldest first (see :class:`CheckpointInfo`)."""
+    return scan_checkpoints(checkpoints_dir)
+
+
+def _is_checkpoints_dir(p: Path) -> bool:
+    if (p / layout.LATEST_JSON).exists() or os.path.lexists(p / layout.LATEST_LINK):
+        return True
+    try:
+        return any(layout.parse_checkpoint_name(n) is not None for n in os.listdir(p))
+    except OSError:
+        return False
+
+
+def _run_dirs(p: Path) -> list[Path]:
+    try:
+        subs = sorted(os.listdir(p))
+    except OSError:
+        return []
+    return [p / s for s in subs if layout.RUN_DIR_RE.match(s) and (p / s / "checkpoints").is_dir()]
+
+
+def _pointer_target(root: Path) -> tuple[str | None, str | None]:
+    """(checkpoint name named by latest, or None; why it could not be used)."""
+    link = root / layout.LATEST_LINK
+    if os.path.islink(link):
+        target = os.readlink(link)
+        try:
+            check_plain_name(target)
+        except ValueError:
+            raise UnsafePathError(
+                root, layout.LATEST_LINK,
+                f"points at {target!r}, outside the checkpoints directory; refusing to follow it",
+            ) from None
+        return target, None
+    jpath = root / layout.LATEST_JSON
+    if jpath.exists():
+        try:
+            ptr = LatestPointer.model_validate_json(_read_regular(jpath, root, layout.LATEST_JSON))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            if err["loc"] and err["loc"][0] == "checkpoint":
+                raise UnsafePathError(
+                    root, layout.LATEST_JSON,
+                    "names a checkpoint outside the checkpoints directory; refusing to follow it",
+                ) from None
+            return None, f"{layout.LATEST_JSON} is invalid"
+        return ptr.checkpoint, None
+    return None, "latest is missing"
+
+
+def _resolve_latest(root: Path, shown: str) -> Path:
+    target, why = _pointer_target(root)
+    if target is not None:
+        cand = root / target
+        try:
+            verify_checkpoint(cand)
+            return cand
+        except CheckpointNotFoundError:
+            why = f"latest points at {target}, which does not exist"
+        except CheckpointCorruptError as exc:
+            why = f"latest points at {target}, which is broken ({exc.file}: {exc.problem})"
+    for info in reversed(scan_checkpoints(root)):
+        if not info.complete:
+            continue
+        try:
+            verify_checkpoint(info.path)
+        except CheckpointCorruptError:
+            continue
+        warnings.warn(
+            f"{why}; falling back to the newest valid checkpoint {info.path}",
+            CheckpointFallbackWarning,
+            stacklevel=3,
+        )
+        return info.path
+    raise CheckpointNotFoundError(
+        shown, _nearby(root), hint=f"No valid checkpoint in {root} ({why})."
+    )
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Turn what a user may pass as ``resume_from`` into one verified checkpoint directory.
+
+    Accepts a checkpoint directory, the ``latest`` symlink, ``latest.json``, a
+    ``checkpoints/`` directory (its latest), a run directory, or ``outputs/<run_name>``
+    (its newest run).
+
+    Raises:
+        CheckpointNotFoundError: nothing there; the message lists checkpoints nearby.
+        CheckpointCorruptError: a named checkpoint is broken (the file is named).
+    """
+    p = Path(path)
+    if p.name == layout.LATEST_LINK or p.name == layout.LATEST_JSON:
+        if p.parent.is_dir() and (os.path.lexists(p) or _is_checkpoints_dir(p.parent)):
+            return _resolve_latest(p.parent, str(path))
+    if p.is_dir():
+        if (p / layout.RUNTIME_JSON).exists() or layout.parse_checkpoint_name(p.name) is not None:
+            verify_checkpoint(p)
+            return p
+        if _is_checkpoints_dir(p):
+            return _resolve_latest(p, str(path))
+        if (p / "checkpoints").is_dir():
+            return _resolve_latest(p / "checkpoints", str(path))
+        for run in reversed(_run_dirs(p)):
+            if any(i.complete for i in scan_checkpoints(run / "checkpoints")):
+                return _resolve_latest(run / "checkpoints", str(path))
+    raise CheckpointNotFoundError(str(path), _nearby(p))
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, expected_memory_type: str | None = None
+) -> LoadedCheckpoint:
+    """Resolve, verify and read a checkpoint.
+
+    Args:
+        path: anything :func:`resolve_checkpoint` accepts.
+        expected_memory_type: if given, the checkpoint's memory type must match.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError.
+    """
+    ckpt = resolve_checkpoint(path)
+    rt = _parse_runtime(ckpt)
+    blobs: dict[str, bytes] = {}
+    for name, digest in rt.files.items():
+        data = _read_regular(ckpt / name, ckpt, name)
+        if len(data) != digest.bytes or hashlib.sha256(data).hexdigest() != digest.sha256:
+            raise CheckpointCorruptError(ckpt, name, "sha256 does not match runtime.json")
+        blobs[name] = data
+    try:
+        agent = AgentManifest.model_validate_json(blobs.pop(layout.AGENT_JSON))
+    except ValidationError as exc:
+        problem = f"invalid ({exc.errors()[0]['msg']})"
+        raise CheckpointCorruptError(ckpt, layout.AGENT_JSON, problem) from None
+    if expected_memory_type is not None and agent.memory_type != expected_memory_type:
+        raise MemoryTypeMismatchError(ckpt, agent.memory_type, expected_memory_type)
+    mem_bytes = blobs.pop(rt.memory_snapshot_path)
+    try:
+        memory = MemoryLog.from_jsonl(mem_bytes, memory_type=agent.memory_type)
+    except ValueError as exc:
+        raise CheckpointCorruptError(ckpt, rt.memory_snapshot_path, str(exc)) from None
+    return LoadedCheckpoint(path=ckpt, runtime=rt, agent=agent, memory=memory, extra_files=blobs)
+
+
+def _nearby(p: Path, limit: int = 10) -> list[str]:
+    """Checkpoints close to a path that does not resolve, newest first, for the error."""
+    anc = p
+    while not anc.is_dir() and anc != anc.parent:
+        anc = anc.parent
+    found: list[tuple[float, str]] = []
+    for pattern in ("ep_*", "*/ep_*", "*/*/ep_*", "*/*/*/ep_*"):
+        try:
+            for c in anc.glob(pattern):
+                if c.is_dir() and (c / layout.RUNTIME_JSON).exists():
+                    found.append((c.stat().st_mtime, str(c)))
+        except OSError:
+            continue
+        if found:
+            break
+    found.sort(reverse=True)
+    return [s for _, s in found[:limit]]

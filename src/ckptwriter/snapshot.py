@@ -1,0 +1,128 @@
+"""What the training loop hands to the writer, and how it is captured.
+
+A :class:`Snapshot` names live objects (the agent's :class:`MemoryLog`, its config).
+:meth:`Snapshot.capture` turns it into a :class:`CapturedSnapshot` that no later change
+to the agent can alter: the memory is captured in O(1) (its log is append-only) and the
+small JSON parts are encoded to bytes on the spot, which copies them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+
+from .errors import CheckpointError
+from .manifest import dump_json
+from .memory import MemoryCapture, MemoryLog
+
+__all__ = ["CapturedSnapshot", "Snapshot"]
+
+_ENCODER = msgspec.json.Encoder(order="deterministic")
+_RESERVED = frozenset({"runtime.json", "agent.json"})
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state of a run at the end of an episode.
+
+    Args:
+        episode_index: episodes completed (the checkpoint is named ``ep_%06d``).
+        train_steps_total: agent steps taken so far.
+        agent_type: class name of the agent, e.g. ``"HistoryAgent"``.
+        memory: the agent's append-only memory log.
+        agent_config: JSON-able agent configuration, stored in ``agent.json``.
+        memory_type: label of the memory implementation, checked on resume.
+        val_score: latest validation score, used by the ``top_k_val`` strategy.
+        extra_files: user state, name -> JSON-able object or ``bytes``.
+        resumed_from: the checkpoint this run was resumed from, recorded in runtime.json.
+    """
+
+    episode_index: int
+    train_steps_total: int
+    agent_type: str
+    memory: MemoryLog
+    agent_config: Mapping[str, Any] = field(default_factory=dict)
+    memory_type: str | None = None
+    val_score: float | None = None
+    extra_files: Mapping[str, Any] = field(default_factory=dict)
+    resumed_from: str | None = None
+
+    def capture(self) -> CapturedSnapshot:
+        """Freeze this snapshot: O(1) in the memory size, O(size) in the small JSON parts.
+
+        Raises:
+            CheckpointError: a field has a value that cannot be written.
+        """
+        if not isinstance(self.episode_index, int) or self.episode_index < 0:
+            raise CheckpointError(
+                f"Snapshot.episode_index must be an int >= 0, got {self.episode_index!r}"
+            )
+        if not isinstance(self.memory, MemoryLog):
+            raise CheckpointError(
+                f"Snapshot.memory must be a ckptwriter.MemoryLog, got {type(self.memory).__name__}"
+            )
+        score = self.val_score
+        if score is not None:
+            score = float(score)
+            if not math.isfinite(score):
+                raise CheckpointError(f"Snapshot.val_score must be finite, got {score!r}")
+        memory_type = self.memory_type or self.memory.memory_type
+        try:
+            agent_json = dump_json(
+                {"agent_type": self.agent_type, "memory_type": memory_type,
+                 "config": dict(self.agent_config)}
+            )
+            extras = {name: _encode_extra(name, obj) for name, obj in self.extra_files.items()}
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise CheckpointError(
+                f"Snapshot for episode {self.episode_index} is not JSON-able: {exc}. "
+                "Pass bytes in extra_files for state that is not JSON."
+            ) from exc
+        return CapturedSnapshot(
+            episode_index=self.episode_index,
+            train_steps_total=int(self.train_steps_total),
+            agent_type=self.agent_type,
+            memory_type=memory_type,
+            val_score=score,
+            memory=self.memory.capture(),
+            agent_json=agent_json,
+            extra_files=extras,
+            resumed_from=self.resumed_from,
+            timestamp=datetime.now(timezone.utc),
+            captured_at=time.perf_counter(),
+        )
+
+
+def _encode_extra(name: str, obj: Any) -> bytes:
+    if not name or "/" in name or "\\" in name or name in {".", ".."} or name.startswith("."):
+        raise CheckpointError(
+            f"extra_files name {name!r} is not a plain file name; use a name like 'optimizer.json'"
+        )
+    if name in _RESERVED or (name.startswith("memory_") and name.endswith(".jsonl")):
+        raise CheckpointError(f"extra_files name {name!r} is reserved by ckptwriter; rename it")
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj)
+    return _ENCODER.encode(obj)
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedSnapshot:
+    """A snapshot frozen at submit time; what the background writer persists."""
+
+    episode_index: int
+    train_steps_total: int
+    agent_type: str
+    memory_type: str
+    val_score: float | None
+    memory: MemoryCapture
+    agent_json: bytes
+    extra_files: dict[str, bytes]
+    resumed_from: str | None
+    timestamp: datetime
+    captured_at: float

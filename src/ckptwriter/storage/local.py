@@ -1,0 +1,340 @@
+"""Atomic checkpoint commit on a POSIX filesystem.
+
+Protocol (DESIGN.md): every file goes into ``.tmp-ep_N-<random>/`` and is fsynced,
+``runtime.json`` last; the temp directory is fsynced and renamed to ``ep_N``; the parent
+is fsynced. Only then are ``latest`` (a relative symlink renamed over the old one) and
+``latest.json`` (temp file, fsync, rename) replaced, and the parent fsynced again.
+Deletion renames to ``.trash-*`` first so a checkpoint vanishes in one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from .. import layout
+from ..errors import DirectoryLockedError, StorageError
+from ..manifest import dump_json, format_timestamp
+from ..retention import CheckpointRecord
+from ..snapshot import CapturedSnapshot
+from .base import CommitOutcome, MemoryState
+
+__all__ = ["LocalStorage"]
+
+# Never world-writable, whatever the umask: the umask still narrows these further.
+_FILE_MODE = 0o664
+_DIR_MODE = 0o775
+# Linux caps one writev at IOV_MAX (1024) buffers.
+_IOV_MAX = 1024
+# Above this size, hashing runs while another thread fsyncs: both release the GIL.
+_PARALLEL_HASH_BYTES = 8 * 1024 * 1024
+
+
+def _os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = {
+        errno.ENOSPC: "free disk space or point checkpoint_dir at a larger disk",
+        errno.EDQUOT: "free quota or point checkpoint_dir at another disk",
+        errno.EACCES: "check the directory's permissions",
+        errno.EPERM: "check the directory's permissions",
+        errno.EROFS: "the filesystem is read-only; point checkpoint_dir at a writable disk",
+        errno.ENOENT: "the checkpoints directory was removed while the run was going",
+    }.get(exc.errno or 0, "check the disk and the path")
+    return StorageError(f"{reason} while {action} {path} [errno {exc.errno}]: {hint}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creates, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    views = [v for v in views if len(v)]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _IOV_MAX])
+        # Partial writes happen near ENOSPC and on signals: resume where it stopped.
+        while n:
+            head = views[i]
+            if n >= len(head):
+                n -= len(head)
+                i += 1
+            else:
+                views[i] = head[n:]
+                n = 0
+
+
+def _copy_prefix(src: str, dst_fd: int, nbytes: int) -> None:
+    with open(src, "rb") as f:
+        src_fd = f.fileno()
+        copied = 0
+        while copied < nbytes:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - copied, copied, copied)
+            if n == 0:
+                raise OSError(errno.EIO, f"{src} is shorter than expected")
+            copied += n
+    os.lseek(dst_fd, nbytes, os.SEEK_SET)
+
+
+class LocalStorage:
+    """A checkpoints directory on a local POSIX filesystem.
+
+    Args:
+        root: the checkpoints directory (created if missing).
+        fsync: make each commit durable before ``latest`` moves. Turning it off keeps
+            atomicity (rename) but a power loss may lose recent checkpoints.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+        self.fsync = fsync
+        self._lock_fd: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> list[CheckpointRecord]:
+        from ..resume import scan_checkpoints
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+        except FileExistsError as exc:
+            raise StorageError(
+                f"checkpoint_dir {self.root} exists and is not a directory; "
+                "point checkpoint_dir at a directory"
+            ) from exc
+        except OSError as exc:
+            raise _os_error(exc, "creating checkpoint_dir", self.root) from exc
+        self._lock()
+        try:
+            for entry in os.listdir(self.root):
+                if layout.is_leftover(entry):
+                    self._remove_tree(self.root / entry)
+            return [i.record for i in scan_checkpoints(self.root) if i.complete]
+        except OSError as exc:
+            self.close()
+            raise _os_error(exc, "opening", self.root) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        path = self.root / layout.LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        except OSError as exc:
+            raise _os_error(exc, "creating the lock file", path) from exc
+        try:
+            # flock dies with its process, so a crashed writer never leaves a stale lock.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise DirectoryLockedError(
+                f"Checkpoint directory {self.root} is locked by another writer ({owner}). "
+                "Only one writer may own a checkpoints directory: stop the other run or "
+                "use another checkpoint_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # Protocol steps, in order; tests override _step to crash right after any of them.
+    STEPS = (
+        "tmp_created", "memory_written", "files_written", "runtime_written",
+        "tmp_dir_synced", "renamed", "parent_synced", "latest_link_replaced",
+        "latest_json_replaced", "pointer_synced", "trash_renamed", "deleted",
+    )
+
+    def _step(self, name: str) -> None:
+        """Called right after each protocol step; a no-op outside fault-injection tests."""
+
+    # -- commit ----------------------------------------------------------------------
+
+    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
+        name = layout.checkpoint_name(snap.episode_index)
+        tmp = self.root / layout.temp_name(name)
+        try:
+            return self._commit(snap, prev, name, tmp)
+        except OSError as exc:
+            self._remove_tree(tmp)
+            raise _os_error(exc, "writing checkpoint", tmp.with_name(name)) from exc
+        except BaseException:
+            self._remove_tree(tmp)
+            raise
+
+    def _commit(
+        self, snap: CapturedSnapshot, prev: MemoryState | None, name: str, tmp: Path
+    ) -> CommitOutcome:
+        t0 = time.perf_counter()
+        os.mkdir(tmp, _DIR_MODE)
+        self._step("tmp_created")
+        files: dict[str, dict[str, object]] = {}
+        mem = snap.memory
+        mem_name = layout.memory_file_name(snap.episode_index)
+        incremental = (
+            prev is not None
+            and prev.log_id == mem.log_id
+            and prev.nbytes <= mem.nbytes
+            and _size_or_none(prev.location) == prev.nbytes
+        )
+        serialize_s = 0.0
+        start = 0
+        fd = os.open(tmp / mem_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     _FILE_MODE)
+        try:
+            if incremental:
+                assert prev is not None
+                sha = prev.sha.copy()
+                start = prev.nbytes
+                _copy_prefix(prev.location, fd, start)
+            else:
+                sha = hashlib.sha256()
+            views = list(mem.iter_bytes(start))
+            _write_all(fd, views)
+            delta = mem.nbytes - start
+            if self.fsync and delta >= _PARALLEL_HASH_BYTES:
+                syncer = threading.Thread(target=os.fsync, args=(fd,), name="ckptwriter-fsync")
+                syncer.start()
+                for v in views:
+                    sha.update(v)
+                syncer.join()
+            else:
+                for v in views:
+                    sha.update(v)
+                if self.fsync:
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._step("memory_written")
+        files[mem_name] = {"bytes": mem.nbytes, "sha256": sha.hexdigest()}
+        mem_state = MemoryState(
+            log_id=mem.log_id, entries=mem.entries, nbytes=mem.nbytes,
+            location=str(self.root / name / mem_name), sha=sha,
+        )
+        written = mem.nbytes
+        for fname, data in (("agent.json", snap.agent_json), *snap.extra_files.items()):
+            self._write_file(tmp / fname, data)
+            files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            written += len(data)
+        self._step("files_written")
+        s0 = time.perf_counter()
+        timestamp = format_timestamp(snap.timestamp)
+        runtime = dump_json({
+            "timestamp": timestamp,
+            "episode_index": snap.episode_index,
+            "train_steps_total": snap.train_steps_total,
+            "agent_type": snap.agent_type,
+            "memory_snapshot_path": mem_name,
+            "val_score": snap.val_score,
+            "format_version": layout.FORMAT_VERSION,
+            "memory_entries": mem.entries,
+            "resumed_from": snap.resumed_from,
+            "files": files,
+        })
+        latest_json = dump_json({
+            "checkpoint": name, "episode_index": snap.episode_index,
+            "timestamp": timestamp, "val_score": snap.val_score,
+        })
+        serialize_s += time.perf_counter() - s0
+        self._write_file(tmp / layout.RUNTIME_JSON, runtime)
+        written += len(runtime)
+        self._step("runtime_written")
+        if self.fsync:
+            fsync_dir(tmp)
+        self._step("tmp_dir_synced")
+        final = self.root / name
+        if final.exists():
+            # Same episode written again (a retry): move the old one aside first.
+            self._remove_tree(self._to_trash(name))
+        os.rename(tmp, final)
+        self._step("renamed")
+        if self.fsync:
+            fsync_dir(self.root)
+        self._step("parent_synced")
+        total = time.perf_counter() - t0
+        return CommitOutcome(
+            name=name, path=str(final), bytes_written=written,
+            entries_serialized=mem.entries - (prev.entries if incremental and prev else 0),
+            bytes_serialized=delta, incremental=incremental,
+            serialize_seconds=serialize_s, write_seconds=total - serialize_s,
+            memory=mem_state,
+            record=CheckpointRecord(name, snap.episode_index, snap.val_score),
+            latest_json=latest_json,
+        )
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            _write_all(fd, [memoryview(data)])
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- pointer ---------------------------------------------------------------------
+
+    def set_latest(self, outcome: CommitOutcome) -> None:
+        try:
+            link_tmp = self.root / layout.temp_name("latest")
+            os.symlink(outcome.name, link_tmp)
+            os.replace(link_tmp, self.root / layout.LATEST_LINK)
+            self._step("latest_link_replaced")
+            json_tmp = self.root / layout.temp_name("latest.json")
+            self._write_file(json_tmp, outcome.latest_json)
+            os.replace(json_tmp, self.root / layout.LATEST_JSON)
+            self._step("latest_json_replaced")
+            if self.fsync:
+                fsync_dir(self.root)
+            self._step("pointer_synced")
+        except OSError as exc:
+            raise _os_error(exc, "updating the latest pointer in", self.root) from exc
+
+    # -- deletion --------------------------------------------------------------------
+
+    def delete(self, name: str) -> None:
+        try:
+            trash = self._to_trash(name)
+            self._step("trash_renamed")
+            self._remove_tree(trash)
+            self._step("deleted")
+        except OSError as exc:
+            raise _os_error(exc, "deleting checkpoint", self.root / name) from exc
+
+    def _to_trash(self, name: str) -> Path:
+        trash = self.root / layout.trash_name(name)
+        os.rename(self.root / name, trash)
+        return trash
+
+    @staticmethod
+    def _remove_tree(path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None

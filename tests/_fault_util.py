@@ -1,0 +1,326 @@
+"""Fault injection helpers for the reliability tests (tests/test_reliability*.py).
+
+This module is also the child program of the subprocess tests: ``python _fault_util.py
+<command> ...`` runs a writer in a fresh interpreter so that a crash (``os._exit``,
+SIGKILL) is a real process death, not an exception the test could catch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+
+from ckptwriter import (
+    Action,
+    CheckpointWriter,
+    Feedback,
+    FeedbackContent,
+    MemoryLog,
+    Observation,
+    Reflection,
+    Snapshot,
+)
+from ckptwriter.snapshot import CapturedSnapshot
+from ckptwriter.storage import LocalStorage, MemoryState
+from ckptwriter.storage.base import CommitOutcome
+
+PY = sys.executable
+HERE = Path(__file__).resolve()
+# Exit status a crash injected with os._exit uses, so a test can tell it from a bug.
+CRASH_EXIT = 17
+
+
+# -- deterministic training data -------------------------------------------------------
+
+
+def episode_entries(ep: int, pad: int = 0) -> list[Observation | Action | Feedback | Reflection]:
+    """The memory entries episode ``ep`` appends: a pure function of ``ep``."""
+    return [
+        Observation(content=f"Solve: {ep}+{ep}=?"),
+        Action(content=str(2 * ep)),
+        Feedback(content=FeedbackContent(score=1.0 if ep % 3 else 0.5, message=f"ep {ep}")),
+        Reflection(content=f"lesson {ep} " + "x" * pad),
+    ]
+
+
+def memory_until(ep: int, pad: int = 0) -> MemoryLog:
+    """The memory of a run after episodes 1..ep."""
+    log = MemoryLog()
+    for i in range(1, ep + 1):
+        log.extend(episode_entries(i, pad))
+    return log
+
+
+def snapshot(ep: int, log: MemoryLog, **kw: object) -> Snapshot:
+    """The snapshot the tests submit at the end of episode ``ep``."""
+    return Snapshot(ep, ep * 4, "HistoryAgent", log, **kw)  # type: ignore[arg-type]
+
+
+async def write_episodes(
+    root: Path, episodes: range, *, pad: int = 0, **writer_kw: object
+) -> MemoryLog:
+    """Run a writer over ``episodes`` (appending each episode's entries) and flush."""
+    log = memory_until(episodes.start - 1, pad)
+    async with CheckpointWriter(root, **writer_kw) as w:  # type: ignore[arg-type]
+        for ep in episodes:
+            log.extend(episode_entries(ep, pad))
+            await w.submit(snapshot(ep, log))
+        await w.flush()
+    return log
+
+
+def build_checkpoints(root: Path, last: int, *, pad: int = 0, **writer_kw: object) -> MemoryLog:
+    """Synchronously write checkpoints 1..last into ``root``."""
+
+    async def main() -> MemoryLog:
+        return await write_episodes(root, range(1, last + 1), pad=pad, **writer_kw)
+
+    return anyio.run(main)
+
+
+# -- storages that misbehave on purpose ------------------------------------------------
+
+
+class FaultStorage(LocalStorage):
+    """A LocalStorage that runs ``action(step)`` right after ``step`` of one episode."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        step: str,
+        episode: int,
+        action: Callable[[str], None],
+        fsync: bool = True,
+    ) -> None:
+        super().__init__(root, fsync=fsync)
+        if step not in self.STEPS:
+            raise ValueError(f"unknown step {step!r}")
+        self.fault_step = step
+        self.fault_episode = episode
+        self.action = action
+        self.steps_seen: list[str] = []
+        self._episode: int | None = None
+
+    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
+        # set_latest and delete follow commit in the same worker call: they belong to it.
+        self._episode = snap.episode_index
+        return super().commit(snap, prev)
+
+    def _step(self, name: str) -> None:
+        self.steps_seen.append(name)
+        if name == self.fault_step and self._episode == self.fault_episode:
+            self.action(name)
+
+
+def exit_now(step: str) -> None:
+    """Die on the spot, as a power cut or OOM kill would: no cleanup, no flush."""
+    os._exit(CRASH_EXIT)
+
+
+def raise_eio(step: str) -> None:
+    """The disk fails the operation right after ``step``."""
+    raise OSError(errno.EIO, f"injected I/O error after {step}")
+
+
+class SlowStorage(LocalStorage):
+    """A disk that takes ``delay`` seconds for every commit."""
+
+    def __init__(self, root: str | os.PathLike[str], *, delay: float) -> None:
+        super().__init__(root, fsync=False)
+        self.delay = delay
+
+    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
+        time.sleep(self.delay)
+        return super().commit(snap, prev)
+
+
+# -- inspection ------------------------------------------------------------------------
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temp and trash entries in a checkpoints directory."""
+    return sorted(n for n in os.listdir(root) if n.startswith((".tmp-", ".trash-")))
+
+
+def tree_digest(root: Path) -> dict[str, tuple[int, str, int]]:
+    """relative path -> (mode, sha256 or link target, mtime_ns) of everything under root."""
+    out: dict[str, tuple[int, str, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            if p.is_symlink():
+                content = "->" + os.readlink(p)
+            elif p.is_dir():
+                content = "dir"
+            else:
+                content = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[str(p.relative_to(root))] = (st.st_mode, content, st.st_mtime_ns)
+    return out
+
+
+# -- a real, small filesystem ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` at ``path``; skip the test where mounting is refused."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        capture_output=True, text=True, check=False,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        # Lazy unmount: a file still open somewhere must not leave the mount behind.
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount(path: Path, mode: str) -> None:
+    """Remount a tmpfs ``ro`` or ``rw``."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+
+def fill_disk(path: Path, leave: int) -> Path:
+    """Write a filler file until only about ``leave`` bytes stay free on its filesystem."""
+    filler = path / "filler.bin"
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    with open(filler, "wb") as f:
+        with contextlib.suppress(OSError):
+            f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+# -- subprocess children ---------------------------------------------------------------
+
+
+def run_child(*args: str, timeout: float = 30, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run this module as a child program."""
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [PY, str(HERE), *args], capture_output=True, text=True, timeout=timeout, check=False,
+        **kw,
+    )
+
+
+def _child_crash(root: str, step: str, action: str) -> None:
+    """Write episodes 1..3 (keep_last=2) and fault right after ``step`` of episode 3."""
+    act = exit_now if action == "exit" else raise_eio
+    storage = FaultStorage(root, step=step, episode=3, action=act)
+
+    async def main() -> None:
+        log = MemoryLog()
+        async with CheckpointWriter(storage=storage, keep_last=2) as w:
+            for ep in (1, 2, 3):
+                log.extend(episode_entries(ep))
+                await (await w.submit(snapshot(ep, log))).wait()
+
+    anyio.run(main)
+
+
+def _child_hold_lock(root: str) -> None:
+    """Open a writer, write one checkpoint, report, then wait to be killed."""
+
+    async def main() -> None:
+        async with CheckpointWriter(root) as w:
+            await (await w.submit(snapshot(1, memory_until(1)))).wait()
+            print("ready", flush=True)
+            await anyio.sleep(60)
+
+    anyio.run(main)
+
+
+def _child_umask(root: str, umask: str) -> None:
+    """Write checkpoints under a given umask and report the modes created."""
+    os.umask(int(umask, 8))
+    build_checkpoints(Path(root), 3, keep_last=2)
+
+
+def _child_resume(source: str, dest: str, go: str) -> None:
+    """Load ``source``, wait for the go file, then continue training into ``dest``."""
+    from ckptwriter import load_checkpoint
+
+    Path(dest + ".ready").touch()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise SystemExit("no go signal")
+        time.sleep(0.001)
+    loaded = load_checkpoint(source)
+    log = loaded.memory
+    start = loaded.runtime.episode_index
+
+    async def main() -> None:
+        async with CheckpointWriter(dest) as w:
+            for ep in range(start + 1, start + 6):
+                log.extend(episode_entries(ep))
+                await w.submit(snapshot(ep, log, resumed_from=str(loaded.path)))
+            await w.flush()
+
+    anyio.run(main)
+    print(json.dumps({"resumed_at": start, "entries": len(log)}), flush=True)
+
+
+def _child_as_nobody(root: str, phase: str) -> None:
+    """Drop root (imports done first), then open a writer where nobody may not write."""
+    from ckptwriter import CheckpointError
+
+    # Warm up everything lazy before losing the right to read root's files.
+    anyio.run(anyio.sleep, 0)
+    anyio.run(anyio.to_thread.run_sync, lambda: None)
+    os.setgid(65534)
+    os.setuid(65534)
+
+    async def main() -> None:
+        log = memory_until(1)
+        async with CheckpointWriter(root) as w:
+            await w.submit(snapshot(1, log))
+            await w.flush()
+            if phase == "midrun":
+                # The owner takes its own write permission away while the run goes on.
+                os.chmod(root, 0o555)
+                log.extend(episode_entries(2))
+                await w.submit(snapshot(2, log))
+                await w.flush()
+
+    try:
+        anyio.run(main)
+    except CheckpointError as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc),
+                          "cause": str(exc.__cause__)}), flush=True)
+        raise SystemExit(3) from None
+
+
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a child we started and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    cmd, *rest = sys.argv[1:]
+    {
+        "crash": _child_crash,
+        "hold-lock": _child_hold_lock,
+        "umask": _child_umask,
+        "resume": _child_resume,
+        "as-nobody": _child_as_nobody,
+    }[cmd](*rest)

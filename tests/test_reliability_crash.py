@@ -1,0 +1,255 @@
+"""Crash consistency of the commit protocol: a fault right after every step.
+
+Each step of ``LocalStorage.STEPS`` gets a real process death (``os._exit`` in a child
+interpreter, no cleanup runs) and an I/O error; then the test reads the directory the
+way ``resume_from`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from _fault_util import (
+    CRASH_EXIT,
+    HERE,
+    PY,
+    FaultStorage,
+    episode_entries,
+    leftovers,
+    memory_until,
+    raise_eio,
+    snapshot,
+)
+from ckptwriter import (
+    CheckpointWriter,
+    MemoryLog,
+    WriterFailedError,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+from ckptwriter.storage import LocalStorage
+from ckptwriter.storage import local as local_mod
+
+STEPS = LocalStorage.STEPS
+# Steps of the third checkpoint after which `latest` already names it.
+AFTER_POINTER = {"latest_link_replaced", "latest_json_replaced", "pointer_synced",
+                 "trash_renamed", "deleted"}
+RETENTION_STEPS = {"trash_renamed", "deleted"}
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run the writer under both event loops anyio supports."""
+    return str(request.param)
+
+
+def _expected_episode(step: str) -> int:
+    return 3 if step in AFTER_POINTER else 2
+
+
+def _assert_reader_sees(root: Path, episode: int) -> None:
+    """What resume_from sees: exactly ``episode``, complete, with the right memory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback needed: latest must be valid
+        loaded = load_checkpoint(root)
+    assert loaded.runtime.episode_index == episode
+    assert loaded.memory.to_jsonl() == memory_until(episode).to_jsonl()
+    assert resolve_checkpoint(root / "latest") == root / f"ep_{episode:06d}"
+
+
+def _assert_latest_not_dangling(root: Path) -> None:
+    target = os.readlink(root / "latest")
+    verify_checkpoint(root / target)
+
+
+def _assert_no_incomplete(root: Path) -> None:
+    bad = [(i.name, i.problem) for i in list_checkpoints(root) if not i.complete]
+    assert bad == []
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One child per step (all started at once), each killed by os._exit after that step."""
+    import subprocess
+
+    base = tmp_path_factory.mktemp("crashes")
+    out: dict[str, Path] = {}
+    procs: list[tuple[str, subprocess.Popen[str]]] = []
+    for step in STEPS:
+        root = base / step
+        out[step] = root
+        procs.append((step, subprocess.Popen(
+            [PY, str(HERE), "crash", str(root), step, "exit"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )))
+    for step, p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == CRASH_EXIT, f"{step}: child did not crash as planned: {err}"
+    return out
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_exit_after_step_reader_sees_previous_or_new(crashed: dict[str, Path], step: str) -> None:
+    """A process death right after a commit step leaves latest on a complete checkpoint."""
+    _assert_reader_sees(crashed[step], _expected_episode(step))
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_exit_after_step_latest_never_dangles(crashed: dict[str, Path], step: str) -> None:
+    """After a crash at any step, the latest symlink names a verified checkpoint."""
+    _assert_latest_not_dangling(crashed[step])
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_exit_after_step_no_incomplete_checkpoint(crashed: dict[str, Path], step: str) -> None:
+    """After a crash at any step, every ep_* directory is complete."""
+    _assert_no_incomplete(crashed[step])
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_exit_after_step_earlier_checkpoints_survive(
+    crashed: dict[str, Path], step: str
+) -> None:
+    """A crash never damages ep_000002; ep_000001 only goes by retention, after ep 3 is latest."""
+    root = crashed[step]
+    verify_checkpoint(root / "ep_000002")
+    if step in {"trash_renamed", "deleted"}:
+        assert not (root / "ep_000001").exists()
+    else:
+        verify_checkpoint(root / "ep_000001")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("step", STEPS)
+async def test_exit_after_step_restart_cleans_and_continues(
+    crashed: dict[str, Path], step: str, tmp_path: Path
+) -> None:
+    """The next writer removes .tmp-*/.trash-* leftovers and rewrites episode 3 cleanly."""
+    import shutil
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(crashed[step], root, symlinks=True)
+    log = memory_until(3)
+    async with CheckpointWriter(root, keep_last=2) as w:
+        assert leftovers(root) == []
+        await (await w.submit(snapshot(3, log))).wait()
+        log.extend(episode_entries(4))
+        await (await w.submit(snapshot(4, log))).wait()
+    assert leftovers(root) == []
+    assert [i.name for i in list_checkpoints(root)] == ["ep_000003", "ep_000004"]
+    _assert_reader_sees(root, 4)
+
+
+def test_crashes_leave_leftovers_to_clean(crashed: dict[str, Path]) -> None:
+    """The crash children did die mid-protocol: temp dirs and trash were really left behind."""
+    left = {step: leftovers(root) for step, root in crashed.items()}
+    tmp_steps = {s for s, names in left.items() if any(n.startswith(".tmp-ep_") for n in names)}
+    trash_steps = {s for s, names in left.items() if any(n.startswith(".trash-") for n in names)}
+    assert tmp_steps == {"tmp_created", "memory_written", "files_written", "runtime_written",
+                         "tmp_dir_synced"}
+    assert trash_steps == {"trash_renamed"}
+
+
+# -- an I/O error (not a death) right after each step ----------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("step", STEPS)
+async def test_error_after_step_is_reported_and_loses_nothing(tmp_path: Path, step: str) -> None:
+    """An I/O error after any step is counted (failed or retention error); no temp dir stays."""
+    root = tmp_path / "ckpts"
+    storage = FaultStorage(root, step=step, episode=3, action=raise_eio)
+    log = MemoryLog()
+    async with CheckpointWriter(storage=storage, keep_last=2, on_error="warn") as w:
+        for ep in (1, 2, 3):
+            log.extend(episode_entries(ep))
+            await w.submit(snapshot(ep, log))
+        await w.flush()
+        stats = w.stats
+    if step in RETENTION_STEPS:
+        # The checkpoint is durable and latest moved; only deleting ep 1 failed.
+        assert (stats.written, stats.failed, stats.retention_errors) == (3, 0, 1)
+    else:
+        assert (stats.written, stats.failed) == (2, 1)
+    assert [n for n in leftovers(root) if n.startswith(".tmp-")] == []
+    verify_checkpoint(root / "ep_000002")
+    _assert_reader_sees(root, _expected_episode(step))
+
+
+async def _write_three(storage: LocalStorage) -> None:
+    log = MemoryLog()
+    async with CheckpointWriter(storage=storage, keep_last=2) as w:
+        for ep in (1, 2, 3):
+            log.extend(episode_entries(ep))
+            await w.submit(snapshot(ep, log))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("step", sorted(set(STEPS) - RETENTION_STEPS))
+async def test_error_after_step_raises_writer_failed(tmp_path: Path, step: str) -> None:
+    """With on_error="raise", an I/O error after a commit step surfaces as WriterFailedError."""
+    storage = FaultStorage(tmp_path / "c", step=step, episode=3, action=raise_eio)
+    with pytest.raises(WriterFailedError, match=r"^checkpoint for episode 3 failed: Input/output error while (writing checkpoint|updating the latest pointer in) .*\[errno 5\]"):  # noqa: E501
+        await _write_three(storage)
+    _assert_reader_sees(tmp_path / "c", _expected_episode(step))
+
+
+@pytest.mark.anyio
+async def test_error_then_retry_same_episode_succeeds(tmp_path: Path) -> None:
+    """After an I/O error past the rename, writing the same episode again replaces it cleanly."""
+    root = tmp_path / "c"
+    storage = FaultStorage(root, step="renamed", episode=3, action=raise_eio)
+    log = memory_until(3)
+    async with CheckpointWriter(storage=storage, on_error="warn") as w:
+        await w.submit(snapshot(2, memory_until(2)))
+        await w.submit(snapshot(3, log))
+        await w.flush()
+        storage.fault_episode = -1
+        await (await w.submit(snapshot(3, log))).wait()
+    assert leftovers(root) == []
+    _assert_reader_sees(root, 3)
+
+
+# -- the order of the protocol, observed at the system-call level ----------------------
+
+
+@pytest.mark.anyio
+async def test_everything_is_fsynced_before_latest_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files, the temp dir and the parent are fsynced before the rename / pointer they guard."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("rename", f"{src} -> {dst}"))
+        real_rename(src, dst)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(local_mod.os, "fsync", fsync)
+    monkeypatch.setattr(local_mod.os, "rename", rename)
+    monkeypatch.setattr(local_mod.os, "replace", replace)
+    root = tmp_path / "c"
+    async with CheckpointWriter(root) as w:
+        await (await w.submit(snapshot(1, memory_until(1)))).wait()
+    kinds = [(k, Path(v.split(" -> ")[-1]).name if k != "fsync" else v) for k, v in events]
+    i_rename = next(i for i, (k, v) in enumerate(kinds) if k == "rename" and v == "ep_000001")
+    i_link = next(i for i, (k, v) in enumerate(kinds) if k == "replace" and v == "latest")
+    synced_before = {Path(v).name for k, v in kinds[:i_rename] if k == "fsync"}
+    tmp_name = Path(events[i_rename][1].split(" -> ")[0]).name
+    assert {"memory_1.jsonl", "agent.json", "runtime.json", tmp_name} <= synced_before
+    assert ("fsync", str(root)) in kinds[i_rename:i_link]
+    assert ("fsync", str(root)) in kinds[i_link:]

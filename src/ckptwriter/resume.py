@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 _READ_CHUNK = 4 * 1024 * 1024
+# How often a reader re-follows a pointer that moved under it before giving up on it.
+_POINTER_RETRIES = 5
 
 
 class CheckpointFallbackWarning(UserWarning):
@@ -244,8 +246,11 @@ def _pointer_target(root: Path) -> tuple[str | None, str | None]:
 
 
 def _resolve_latest(root: Path, shown: str) -> Path:
-    target, why = _pointer_target(root)
-    if target is not None:
+    why: str | None = None
+    for _ in range(_POINTER_RETRIES):
+        target, why = _pointer_target(root)
+        if target is None:
+            break
         cand = root / target
         try:
             verify_checkpoint(cand)
@@ -254,6 +259,10 @@ def _resolve_latest(root: Path, shown: str) -> Path:
             why = f"latest points at {target}, which does not exist"
         except CheckpointCorruptError as exc:
             why = f"latest points at {target}, which is broken ({exc.file}: {exc.problem})"
+        # A live writer may have moved latest and retired the old target while we read it:
+        # that is a race, not damage, so follow the pointer again before falling back.
+        if _pointer_target(root)[0] == target:
+            break
     for info in reversed(scan_checkpoints(root)):
         if not info.complete:
             continue
@@ -313,7 +322,20 @@ def load_checkpoint(
     Raises:
         CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError.
     """
-    ckpt = resolve_checkpoint(path)
+    for attempt in range(_POINTER_RETRIES):
+        ckpt = resolve_checkpoint(path)
+        try:
+            return _load_dir(ckpt, expected_memory_type)
+        except CheckpointCorruptError:
+            # Resolved through a pointer that has moved since: a writer retired the old
+            # checkpoint while we read it. Read the new one instead.
+            if attempt + 1 < _POINTER_RETRIES and resolve_checkpoint(path) != ckpt:
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_dir(ckpt: Path, expected_memory_type: str | None) -> LoadedCheckpoint:
     rt = _parse_runtime(ckpt)
     blobs: dict[str, bytes] = {}
     for name, digest in rt.files.items():

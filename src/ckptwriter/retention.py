@@ -92,6 +92,13 @@ def make_policy(strategy: str | None, keep_last: int | None) -> RetentionPolicy:
     if strategy is None:
         strategy = "all" if keep_last is None else "last_n"
     if strategy == "all":
+        if keep_last is not None:
+            # The guide's "Old checkpoints not deleted": a keep_last that would do nothing.
+            raise ConfigError(
+                f"checkpoint_strategy all keeps every checkpoint, so checkpoint_keep_last: "
+                f"{keep_last} would be ignored; set checkpoint_strategy: last_n to keep only "
+                f"the newest {keep_last}, or remove checkpoint_keep_last"
+            )
         return KeepAll()
     if strategy == "last_n":
         if keep_last is None:

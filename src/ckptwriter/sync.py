@@ -70,18 +70,22 @@ class SyncCheckpointWriter:
         self._writer = CheckpointWriter(checkpoint_dir, **kwargs)
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
+        self._writer_cm: AbstractContextManager[CheckpointWriter] | None = None
 
     def __enter__(self) -> Self:
         if self._portal is not None:
             raise WriterClosedError("SyncCheckpointWriter is already open")
         cm = start_blocking_portal()
         portal = cm.__enter__()
+        # One portal task enters and exits the writer: anyio cancel scopes must be exited
+        # by the task that entered them.
+        writer_cm = portal.wrap_async_context_manager(self._writer)
         try:
-            portal.call(self._writer.__aenter__)
+            writer_cm.__enter__()
         except BaseException:
             cm.__exit__(*sys.exc_info())
             raise
-        self._portal_cm, self._portal = cm, portal
+        self._portal_cm, self._portal, self._writer_cm = cm, portal, writer_cm
         return self
 
     def __exit__(
@@ -96,9 +100,9 @@ class SyncCheckpointWriter:
         self._portal = self._portal_cm = None
         try:
             # A KeyboardInterrupt in the loop is still a reason to save what is queued.
-            drain_exc = exc if isinstance(exc, Exception) or exc is None else None
-            portal.call(self._writer.__aexit__, type(drain_exc) if drain_exc else None,
-                        drain_exc, None)
+            drain_exc = exc if isinstance(exc, Exception) else None
+            assert self._writer_cm is not None
+            self._writer_cm.__exit__(type(drain_exc) if drain_exc else None, drain_exc, None)
         finally:
             cm.__exit__(None, None, None)
 

@@ -235,6 +235,7 @@ class CheckpointWriter:
         self._stack: AsyncExitStack | None = None
         self._send: MemoryObjectSendStream[_Job] | None = None
         self._done: anyio.Event | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
 
     @property
     def location(self) -> str:
@@ -249,17 +250,23 @@ class CheckpointWriter:
                 f"this CheckpointWriter is {self._state.value}; it can be entered only once, "
                 "create a new one"
             )
+        # Open the storage first (lock, leftovers, listing) so its errors reach the caller
+        # as they are, not wrapped in the task group's ExceptionGroup.
+        records = await anyio.to_thread.run_sync(self._storage.open)
+        self._known = {r.name: r for r in records}
         send, recv = anyio.create_memory_object_stream[_Job](self._max_pending)
         self._send = send
         self._done = anyio.Event()
         stack = AsyncExitStack()
-        await stack.__aenter__()
         try:
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            await tg.start(self._run, recv)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await self._tg.start(self._run, recv)
         except BaseException:
             send.close()
-            await stack.__aexit__(*sys.exc_info())
+            recv.close()
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+                await anyio.to_thread.run_sync(self._storage.close)
             raise
         self._stack = stack
         self._state = _State.OPEN
@@ -297,14 +304,19 @@ class CheckpointWriter:
         assert self._send is not None
         assert self._stack is not None
         assert self._done is not None
+        assert self._tg is not None
         self._send.close()
         # Drain on normal exit and on an ordinary exception from the body, so progress
         # made before a crash in the training code is still saved. Cancellation skips it.
         if exc is None or isinstance(exc, Exception):
             with anyio.CancelScope(shield=True):
                 await self._done.wait()
+        else:
+            self._tg.cancel_scope.cancel()
         try:
-            await self._stack.__aexit__(exc_type, exc, tb)
+            # The body's exception is not passed in: the task group would wrap it in an
+            # ExceptionGroup, and the caller should see its own exception unchanged.
+            await self._stack.__aexit__(None, None, None)
         finally:
             self._state = _State.CLOSED
 
@@ -420,8 +432,6 @@ class CheckpointWriter:
     ) -> None:
         assert self._done is not None
         try:
-            records = await anyio.to_thread.run_sync(self._storage.open)
-            self._known = {r.name: r for r in records}
             task_status.started()
             try:
                 async with recv:

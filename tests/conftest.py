@@ -1,0 +1,45 @@
+"""Shared test helpers: small builders for memory logs and snapshots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ckptwriter import (
+    Action,
+    Feedback,
+    FeedbackContent,
+    MemoryLog,
+    Observation,
+    Reflection,
+    Snapshot,
+)
+
+
+def add_episode(memory: MemoryLog, ep: int, *, reflect: bool = False) -> None:
+    """Append one episode's worth of entries, as the reference runtime does."""
+    memory.append(Observation(content=f"Solve: {ep}+{ep}=?"))
+    memory.append(Action(content=str(2 * ep)))
+    memory.append(Feedback(content=FeedbackContent(score=1.0, message="Correct!")))
+    if reflect:
+        memory.append(Reflection(content=f"Episode {ep}: arithmetic works well"))
+
+
+def snapshot(memory: MemoryLog, ep: int, val_score: float | None = None, **kw: Any) -> Snapshot:
+    """A snapshot of ``memory`` at episode ``ep``."""
+    kw.setdefault("agent_config", {"lr": 0.1})
+    return Snapshot(
+        episode_index=ep,
+        train_steps_total=ep * 2,
+        agent_type="HistoryAgent",
+        memory=memory,
+        val_score=val_score,
+        **kw,
+    )
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run anyio-marked tests on both asyncio and trio."""
+    return str(request.param)

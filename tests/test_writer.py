@@ -349,3 +349,19 @@ async def test_stats_report_loop_time(tmp_path: Path) -> None:
     assert len(s.loop_seconds_samples) == 5
     assert 0 < s.loop_seconds_quantile(0.99) <= s.loop_seconds_max
     assert s.bytes_written > 0
+
+
+async def test_starved_writer_is_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that runs far too long makes submit log the GIL fix, once."""
+    monkeypatch.setattr("ckptwriter.writer._STARVED_SECONDS", 0.05)
+    mem = MemoryLog()
+    with caplog.at_level(logging.WARNING, logger="ckptwriter"):
+        async with CheckpointWriter(storage=SlowStorage(tmp_path, 0.3),
+                                    on_backlog="coalesce") as w:
+            await w.submit(snapshot(mem, 1))
+            await anyio.sleep(0.15)
+            for ep in range(2, 5):
+                await w.submit(snapshot(mem, ep))
+    assert caplog.text.count("ckptwriter.switch_interval()") == 1

@@ -53,6 +53,9 @@ OnBacklog = Literal["block", "coalesce"]
 OnError = Literal["raise", "warn"]
 # Samples kept for submit-latency percentiles: enough for a p99 over a long window.
 _SAMPLES = 10_000
+# A small commit still running after this long almost always means the worker thread is
+# starved of the GIL by a loop that never blocks; say so once, with the fix.
+_STARVED_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +229,8 @@ class CheckpointWriter:
         self._mem: MemoryState | None = None
         self._queued: deque[_Job] = deque()
         self._in_flight: _Job | None = None
+        self._in_flight_since = 0.0
+        self._warned_starved = False
         self._samples: deque[float] = deque(maxlen=_SAMPLES)
         self._counts: dict[str, Any] = dict.fromkeys(
             ("submitted", "written", "coalesced", "failed", "stalls", "deleted",
@@ -352,6 +357,12 @@ class CheckpointWriter:
         """
         t0 = time.perf_counter()
         self._check_open()
+        if (
+            self._in_flight is not None
+            and not self._warned_starved
+            and t0 - self._in_flight_since > _STARVED_SECONDS
+        ):
+            self._warn_starved(t0 - self._in_flight_since)
         job = _Job(snapshot.capture() if isinstance(snapshot, Snapshot) else snapshot)
         handle = CheckpointHandle(job)
         job.handles.append(handle)
@@ -401,6 +412,15 @@ class CheckpointWriter:
             await job.event.wait()
         self._raise_if_failed()
 
+    def _warn_starved(self, seconds: float) -> None:
+        self._warned_starved = True
+        log.warning(
+            "checkpoint for episode %d has been in progress for %.1f s: if the training loop "
+            "never really blocks, it starves the writer thread of the GIL; wrap the loop in "
+            "`with ckptwriter.switch_interval():` (see README, 'Where the writer runs')",
+            self._in_flight.snap.episode_index if self._in_flight else -1, seconds,
+        )
+
     @property
     def stats(self) -> WriterStats:
         """A consistent copy of the writer's counters."""
@@ -447,7 +467,7 @@ class CheckpointWriter:
         self._queued.popleft()
         job.started = True
         self._in_flight = job
-        started = time.perf_counter()
+        started = self._in_flight_since = time.perf_counter()
         wait = started - job.enqueued_at
         try:
             if self._error is not None:

@@ -175,10 +175,10 @@ class LocalStorage:
         try:
             return self._commit(snap, prev, name, tmp)
         except OSError as exc:
-            self._remove_tree(tmp)
+            self._discard(tmp)
             raise _os_error(exc, "writing checkpoint", tmp.with_name(name)) from exc
         except BaseException:
-            self._remove_tree(tmp)
+            self._discard(tmp)
             raise
 
     def _commit(
@@ -293,20 +293,26 @@ class LocalStorage:
     # -- pointer ---------------------------------------------------------------------
 
     def set_latest(self, outcome: CommitOutcome) -> None:
+        link_tmp = self.root / layout.temp_name("latest")
+        json_tmp = self.root / layout.temp_name("latest.json")
         try:
-            link_tmp = self.root / layout.temp_name("latest")
             os.symlink(outcome.name, link_tmp)
             os.replace(link_tmp, self.root / layout.LATEST_LINK)
             self._step("latest_link_replaced")
-            json_tmp = self.root / layout.temp_name("latest.json")
             self._write_file(json_tmp, outcome.latest_json)
             os.replace(json_tmp, self.root / layout.LATEST_JSON)
             self._step("latest_json_replaced")
             if self.fsync:
                 fsync_dir(self.root)
             self._step("pointer_synced")
-        except OSError as exc:
-            raise _os_error(exc, "updating the latest pointer in", self.root) from exc
+        except BaseException as exc:
+            # ENOSPC on latest.json (its first page) used to leave its temp file behind.
+            for leftover in (link_tmp, json_tmp):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            if isinstance(exc, OSError):
+                raise _os_error(exc, "updating the latest pointer in", self.root) from exc
+            raise
 
     # -- deletion --------------------------------------------------------------------
 
@@ -323,6 +329,13 @@ class LocalStorage:
         trash = self.root / layout.trash_name(name)
         os.rename(self.root / name, trash)
         return trash
+
+    @classmethod
+    def _discard(cls, path: Path) -> None:
+        # Cleanup after a failure must not mask it: on a read-only filesystem even
+        # unlinking a missing temp dir fails (EROFS). A next writer start removes leftovers.
+        with contextlib.suppress(OSError):
+            cls._remove_tree(path)
 
     @staticmethod
     def _remove_tree(path: Path) -> None:

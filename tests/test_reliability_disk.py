@@ -1,0 +1,422 @@
+"""Disk and filesystem faults injected for real: a full tmpfs, a read-only mount,
+an immutable or unwritable directory, the directory removed, a slow disk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from _fault_util import (
+    SlowStorage,
+    build_checkpoints,
+    episode_entries,
+    fill_disk,
+    leftovers,
+    memory_until,
+    mounted_tmpfs,
+    run_child,
+    snapshot,
+    write_episodes,
+)
+from ckptwriter import (
+    CheckpointWriter,
+    StorageError,
+    WriterFailedError,
+    load_checkpoint,
+    verify_checkpoint,
+)
+
+# Each episode appends ~64 KiB, so a few checkpoints fill a 4 MiB tmpfs quickly.
+PAD = 64 * 1024
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run the writer under both event loops anyio supports."""
+    return str(request.param)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB tmpfs, unmounted afterwards."""
+    with mounted_tmpfs(tmp_path / "mnt", "4m") as mnt:
+        yield mnt
+
+
+def _assert_latest_is(root: Path, episode: int, pad: int = 0) -> None:
+    loaded = load_checkpoint(root / "latest")
+    assert loaded.runtime.episode_index == episode
+    assert loaded.memory.to_jsonl() == memory_until(episode, pad).to_jsonl()
+
+
+ENOSPC_MSG = (
+    r"No space left on device while writing checkpoint {root}/ep_000003 \[errno 28\]: "
+    r"free disk space or point checkpoint_dir at a larger disk"
+)
+
+
+# -- disk full -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_disk_full_reports_enospc_with_path(small_fs: Path) -> None:
+    """A full disk fails the checkpoint with ENOSPC and the checkpoint's path."""
+    root = small_fs / "c"
+    log = memory_until(2, PAD)
+    async with CheckpointWriter(root, on_error="warn") as w:
+        await (await w.submit(snapshot(2, log))).wait()
+        fill_disk(small_fs, leave=32 * 1024)
+        log.extend(episode_entries(3, PAD))
+        h = await w.submit(snapshot(3, log))
+        msg = r"^checkpoint for episode 3 was not written: " + ENOSPC_MSG.format(root=root)
+        with pytest.raises(WriterFailedError, match=msg):
+            await h.wait()
+
+
+@pytest.mark.anyio
+async def test_disk_full_keeps_previous_and_latest(small_fs: Path) -> None:
+    """After ENOSPC, the previous checkpoint and latest are intact and no temp dir is left."""
+    root = small_fs / "c"
+    log = memory_until(2, PAD)
+    async with CheckpointWriter(root, on_error="warn") as w:
+        await w.submit(snapshot(2, log))
+        await w.flush()
+        fill_disk(small_fs, leave=32 * 1024)
+        log.extend(episode_entries(3, PAD))
+        await w.submit(snapshot(3, log))
+        await w.flush()
+        assert w.stats.failed == 1
+    assert leftovers(root) == []
+    assert sorted(os.listdir(root)) == [".lock", "ep_000002", "latest", "latest.json"]
+    _assert_latest_is(root, 2, PAD)
+
+
+@pytest.mark.anyio
+async def test_disk_full_warn_continues_and_recovers(small_fs: Path) -> None:
+    """With on_error="warn", training goes on; the next checkpoint succeeds once space is freed."""
+    root = small_fs / "c"
+    log = memory_until(2, PAD)
+    async with CheckpointWriter(root, on_error="warn") as w:
+        await w.submit(snapshot(2, log))
+        await w.flush()
+        filler = fill_disk(small_fs, leave=32 * 1024)
+        log.extend(episode_entries(3, PAD))
+        await w.submit(snapshot(3, log))
+        await w.flush()
+        filler.unlink()
+        log.extend(episode_entries(4, PAD))
+        result = await (await w.submit(snapshot(4, log))).wait()
+        assert (w.stats.written, w.stats.failed) == (2, 1)
+    assert result.name == "ep_000004"
+    _assert_latest_is(root, 4, PAD)
+
+
+async def _fill_then_submit(root: Path, mnt: Path, then: str) -> None:
+    log = memory_until(2, PAD)
+    async with CheckpointWriter(root, on_error="raise") as w:
+        await (await w.submit(snapshot(2, log))).wait()
+        fill_disk(mnt, leave=32 * 1024)
+        log.extend(episode_entries(3, PAD))
+        h = await w.submit(snapshot(3, log))
+        with contextlib.suppress(WriterFailedError):
+            await h.wait()
+        log.extend(episode_entries(4, PAD))
+        if then == "submit":
+            await w.submit(snapshot(4, log))
+        elif then == "flush":
+            await w.flush()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("then", ["submit", "flush", "exit"])
+async def test_disk_full_raise_stops_on_next_call(small_fs: Path, then: str) -> None:
+    """With on_error="raise", the next submit, flush or writer exit raises WriterFailedError."""
+    root = small_fs / "c"
+    msg = r"^checkpoint for episode 3 failed: " + ENOSPC_MSG.format(root=root)
+    with pytest.raises(WriterFailedError, match=msg):
+        await _fill_then_submit(root, small_fs, then)
+    _assert_latest_is(root, 2, PAD)
+
+
+@pytest.mark.anyio
+async def test_disk_full_at_every_size_leaves_no_temp(small_fs: Path, tmp_path: Path) -> None:
+    """Wherever the disk fills up (commit or pointer update), no temp entry is left behind."""
+    pristine, root = tmp_path / "pristine", small_fs / "c"
+    await write_episodes(pristine, range(1, 2), pad=PAD)
+    seen: list[str] = []
+    # Free space from nothing to enough, one 4 KiB tmpfs page at a time: ENOSPC lands in
+    # the memory file, agent.json, runtime.json and the latest.json temp file in turn.
+    for pages in range(0, 64):
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(pristine, root, symlinks=True)
+        filler = fill_disk(small_fs, leave=pages * 4096)
+        async with CheckpointWriter(root, on_error="warn") as w:
+            h = await w.submit(snapshot(2, memory_until(2, PAD)))
+            try:
+                await h.wait()
+                seen.append("ok")
+            except WriterFailedError as exc:
+                seen.append("commit" if "writing checkpoint" in str(exc) else "pointer")
+        filler.unlink()
+        assert leftovers(root) == [], (pages, seen[-1])
+        assert load_checkpoint(root / "latest").runtime.episode_index in (1, 2)
+        if seen[-1] == "ok":
+            break
+    print(seen)
+    assert seen[0] == "commit"
+    assert seen[-1] == "ok"
+
+
+# -- permissions, read-only, directory removed -----------------------------------------
+
+
+@pytest.fixture
+def immutable(tmp_path: Path) -> Iterator[list[Path]]:
+    """Paths added to the list get `chattr +i` removed again at teardown."""
+    paths: list[Path] = []
+    yield paths
+    for p in paths:
+        subprocess.run(["chattr", "-i", str(p)], check=False)
+
+
+def _chattr_immutable(p: Path, undo: list[Path]) -> None:
+    res = subprocess.run(["chattr", "+i", str(p)], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"chattr +i not supported on {p}'s filesystem: {res.stderr.strip()}")
+    undo.append(p)
+
+
+def _chattr_mutable(p: Path) -> None:
+    subprocess.run(["chattr", "-i", str(p)], check=True)
+
+
+@pytest.mark.anyio
+async def test_immutable_dir_mid_run_is_a_clear_error(
+    tmp_path: Path, immutable: list[Path]
+) -> None:
+    """An immutable checkpoints dir (EPERM, even for root) fails the checkpoint, keeps the rest."""
+    root = tmp_path / "c"
+    log = memory_until(1)
+    async with CheckpointWriter(root, on_error="warn") as w:
+        await (await w.submit(snapshot(1, log))).wait()
+        _chattr_immutable(root, immutable)
+        log.extend(episode_entries(2))
+        h = await w.submit(snapshot(2, log))
+        with pytest.raises(WriterFailedError, match=(
+            rf"^checkpoint for episode 2 was not written: Operation not permitted while "
+            rf"writing checkpoint {root}/ep_000002 \[errno 1\]: check the directory's permissions$"
+        )):
+            await h.wait()
+        _chattr_mutable(root)
+        log.extend(episode_entries(3))
+        await (await w.submit(snapshot(3, log))).wait()
+    assert leftovers(root) == []
+    _assert_latest_is(root, 3)
+    verify_checkpoint(root / "ep_000001")
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory the unprivileged user `nobody` can reach (tmp_path's parents are 0700)."""
+    try:
+        import pwd
+
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no `nobody` user to run the permission check as")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to `nobody`; as non-root use the chattr tests")
+    d = Path(tempfile.mkdtemp(prefix="ckptwriter-perm-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _as_nobody(root: Path, phase: str) -> dict[str, str]:
+    res = run_child("as-nobody", str(root), phase)
+    assert res.returncode == 3, res.stderr
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def test_permission_denied_at_start_names_the_lock_file(nobody_dir: Path) -> None:
+    """A writer without write permission on the checkpoints dir fails at start with EACCES."""
+    root = nobody_dir / "c"
+    build_checkpoints(root, 1)
+    os.chmod(root, 0o755)  # root owns it: nobody may read, not write
+    out = _as_nobody(root, "start")
+    assert out["error"] == "StorageError"
+    assert out["message"] == (
+        f"Permission denied while creating the lock file {root}/.lock [errno 13]: "
+        "check the directory's permissions"
+    )
+    _assert_latest_is(root, 1)
+
+
+def test_permission_denied_mid_run_keeps_earlier(nobody_dir: Path) -> None:
+    """Losing write permission mid-run fails the next checkpoint with EACCES; ep 1 stays."""
+    root = nobody_dir / "c"
+    root.mkdir()
+    os.chown(root, 65534, 65534)
+    out = _as_nobody(root, "midrun")
+    assert out["error"] == "WriterFailedError"
+    assert out["message"] == (
+        f"checkpoint for episode 2 failed: Permission denied while writing checkpoint "
+        f"{root}/ep_000002 [errno 13]: check the directory's permissions"
+    )
+    assert leftovers(root) == []
+    _assert_latest_is(root, 1)
+
+
+@contextlib.contextmanager
+def _read_only_bind(path: Path) -> Iterator[None]:
+    """Make ``path`` a read-only bind mount of itself (files already open stay writable)."""
+    res = subprocess.run(["mount", "--bind", str(path), str(path)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot bind-mount here (needs root/CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.anyio
+async def test_read_only_filesystem_mid_run_is_a_clear_error(tmp_path: Path) -> None:
+    """A filesystem that turns read-only mid-run fails the checkpoint with EROFS; ep 1 stays."""
+    root = tmp_path / "c"
+    log = memory_until(1)
+    async with CheckpointWriter(root, on_error="warn") as w:
+        await (await w.submit(snapshot(1, log))).wait()
+        with _read_only_bind(root):
+            log.extend(episode_entries(2))
+            h = await w.submit(snapshot(2, log))
+            with pytest.raises(WriterFailedError, match=(
+                rf"^checkpoint for episode 2 was not written: Read-only file system while "
+                rf"writing checkpoint {root}/ep_000002 \[errno 30\]: the filesystem is "
+                r"read-only; point checkpoint_dir at a writable disk$"
+            )):
+                await h.wait()
+            _assert_latest_is(root, 1)
+    assert leftovers(root) == []
+
+
+@pytest.mark.anyio
+async def test_read_only_filesystem_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    """Starting a writer on a read-only filesystem raises StorageError naming the lock file."""
+    root = tmp_path / "c"
+    await write_episodes(root, range(1, 2))
+    with _read_only_bind(root):
+        with pytest.raises(StorageError, match=(
+            rf"^Read-only file system while creating the lock file {root}/\.lock \[errno 30\]: "
+            r"the filesystem is read-only; point checkpoint_dir at a writable disk$"
+        )):
+            async with CheckpointWriter(root):
+                pass
+        _assert_latest_is(root, 1)
+
+
+def test_resume_from_read_only_filesystem(tmp_path: Path) -> None:
+    """Checkpoints on a read-only filesystem (an archive) can still be loaded."""
+    root = tmp_path / "c"
+    build_checkpoints(root, 2)
+    with _read_only_bind(root):
+        _assert_latest_is(root, 2)
+
+
+@pytest.mark.anyio
+async def test_checkpoint_dir_removed_mid_run_is_a_clear_error(tmp_path: Path) -> None:
+    """Removing the checkpoints dir under a running writer gives ENOENT with a clear hint."""
+    root = tmp_path / "c"
+    log = memory_until(1)
+    async with CheckpointWriter(root, on_error="warn") as w:
+        await (await w.submit(snapshot(1, log))).wait()
+        shutil.rmtree(root)
+        log.extend(episode_entries(2))
+        h = await w.submit(snapshot(2, log))
+        with pytest.raises(WriterFailedError, match=(
+            rf"^checkpoint for episode 2 was not written: No such file or directory while "
+            rf"writing checkpoint {root}/ep_000002 \[errno 2\]: the checkpoints directory "
+            r"was removed while the run was going$"
+        )):
+            await h.wait()
+
+
+@pytest.mark.anyio
+async def test_checkpoint_dir_moved_away_keeps_earlier(tmp_path: Path) -> None:
+    """A checkpoints dir moved away mid-run keeps its checkpoints intact; the writer errors."""
+    root, moved = tmp_path / "c", tmp_path / "moved"
+    log = memory_until(2)
+    async with CheckpointWriter(root, on_error="warn") as w:
+        await w.submit(snapshot(1, memory_until(1)))
+        await (await w.submit(snapshot(2, log))).wait()
+        os.rename(root, moved)
+        log.extend(episode_entries(3))
+        await w.submit(snapshot(3, log))
+        await w.flush()
+        assert (w.stats.written, w.stats.failed) == (2, 1)
+    _assert_latest_is(moved, 2)
+    verify_checkpoint(moved / "ep_000001")
+
+
+# -- slow disk -------------------------------------------------------------------------
+
+SLOW = 0.03
+
+
+@pytest.mark.anyio
+async def test_slow_disk_block_loses_nothing_and_bounds_pending(tmp_path: Path) -> None:
+    """Slow disk, on_backlog="block": stalls counted, pending bounded, every episode saved."""
+    root = tmp_path / "c"
+    log = memory_until(0)
+    max_pending_seen = 0
+    async with CheckpointWriter(storage=SlowStorage(root, delay=SLOW), max_pending=2) as w:
+        for ep in range(1, 13):
+            log.extend(episode_entries(ep))
+            await w.submit(snapshot(ep, log))
+            max_pending_seen = max(max_pending_seen, w.stats.pending)
+            await anyio.sleep(0.002)  # the loop's own work between episodes
+        await w.flush()
+        stats = w.stats
+    assert stats.stalls > 0
+    assert stats.stall_seconds > 0
+    assert max_pending_seen <= 2 + 1  # queue + the one being written
+    assert (stats.written, stats.coalesced, stats.failed) == (12, 0, 0)
+    assert sorted(n for n in os.listdir(root) if n.startswith("ep_")) == [
+        f"ep_{i:06d}" for i in range(1, 13)
+    ]
+    _assert_latest_is(root, 12)
+
+
+@pytest.mark.anyio
+async def test_slow_disk_coalesce_keeps_loop_pace(tmp_path: Path) -> None:
+    """A slow disk under on_backlog="coalesce": submit never waits, coalesced counted, last kept."""
+    root = tmp_path / "c"
+    log = memory_until(0)
+    handles = []
+    async with CheckpointWriter(
+        storage=SlowStorage(root, delay=SLOW), max_pending=1, on_backlog="coalesce"
+    ) as w:
+        for ep in range(1, 13):
+            log.extend(episode_entries(ep))
+            handles.append(await w.submit(snapshot(ep, log)))
+            assert w.stats.pending <= 1 + 1
+            await anyio.sleep(0.002)
+        results = [await h.wait() for h in handles]
+        stats = w.stats
+    assert stats.stalls == 0
+    assert stats.coalesced > 0
+    assert stats.written + stats.coalesced == stats.submitted == 12
+    assert stats.loop_seconds_max < SLOW / 3
+    assert results[-1].episode_index == 12
+    assert all(r.episode_index >= h.episode_index for r, h in zip(results, handles, strict=True))
+    _assert_latest_is(root, 12)

@@ -146,6 +146,10 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
         CheckpointNotFoundError: the directory does not exist.
         CheckpointCorruptError: a file is missing, damaged or unsafe (the file is named).
     """
+    if "://" in os.fspath(path):  # fsspec URL (s3://...): storage/remote_read.py
+        from .storage import remote_read
+
+        return remote_read.verify_checkpoint(os.fspath(path))
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointNotFoundError(ckpt, _nearby(ckpt))
@@ -170,6 +174,10 @@ def _sha256_file(path: Path, ckpt: Path, name: str) -> str:
 
 def scan_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
     """Every ``ep_*`` directory under a checkpoints dir, oldest first, with quick checks."""
+    if "://" in os.fspath(root):
+        from .storage import remote_read
+
+        return remote_read.list_checkpoints(os.fspath(root))
     base = Path(root)
     out: list[CheckpointInfo] = []
     try:
@@ -292,6 +300,10 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         CheckpointNotFoundError: nothing there; the message lists checkpoints nearby.
         CheckpointCorruptError: a named checkpoint is broken (the file is named).
     """
+    if "://" in os.fspath(path):
+        from .storage import remote_read
+
+        return remote_read.resolve_checkpoint(os.fspath(path))
     p = Path(path)
     if p.name == layout.LATEST_LINK or p.name == layout.LATEST_JSON:
         if p.parent.is_dir() and (os.path.lexists(p) or _is_checkpoints_dir(p.parent)):
@@ -322,6 +334,10 @@ def load_checkpoint(
     Raises:
         CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError.
     """
+    if "://" in os.fspath(path):
+        from .storage import remote_read
+
+        return remote_read.load_checkpoint(os.fspath(path), expected_memory_type)
     for attempt in range(_POINTER_RETRIES):
         ckpt = resolve_checkpoint(path)
         try:

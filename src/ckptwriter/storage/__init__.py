@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .base import CommitOutcome, MemoryState, Storage
 from .local import LocalStorage
@@ -10,13 +11,24 @@ from .local import LocalStorage
 __all__ = ["CommitOutcome", "LocalStorage", "MemoryState", "Storage", "open_storage"]
 
 
-def open_storage(location: str | os.PathLike[str], *, fsync: bool = True) -> Storage:
-    """The backend for a checkpoints location: a local path or an fsspec URL."""
-    loc = os.fspath(location)
-    if "://" in loc and not loc.startswith("file://"):
-        from ..errors import ConfigError
+def open_storage(
+    location: str | os.PathLike[str], *, fsync: bool = True, **storage_options: Any
+) -> Storage:
+    """The backend for a checkpoints location: a local path or an fsspec URL.
 
-        raise ConfigError(f"remote checkpoint_dir {loc!r} is not supported yet")
+    ``file://`` URLs and plain paths get :class:`LocalStorage`; any other URL
+    (``s3://``, ``gs://``, ``memory://``...) gets
+    :class:`~ckptwriter.storage.remote.RemoteStorage`, with ``storage_options`` passed to
+    fsspec (``fsync`` does not apply there: a completed upload is durable).
+
+    Raises:
+        ConfigError: no fsspec implementation is installed for the URL's scheme.
+    """
+    loc = os.fspath(location)
     if loc.startswith("file://"):
-        loc = loc[len("file://") :]
+        return LocalStorage(loc[len("file://") :], fsync=fsync)
+    if "://" in loc:
+        from .remote import RemoteStorage
+
+        return RemoteStorage(loc, **storage_options)
     return LocalStorage(loc, fsync=fsync)

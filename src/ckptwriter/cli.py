@@ -1,0 +1,279 @@
+"""The ``ckptwriter`` command line: train, ls, show, verify, du, bench.
+
+Exit codes: 0 success; 1 a checkpoint error (not found, broken, write failed) or a
+failed ``verify``; 2 a configuration or usage error; 130/143 training stopped by
+SIGINT/SIGTERM after its final checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import anyio
+from rich.console import Console
+from rich.table import Table
+
+from . import layout
+from .errors import CheckpointCorruptError, CheckpointError, ConfigError
+
+__all__ = ["main"]
+
+log = logging.getLogger("ckptwriter")
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptwriter",
+        description="Train with crash-safe asynchronous checkpoints, and inspect them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="run a training configuration")
+    train.add_argument("--config", required=True, metavar="FILE", help="YAML configuration")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override a setting, e.g. --set runtime.max_envs_to_visit=200 (repeatable)",
+    )
+    train.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress bar and only warnings in the log")
+
+    for name, text in (
+        ("ls", "list checkpoints (checkpoints dir, run dir or outputs/<run_name>/)"),
+        ("show", "show one checkpoint's manifests and memory entry counts"),
+        ("verify", "check every file's size and sha256; non-zero exit if one is broken"),
+        ("du", "disk use per run and per checkpoint"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("path", metavar="PATH")
+    sub.add_parser("bench", help="run the writer benchmarks (see `ckptwriter bench --help`)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "bench":
+        # The benchmarks own their arguments; imported lazily so the CLI starts fast.
+        bench = importlib.import_module("ckptwriter.bench")
+        return int(bench.main(args_list[1:]))
+    try:
+        args = _parser().parse_args(args_list)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
+    err = Console(stderr=True, highlight=False)
+    try:
+        with _warnings_to_log():
+            if args.command == "train":
+                return _train(args.config, args.overrides, quiet=args.quiet)
+            out = _stdout()
+            if args.command == "ls":
+                return _ls(args.path, out)
+            if args.command == "show":
+                return _show(args.path, out)
+            if args.command == "verify":
+                return _verify(args.path, out)
+            return _du(args.path, out)
+    except ConfigError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return EXIT_CONFIG
+    except CheckpointError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return 130
+
+
+def _stdout() -> Console:
+    # Not a terminal (a pipe, a test): wide enough that paths are never cut.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+@contextlib.contextmanager
+def _warnings_to_log() -> Iterator[None]:
+    # A CheckpointFallbackWarning is news for the user, not a Python warning trace.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                Console(stderr=True, highlight=False).print(
+                    f"warning: {w.message}", markup=False
+                )
+
+
+# -- train -----------------------------------------------------------------------------
+
+
+def _train(config: str, overrides: list[str], *, quiet: bool) -> int:
+    from .config import load_config
+    from .runtime import NullReporter, RichReporter, run_training
+    from .runtime.progress import Reporter, progress_enabled
+
+    cfg = load_config(config, overrides)
+    search_dirs = (str(Path.cwd()), str(Path(config).resolve().parent))
+    bar = RichReporter() if progress_enabled(sys.stderr, quiet) else None
+    handler: logging.Handler = bar.log_handler if bar else logging.StreamHandler(sys.stderr)
+    if bar is None:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               "%H:%M:%S"))
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    reporter: Reporter = bar if bar else NullReporter()
+    try:
+        with bar if bar else contextlib.nullcontext():
+            result = anyio.run(
+                lambda: run_training(cfg, reporter=reporter, handle_signals=True,
+                                     search_dirs=search_dirs)
+            )
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    out = Console(highlight=False, soft_wrap=True)
+    done = result.last_episode - result.first_episode
+    how = "Stopped" if result.stopped_by else "Finished"
+    val = "" if result.val_score is None else f", last val_score {result.val_score:.3f}"
+    out.print(f"{how} at episode {result.last_episode}/{result.target_episode} "
+              f"({done} episodes, {result.train_steps_total} steps total{val}, "
+              f"{result.elapsed_seconds:.2f} s)", markup=False)
+    if result.checkpoint_dir is None:
+        out.print(f"Checkpointing was off; run directory: {result.run_dir}", markup=False)
+    else:
+        latest = f" (latest -> {result.latest_checkpoint})" if result.latest_checkpoint else ""
+        out.print(f"Checkpoints are in {result.checkpoint_dir}{latest}", markup=False)
+    return result.exit_code
+
+
+# -- ls / show / verify / du -----------------------------------------------------------
+
+
+def _ls(path: str, out: Console) -> int:
+    from .runtime.inspection import (
+        find_checkpoint_dirs,
+        format_age,
+        format_size,
+        latest_name,
+        tree_size,
+    )
+
+    for cdir in find_checkpoint_dirs(path):
+        latest = latest_name(cdir.path)
+        table = Table(title=str(cdir.path), title_justify="left")
+        for col, kw in (("name", {"no_wrap": True}), ("episode", {"justify": "right"}),
+                        ("steps", {"justify": "right"}), ("val_score", {"justify": "right"}),
+                        ("size", {"justify": "right"}), ("age", {"justify": "right"}),
+                        ("latest", {}), ("status", {})):
+            table.add_column(col, **kw)
+        infos = cdir.checkpoints()
+        for info in infos:
+            rt = info.runtime
+            table.add_row(
+                info.name,
+                str(info.episode_index),
+                str(rt.train_steps_total) if rt else "-",
+                f"{rt.val_score:.3f}" if rt and rt.val_score is not None else "-",
+                format_size(tree_size(info.path)) if info.complete else "-",
+                format_age(rt.timestamp if rt else None),
+                "<- latest" if info.name == latest else "",
+                "complete" if info.complete else f"INCOMPLETE ({info.problem})",
+            )
+        out.print(table)
+        if not infos:
+            out.print("  (no checkpoints)", markup=False)
+    return 0
+
+
+def _show(path: str, out: Console) -> int:
+    from .resume import load_checkpoint
+
+    ck = load_checkpoint(path)
+    out.print(f"Checkpoint {ck.path}", markup=False)
+    out.print(f"\n{layout.RUNTIME_JSON}:", markup=False)
+    out.print(json.dumps(ck.runtime.model_dump(mode="json"), indent=2), markup=False)
+    out.print(f"\n{layout.AGENT_JSON}:", markup=False)
+    out.print(json.dumps(ck.agent.model_dump(mode="json"), indent=2), markup=False)
+    counts = ck.memory.counts_by_type()
+    out.print(f"\nmemory ({ck.runtime.memory_snapshot_path}): {len(ck.memory)} entries",
+              markup=False)
+    for kind in ("Observation", "Action", "Feedback", "Reflection"):
+        out.print(f"  {kind:<12} {counts.get(kind, 0)}", markup=False)
+    for name in sorted(ck.extra_files):
+        out.print(f"extra file: {name} ({len(ck.extra_files[name])} bytes)", markup=False)
+    return 0
+
+
+def _verify(path: str, out: Console) -> int:
+    from .resume import verify_checkpoint
+    from .runtime.inspection import find_checkpoint_dirs, latest_name
+
+    p = Path(path)
+    single = (p / layout.RUNTIME_JSON).exists() or layout.parse_checkpoint_name(p.name) is not None
+    targets: list[Path] = []
+    broken = 0
+    if single:
+        targets.append(p)
+    else:
+        for cdir in find_checkpoint_dirs(path):
+            names = []
+            for info in cdir.checkpoints():
+                targets.append(info.path)
+                names.append(info.name)
+            latest = latest_name(cdir.path)
+            if latest is not None and latest not in names:
+                out.print(f"BROKEN  {cdir.path / layout.LATEST_LINK}: points at {latest}, "
+                          "which does not exist", markup=False)
+                broken += 1
+    for ckpt in targets:
+        try:
+            rt = verify_checkpoint(ckpt)
+        except CheckpointCorruptError as exc:
+            broken += 1
+            out.print(f"BROKEN  {ckpt}: {exc.file}: {exc.problem}", markup=False)
+            continue
+        out.print(f"OK      {ckpt} ({len(rt.files)} files, episode {rt.episode_index})",
+                  markup=False)
+    if not targets:
+        out.print("no checkpoints found", markup=False)
+        return EXIT_ERROR
+    total = len(targets)
+    out.print(f"{total - min(broken, total)}/{total} checkpoints OK"
+              + (f", {broken} problem(s)" if broken else ""), markup=False)
+    return EXIT_ERROR if broken else 0
+
+
+def _du(path: str, out: Console) -> int:
+    from .runtime.inspection import find_checkpoint_dirs, format_size, tree_size
+
+    grand = 0
+    seen_runs: set[Path] = set()
+    for cdir in find_checkpoint_dirs(path):
+        for info in cdir.checkpoints():
+            out.print(f"{format_size(tree_size(info.path)):>12}  {info.path}", markup=False)
+        top = cdir.run_dir or cdir.path
+        if top in seen_runs:
+            continue
+        seen_runs.add(top)
+        size = tree_size(top)
+        grand += size
+        out.print(f"{format_size(size):>12}  {top}  (run total)", markup=False)
+    if len(seen_runs) > 1:
+        out.print(f"{format_size(grand):>12}  total", markup=False)
+    return 0

@@ -113,7 +113,7 @@ class WriterStats:
 
 
 class _Job:
-    __slots__ = ("enqueued_at", "error", "event", "handles", "loop_seconds", "result",
+    __slots__ = ("enqueued_at", "error", "event", "handle", "loop_seconds", "result",
                  "snap", "started")
 
     def __init__(self, snap: CapturedSnapshot) -> None:
@@ -124,7 +124,9 @@ class _Job:
         self.loop_seconds = 0.0
         self.result: CheckpointResult | None = None
         self.error: BaseException | None = None
-        self.handles: list[CheckpointHandle] = []
+        # The newest handle only: older ones were marked coalesced when they were replaced,
+        # and keeping them all would grow without bound while a slow write is in flight.
+        self.handle: CheckpointHandle | None = None
 
 
 class CheckpointHandle:
@@ -365,7 +367,7 @@ class CheckpointWriter:
             self._warn_starved(t0 - self._in_flight_since)
         job = _Job(snapshot.capture() if isinstance(snapshot, Snapshot) else snapshot)
         handle = CheckpointHandle(job)
-        job.handles.append(handle)
+        job.handle = handle
         assert self._send is not None
         self._counts["submitted"] += 1
         try:
@@ -377,10 +379,10 @@ class CheckpointWriter:
                 # The queued snapshot is replaced by the newer one: its handles now
                 # resolve when the newer state is durable, and say they were coalesced.
                 target = self._queued[-1]
-                for h in target.handles:
-                    h.coalesced = True
+                if target.handle is not None:
+                    target.handle.coalesced = True
                 handle._job = target
-                target.handles.append(handle)
+                target.handle = handle
                 target.snap = job.snap
                 job = target
                 self._counts["coalesced"] += 1

@@ -469,9 +469,10 @@ def store_error(exc: BaseException, action: str, url: str) -> StorageError:
     elif isinstance(exc, FileNotFoundError) and (
         "bucket" in text.lower() or action == "opening"
     ):
+        text = f"bucket {bucket!r} does not exist (or these credentials cannot see it)"
         hint = (
-            f"bucket {bucket!r} does not exist or is not visible with these credentials: "
-            f"create it (e.g. `aws s3 mb s3://{bucket}`) or fix the bucket name in the URL"
+            f"create it (e.g. `aws s3 mb s3://{bucket}`) or fix the bucket name in the URL; "
+            "for an S3-compatible store, check AWS_ENDPOINT_URL"
         )
     elif isinstance(exc, PermissionError):
         hint = (

@@ -88,8 +88,11 @@ class _Reader:
 
     @classmethod
     def from_url(cls, url: str) -> _Reader:
+        """A reader of ``url``; a missing bucket or bad credentials fail here, clearly."""
         store, root = open_store(url)
-        return cls(store, root, url)
+        reader = cls(store, root, url)
+        reader.guard("opening", lambda: store.check_root(root))
+        return reader
 
     def guard(self, action: str, fn: Callable[[], _T]) -> _T:
         """Run a store operation; store failures become StorageError naming the URL."""

@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from .. import layout
@@ -153,20 +154,26 @@ class RemoteStorage:
 
     # -- the writer lock -------------------------------------------------------------
 
-    def _lock_body(self) -> bytes:
-        self._lock_expires = time.time() + self.lock_ttl
+    def _lock_body(self, expires_at: float) -> bytes:
         return json.dumps({
             "owner": f"pid {os.getpid()} on {socket.gethostname()}",
             "token": self._lock_token,
-            "expires_at": self._lock_expires,
+            "expires_at": expires_at,
             "ttl_seconds": self.lock_ttl,
         }).encode()
 
+    def _write_lock(self, write: Callable[[bytes], str]) -> str:
+        # The expiry is computed before the request, so others never see a later one
+        # than we assume; it counts only once the write succeeded.
+        expires = time.time() + self.lock_ttl
+        tag = write(self._lock_body(expires))
+        self._lock_expires = expires
+        return tag
+
     def _acquire_lock(self) -> None:
         self._lock_token = uuid.uuid4().hex
-        body = self._lock_body()
         try:
-            self._lock_tag = self.store.create(self._lock_path, body)
+            self._lock_tag = self._write_lock(partial(self.store.create, self._lock_path))
         except FileExistsError:
             self._lock_tag = self._take_over_stale_lock()
         self._lock_lost = None
@@ -181,7 +188,7 @@ class RemoteStorage:
             data, tag = self.store.read_tagged(self._lock_path)
         except FileNotFoundError:
             # Released between our create and our read: try once more.
-            return self.store.create(self._lock_path, self._lock_body())
+            return self._write_lock(partial(self.store.create, self._lock_path))
         try:
             held = json.loads(data)
             owner = str(held["owner"])
@@ -200,20 +207,22 @@ class RemoteStorage:
             )
         log.warning("taking over the expired lock of %s (%s)", self.location, owner)
         try:
-            return self.store.replace_if(self._lock_path, self._lock_body(), tag)
+            return self._write_lock(partial(self._replace_lock, tag))
         except FileExistsError:
             raise DirectoryLockedError(
                 f"Checkpoint directory {self.location} was just locked by another writer "
                 "taking over the same expired lock: stop one of the runs."
             ) from None
 
+    def _replace_lock(self, tag: str, body: bytes) -> str:
+        return self.store.replace_if(self._lock_path, body, tag)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.lock_ttl / 3):
             try:
                 assert self._lock_tag is not None
-                self._lock_tag = self.store.replace_if(
-                    self._lock_path, self._lock_body(), self._lock_tag
-                )
+                renew = partial(self._replace_lock, self._lock_tag)
+                self._lock_tag = self._write_lock(renew)
             except FileExistsError:
                 self._lock_lost = "another writer took over the lock"
                 return

@@ -31,6 +31,8 @@ __all__ = [
 # A sealed chunk is immutable `bytes`, safe for the writer thread to read while the
 # loop keeps appending. Sealing copies the open tail, so the tail is kept small.
 _SEAL_BYTES = 64 * 1024
+# Entries encoded per msgspec call in extend(): amortizes the call, keeps the tail small.
+_BATCH = 256
 
 
 class _Entry(BaseModel):
@@ -89,6 +91,20 @@ def _builtin(entry: AnyEntry) -> dict[str, object]:
     return {"type": entry.type, "content": entry.content}
 
 
+def _fields(obj: object) -> dict[str, object]:
+    # msgspec calls this for a nested model (Feedback's content): its field values.
+    if isinstance(obj, _Entry):
+        return obj.__dict__
+    raise NotImplementedError(f"cannot encode {type(obj).__name__} in a memory entry")
+
+
+# A pydantic model's __dict__ holds exactly its field values, in declaration order
+# ("type" first), so encoding it gives _builtin's bytes without building a dict:
+# about 2x the entries per second on the append path (benchmarks: target 5).
+_FIELDS_ENCODER = msgspec.json.Encoder(enc_hook=_fields)
+_EXACT_TYPES = frozenset({Observation, Action, Feedback, Reflection})
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryCapture:
     """An O(1) view of a :class:`MemoryLog` at one moment.
@@ -103,13 +119,18 @@ class MemoryCapture:
     chunks: Sequence[bytes]
     chunk_ends: Sequence[int]
     n_chunks: int
+    # Offset of the first chunk: a capture received by the writer process holds only the
+    # bytes after what that process already committed.
+    base: int = 0
 
     def iter_bytes(self, start: int = 0) -> Iterator[memoryview]:
         """Yield the encoded bytes of the capture from byte offset ``start`` on."""
         if start >= self.nbytes:
             return
+        if start < self.base:
+            raise ValueError(f"capture holds bytes from {self.base} on, not from {start}")
         i = bisect.bisect_right(self.chunk_ends, start, 0, self.n_chunks)
-        chunk_start = self.chunk_ends[i - 1] if i else 0
+        chunk_start = self.chunk_ends[i - 1] if i else self.base
         view = memoryview(self.chunks[i])[start - chunk_start :]
         yield view
         for j in range(i + 1, self.n_chunks):
@@ -147,21 +168,36 @@ class MemoryLog:
 
     def append(self, entry: AnyEntry) -> None:
         """Append one entry (encoded now, once, so snapshots never re-encode it)."""
-        if not isinstance(entry, (Observation, Action, Feedback, Reflection)):
+        tail = self._tail
+        if type(entry) in _EXACT_TYPES:
+            _FIELDS_ENCODER.encode_into(entry.__dict__, tail, -1)
+        elif isinstance(entry, (Observation, Action, Feedback, Reflection)):
+            # A subclass may carry more fields; the file holds the base fields only.
+            _ENCODER.encode_into(_builtin(entry), tail, -1)
+        else:
             raise TypeError(
                 f"MemoryLog entries must be Observation, Action, Feedback or Reflection, "
                 f"got {type(entry).__name__}"
             )
-        _ENCODER.encode_into(_builtin(entry), self._tail, -1)
-        self._tail += b"\n"
+        tail += b"\n"
         self._entries.append(entry)
-        if len(self._tail) >= _SEAL_BYTES:
+        if len(tail) >= _SEAL_BYTES:
             self._seal()
 
     def extend(self, entries: Iterable[AnyEntry]) -> None:
-        """Append entries in order."""
-        for e in entries:
-            self.append(e)
+        """Append entries in order (encoded in batches: faster than one by one)."""
+        batch = entries if isinstance(entries, list) else list(entries)
+        exact = _EXACT_TYPES
+        for i in range(0, len(batch), _BATCH):
+            part = batch[i : i + _BATCH]
+            if all(type(e) in exact for e in part):
+                self._tail += _FIELDS_ENCODER.encode_lines([e.__dict__ for e in part])
+                self._entries.extend(part)
+                if len(self._tail) >= _SEAL_BYTES:
+                    self._seal()
+            else:
+                for e in part:
+                    self.append(e)
 
     def _seal(self) -> None:
         if self._tail:

@@ -126,8 +126,12 @@ def _quick_check(ckpt: Path) -> tuple[RuntimeManifest, int]:
             st = os.lstat(p)
         except FileNotFoundError:
             raise CheckpointCorruptError(ckpt, name, "missing") from None
+        except OSError as exc:  # e.g. ENAMETOOLONG from a hostile files{} entry
+            raise CheckpointCorruptError(ckpt, name, f"unreadable ({exc.strerror})") from None
         if stat.S_ISLNK(st.st_mode):
             raise UnsafePathError(ckpt, name, "is a symlink; refusing to follow it")
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointCorruptError(ckpt, name, "is not a regular file")
         if st.st_size != digest.bytes:
             raise CheckpointCorruptError(
                 ckpt, name, f"size {st.st_size} bytes, expected {digest.bytes} (truncated?)"
@@ -151,7 +155,9 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
 
         return remote_read.verify_checkpoint(os.fspath(path))
     ckpt = Path(path)
-    if not ckpt.is_dir():
+    # os.path.isdir, not Path.is_dir: a name too long for the filesystem (from a pointer
+    # or a typo) must be "not found", not an OSError traceback.
+    if not os.path.isdir(ckpt):
         raise CheckpointNotFoundError(ckpt, _nearby(ckpt))
     rt, _ = _quick_check(ckpt)
     for name, digest in rt.files.items():
@@ -260,6 +266,12 @@ def _resolve_latest(root: Path, shown: str) -> Path:
         if target is None:
             break
         cand = root / target
+        if os.path.islink(cand):
+            # A checkpoint is a real directory of this checkpoints dir; a symlinked ep_*
+            # would let a pointer lead anywhere on disk.
+            raise UnsafePathError(
+                root, target, f"is a symlink to {os.readlink(cand)}; refusing to follow it"
+            )
         try:
             verify_checkpoint(cand)
             return cand
@@ -306,10 +318,11 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         return remote_read.resolve_checkpoint(os.fspath(path))
     p = Path(path)
     if p.name == layout.LATEST_LINK or p.name == layout.LATEST_JSON:
-        if p.parent.is_dir() and (os.path.lexists(p) or _is_checkpoints_dir(p.parent)):
+        if os.path.isdir(p.parent) and (os.path.lexists(p) or _is_checkpoints_dir(p.parent)):
             return _resolve_latest(p.parent, str(path))
-    if p.is_dir():
-        if (p / layout.RUNTIME_JSON).exists() or layout.parse_checkpoint_name(p.name) is not None:
+    if os.path.isdir(p):
+        if (os.path.exists(p / layout.RUNTIME_JSON)
+                or layout.parse_checkpoint_name(p.name) is not None):
             verify_checkpoint(p)
             return p
         if _is_checkpoints_dir(p):
@@ -377,7 +390,7 @@ def _load_dir(ckpt: Path, expected_memory_type: str | None) -> LoadedCheckpoint:
 def _nearby(p: Path, limit: int = 10) -> list[str]:
     """Checkpoints close to a path that does not resolve, newest first, for the error."""
     anc = p
-    while not anc.is_dir() and anc != anc.parent:
+    while not os.path.isdir(anc) and anc != anc.parent:
         anc = anc.parent
     found: list[tuple[float, str]] = []
     for pattern in ("ep_*", "*/ep_*", "*/*/ep_*", "*/*/*/ep_*"):

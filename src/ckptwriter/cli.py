@@ -223,8 +223,9 @@ def _show(path: str, out: Console) -> int:
 def _verify(path: str, out: Console) -> int:
     from .resume import verify_checkpoint
     from .runtime.inspection import find_checkpoint_dirs, latest_name
+    from .storage.remote_read import as_path
 
-    p = Path(path)
+    p = as_path(path)  # a URL stays a URL (storage/remote_read.py)
     single = (p / layout.RUNTIME_JSON).exists() or layout.parse_checkpoint_name(p.name) is not None
     targets: list[Path] = []
     broken = 0

@@ -75,6 +75,10 @@ def find_checkpoint_dirs(path: str | os.PathLike[str]) -> list[CheckpointsDir]:
     Raises:
         CheckpointNotFoundError: ``path`` holds no checkpoints directory.
     """
+    if "://" in os.fspath(path):  # object storage: storage/remote_read.py
+        from ..storage.remote_read import checkpoints_dirs
+
+        return [CheckpointsDir(d, None) for d in checkpoints_dirs(os.fspath(path))]
     p = Path(path)
     if not p.is_dir():
         raise CheckpointNotFoundError(p, hint="The path does not exist or is not a directory.")
@@ -118,6 +122,10 @@ def _runs_under(p: Path, depth: int) -> list[Path]:
 
 def latest_name(ckpt_dir: Path) -> str | None:
     """The checkpoint name ``latest`` (symlink, else ``latest.json``) points at."""
+    if "://" in os.fspath(ckpt_dir):
+        from ..storage import remote_read
+
+        return remote_read.latest_name(os.fspath(ckpt_dir))
     link = ckpt_dir / layout.LATEST_LINK
     if os.path.islink(link):
         return os.path.basename(os.readlink(link))
@@ -131,6 +139,10 @@ def latest_name(ckpt_dir: Path) -> str | None:
 
 def tree_size(path: Path) -> int:
     """Bytes of the regular files under ``path`` (symlinks are not followed)."""
+    if "://" in os.fspath(path):
+        from ..storage import remote_read
+
+        return remote_read.tree_size(os.fspath(path))
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:

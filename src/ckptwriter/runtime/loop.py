@@ -150,6 +150,12 @@ def _make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     if cfg.runtime.checkpoint_dir is None:
         return run_dir, None
+    if "://" in cfg.runtime.checkpoint_dir:
+        # An fsspec URL (s3://bucket/prefix) is used as is, like an absolute path; the
+        # writer reports a missing bucket or credentials (docs/OBJECT_STORAGE.md).
+        from ..storage.remote_read import as_path
+
+        return run_dir, as_path(cfg.runtime.checkpoint_dir)
     ckpt_dir = run_dir / cfg.runtime.checkpoint_dir
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

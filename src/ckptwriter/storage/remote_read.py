@@ -38,11 +38,15 @@ from .objects import ObjectStore, open_store, store_error
 
 __all__ = [
     "URLPath",
+    "as_path",
+    "checkpoints_dirs",
     "is_url",
+    "latest_name",
     "list_checkpoints",
     "load_checkpoint",
     "resolve_checkpoint",
     "scan_store",
+    "tree_size",
     "verify_checkpoint",
 ]
 
@@ -69,6 +73,37 @@ class URLPath(PosixPath):
 
     def __repr__(self) -> str:
         return f"URLPath({str(self)!r})"
+
+    def resolve(self, strict: bool = False) -> URLPath:
+        """A URL is already absolute; resolving it against the local cwd would break it."""
+        return self
+
+    def absolute(self) -> URLPath:
+        """A URL is already absolute."""
+        return self
+
+    def exists(self, *, follow_symlinks: bool = True) -> bool:
+        """True if an object or a non-empty prefix is at this URL."""
+        store, path = open_store(str(self))
+        return store.size(path) is not None or bool(store.ls_names(path))
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        """True if objects exist under this URL as a prefix."""
+        store, path = open_store(str(self))
+        return bool(store.ls_names(path)) and store.size(path) is None
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        """True if one object is at this URL."""
+        store, path = open_store(str(self))
+        return store.size(path) is not None
+
+
+def as_path(location: str | os.PathLike[str]) -> Path:
+    """A local path as ``Path``, ``file://`` as its local ``Path``, other URLs as URLPath."""
+    loc = os.fspath(location)
+    if (local := _local_of(loc)) is not None:
+        return Path(local)
+    return URLPath(loc) if is_url(loc) else Path(loc)
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
@@ -381,3 +416,61 @@ def load_checkpoint(url: str, expected_memory_type: str | None = None) -> Loaded
                 raise
     ckpt = r.guard("resolving", r.resolve)
     return r.guard("loading", partial(r.load_resolved, ckpt, expected_memory_type))
+
+
+# -- what the inspection commands (ls, verify, du) need -------------------------------
+
+
+def checkpoints_dirs(url: str) -> list[URLPath]:
+    """Checkpoints prefixes at or under ``url``: itself, its parent (a checkpoint URL),
+    ``<url>/checkpoints``, or the ``checkpoints`` of the run prefixes under it.
+
+    Raises:
+        CheckpointNotFoundError: none there.
+        StorageError: the store cannot be read (bucket, credentials).
+    """
+    r = _Reader.from_url(url)
+
+    def find() -> list[str]:
+        children = r.store.ls_names(r.root)
+        if layout.RUNTIME_JSON in children or layout.parse_checkpoint_name(
+            posixpath.basename(r.root)
+        ) is not None:
+            return [posixpath.dirname(r.root)]
+        if _is_checkpoints_dir(children):
+            return [r.root]
+        found = []
+        runs = [r.root] if "checkpoints" in children else [
+            f"{r.root}/{c}" for c in sorted(children)
+        ]
+        for run in runs:
+            sub = r.store.ls_names(run) if run != r.root else children
+            if "checkpoints" in sub and _is_checkpoints_dir(
+                r.store.ls_names(f"{run}/checkpoints")
+            ):
+                found.append(f"{run}/checkpoints")
+        return found
+
+    dirs = r.guard("listing", find)
+    if not dirs:
+        raise CheckpointNotFoundError(
+            url, r.nearby(r.root),
+            hint="Expected a checkpoints prefix, a run prefix or a prefix of runs.",
+        )
+    return [r.path(d) for d in dirs]
+
+
+def latest_name(url: str) -> str | None:
+    """The checkpoint name ``latest.json`` under a checkpoints prefix names, if valid."""
+    r = _Reader.from_url(url)
+    try:
+        target, _ = r.guard("reading latest.json in", lambda: r.pointer_target(r.root))
+    except UnsafePathError:
+        return None
+    return target
+
+
+def tree_size(url: str) -> int:
+    """Bytes of every object under a prefix (one listing)."""
+    r = _Reader.from_url(url)
+    return sum(r.guard("listing", lambda: r.store.find(r.root)).values())

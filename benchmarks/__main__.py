@@ -24,13 +24,14 @@ def main(argv: list[str]) -> int:
         report = bench.run_suite(cfg, tmp, only=only, baselines=BASELINES, options=options())
     bench.print_report(report)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    for path in (RESULTS / f"{stamp}.json", Path(args.json) if args.json else None):
-        if path is not None:
-            bench.write_json(report, path)
-    # Only a full-size run of every benchmark becomes the committed reference.
-    if args.size in (None, "full") and not args.quick and not args.only:
-        bench.write_json(report, RESULTS / "latest.json")
-    print(f"results: {RESULTS / f'{stamp}.json'}")
+    # --json redirects the results (the smoke test); else a timestamped file, and a
+    # full-size run of every benchmark also becomes the committed reference.
+    paths = [Path(args.json)] if args.json else [RESULTS / f"{stamp}.json"]
+    if not args.json and args.size in (None, "full") and not args.quick and not args.only:
+        paths.append(RESULTS / "latest.json")
+    for path in paths:
+        bench.write_json(report, path)
+        print(f"results: {path}")
     missed = [f for f in report.figures if f.passed is False]
     return 1 if args.strict and missed else 0
 

@@ -149,6 +149,7 @@ def journal_process_variant(
                 os.set_blocking(ack_fd, True)
                 rest = await anyio.to_thread.run_sync(proc.stdout.read)
                 acks.extend(rest)
+                proc.stdout.close()
                 await anyio.to_thread.run_sync(proc.wait)
                 os.close(jfd)
             done = sorted(

@@ -931,11 +931,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = SIZES[args.size or ("quick" if args.quick else "full")]
     if args.memory_entries is not None:
         if args.memory_entries < 1:
-            raise SystemExit("--memory-entries must be >= 1")
+            raise SystemExit(
+                f"--memory-entries must be >= 1, got {args.memory_entries}; "
+                "pass the number of entries your agent's memory reaches"
+            )
         cfg = replace(cfg, large_memory=args.memory_entries, incr_entries=args.memory_entries)
     if args.repeats is not None:
         if args.repeats < 1:
-            raise SystemExit("--repeats must be >= 1")
+            raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
         cfg = replace(cfg, repeats=args.repeats)
     return cfg
 

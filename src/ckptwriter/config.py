@@ -76,6 +76,10 @@ class RuntimeConfig(_Section):
     on_backlog: Literal["block", "coalesce"] = "block"
     on_error: Literal["raise", "warn"] = "raise"
     fsync: bool = True
+    executor: Literal["auto", "thread", "process"] = Field(
+        default="auto",
+        description="where checkpoint writes run: a writer process (auto on POSIX) or a thread",
+    )
 
     def episodes_for(self, start_episode: int) -> int:
         """The last episode of a run starting after ``start_episode`` (0 unless resumed)."""
@@ -337,7 +341,9 @@ def _unknown_key(loc: list[str], origin: str) -> str:
     msg = f"Unknown key '{'.'.join(loc)}' in {origin}"
     parent = _model_at(loc[:-1])
     candidates = _valid_keys(parent) if parent else []
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    # A truncated key ("max_env") is best matched by the key it starts; else by similarity.
+    close = [c for c in candidates if c.startswith(key)][:1] or difflib.get_close_matches(
+        key, candidates, n=1, cutoff=0.6)
     if close:
         return f"{msg}; did you mean {close[0]}?"
     if not loc[:-1] and key in RuntimeConfig.model_fields:

@@ -258,6 +258,7 @@ class _Trainer:
                 on_backlog=self.rt.on_backlog,
                 fsync=self.rt.fsync,
                 on_error=self.rt.on_error,
+                executor=self.rt.executor,
             ) as writer:
                 self.writer = writer
                 await self._train()

@@ -15,6 +15,7 @@ import contextlib
 import enum
 import logging
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -29,10 +30,11 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .errors import CheckpointError, WriterClosedError, WriterFailedError
-from .retention import CheckpointRecord, Strategy, make_policy, select_for_deletion
+from .errors import ConfigError, WriterClosedError, WriterFailedError
+from .executor import Executor, Persister, PersistResult, ProcessExecutor, ThreadExecutor
+from .retention import CheckpointRecord, Strategy, make_policy
 from .snapshot import CapturedSnapshot, Snapshot
-from .storage import CommitOutcome, MemoryState, Storage, open_storage
+from .storage import Storage, open_storage
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -51,6 +53,7 @@ log = logging.getLogger("ckptwriter")
 
 OnBacklog = Literal["block", "coalesce"]
 OnError = Literal["raise", "warn"]
+ExecutorKind = Literal["auto", "thread", "process"]
 # Samples kept for submit-latency percentiles: enough for a p99 over a long window.
 _SAMPLES = 10_000
 # A small commit still running after this long almost always means the worker thread is
@@ -185,6 +188,11 @@ class CheckpointWriter:
             or ``warn`` (log, count, keep going; the next checkpoint is tried again).
         protect: checkpoint names retention must never delete.
         storage: a storage backend, instead of one built from ``checkpoint_dir``.
+        executor: where the blocking work runs. ``process``: a long-lived writer process
+            with its own GIL, so a CPU-bound loop can neither starve it nor pay for it;
+            ``thread``: a worker thread (for ``storage`` objects and in-process stores
+            such as ``memory://``); ``auto`` (default): ``process`` for a local
+            ``checkpoint_dir`` on POSIX, ``thread`` otherwise.
 
     Raises:
         ConfigError: an invalid strategy/keep_last/max_pending combination.
@@ -206,29 +214,45 @@ class CheckpointWriter:
         on_error: OnError = "raise",
         protect: Collection[str] = (),
         storage: Storage | None = None,
+        executor: ExecutorKind = "auto",
     ) -> None:
-        from .errors import ConfigError
-
-        self._policy = make_policy(strategy, keep_last)
+        policy = make_policy(strategy, keep_last)
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigError(f"max_pending must be an int >= 1, got {max_pending!r}")
         if on_backlog not in ("block", "coalesce"):
             raise ConfigError(f"on_backlog must be 'block' or 'coalesce', got {on_backlog!r}")
         if on_error not in ("raise", "warn"):
             raise ConfigError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
-        if storage is None:
-            if checkpoint_dir is None:
-                raise ConfigError("CheckpointWriter needs checkpoint_dir or storage")
-            storage = open_storage(checkpoint_dir, fsync=fsync)
-        self._storage = storage
+        if executor not in ("auto", "thread", "process"):
+            raise ConfigError(
+                f"executor must be 'auto', 'thread' or 'process', got {executor!r}"
+            )
+        if storage is None and checkpoint_dir is None:
+            raise ConfigError("CheckpointWriter needs checkpoint_dir or storage")
+        location = storage.location if storage is not None else os.fspath(checkpoint_dir or "")
+        local = storage is None and (
+            "://" not in location or location.startswith("file://")
+        )
+        if executor == "process" and not local:
+            raise ConfigError(
+                "executor='process' needs a local checkpoint_dir (the writer process opens "
+                "it itself); use executor='thread' with a storage object or a URL"
+            )
+        if executor == "process" or (executor == "auto" and local and os.name == "posix"):
+            self._executor: Executor = ProcessExecutor(
+                location, fsync=fsync, strategy=strategy, keep_last=keep_last, protect=protect
+            )
+        else:
+            if storage is None:
+                storage = open_storage(location, fsync=fsync)
+            self._executor = ThreadExecutor(Persister(storage, policy, protect))
+        self._location = location
         self._max_pending = max_pending
         self._on_backlog: OnBacklog = on_backlog
         self._on_error: OnError = on_error
-        self._protect = frozenset(protect)
         self._state = _State.NEW
         self._error: WriterFailedError | None = None
         self._known: dict[str, CheckpointRecord] = {}
-        self._mem: MemoryState | None = None
         self._queued: deque[_Job] = deque()
         self._in_flight: _Job | None = None
         self._in_flight_since = 0.0
@@ -247,7 +271,12 @@ class CheckpointWriter:
     @property
     def location(self) -> str:
         """Where checkpoints go."""
-        return self._storage.location
+        return self._location
+
+    @property
+    def executor(self) -> str:
+        """``"process"`` or ``"thread"``: where the blocking work runs."""
+        return self._executor.kind
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -259,7 +288,7 @@ class CheckpointWriter:
             )
         # Open the storage first (lock, leftovers, listing) so its errors reach the caller
         # as they are, not wrapped in the task group's ExceptionGroup.
-        records = await anyio.to_thread.run_sync(self._storage.open)
+        records = await self._executor.open()
         self._known = {r.name: r for r in records}
         send, recv = anyio.create_memory_object_stream[_Job](self._max_pending)
         self._send = send
@@ -273,7 +302,7 @@ class CheckpointWriter:
             recv.close()
             with anyio.CancelScope(shield=True):
                 await stack.aclose()
-                await anyio.to_thread.run_sync(self._storage.close)
+                await self._executor.aclose()
             raise
         self._stack = stack
         self._state = _State.OPEN
@@ -461,7 +490,7 @@ class CheckpointWriter:
                         await self._write_one(job)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._storage.close)
+                    await self._executor.aclose()
         finally:
             self._done.set()
 
@@ -474,52 +503,34 @@ class CheckpointWriter:
         try:
             if self._error is not None:
                 raise self._error
-            outcome, deleted, ret_err = await anyio.to_thread.run_sync(self._persist, job.snap)
+            # A commit in progress is never abandoned half-way: the thread or process
+            # finishes it, and the process protocol must not lose its place.
+            with anyio.CancelScope(shield=True):
+                result = await self._executor.persist(job.snap)
         except Exception as exc:
             self._fail(job, exc)
         else:
-            self._succeed(job, outcome, deleted, ret_err, wait)
+            self._succeed(job, result, wait)
         finally:
             self._in_flight = None
             job.event.set()
 
-    def _persist(
-        self, snap: CapturedSnapshot
-    ) -> tuple[CommitOutcome, list[str], BaseException | None]:
-        # Runs in a worker thread: commit, pointer, retention in one hop.
-        outcome = self._storage.commit(snap, self._mem)
-        self._mem = outcome.memory
-        self._storage.set_latest(outcome)
-        self._known[outcome.name] = outcome.record
-        doomed = select_for_deletion(
-            list(self._known.values()), self._policy, protected=self._protect | {outcome.name}
-        )
-        deleted: list[str] = []
-        try:
-            for name in doomed:
-                self._storage.delete(name)
-                del self._known[name]
-                deleted.append(name)
-        except CheckpointError as exc:
-            return outcome, deleted, exc
-        return outcome, deleted, None
-
-    def _succeed(
-        self, job: _Job, o: CommitOutcome, deleted: list[str],
-        ret_err: BaseException | None, wait: float,
-    ) -> None:
+    def _succeed(self, job: _Job, o: PersistResult, wait: float) -> None:
         c, t = self._counts, self._times
         c["written"] += 1
         c["bytes_written"] += o.bytes_written
         c["bytes_serialized"] += o.bytes_serialized
         c["entries_serialized"] += o.entries_serialized
-        c["deleted"] += len(deleted)
+        c["deleted"] += len(o.deleted)
         t["queue_wait"] += wait
         t["serialize"] += o.serialize_seconds
         t["write"] += o.write_seconds
-        if ret_err is not None:
+        self._known[o.name] = o.record
+        for name in o.deleted:
+            self._known.pop(name, None)
+        if o.retention_error is not None:
             c["retention_errors"] += 1
-            log.warning("retention could not delete an old checkpoint: %s", ret_err)
+            log.warning("retention could not delete an old checkpoint: %s", o.retention_error)
         job.result = CheckpointResult(
             name=o.name, path=o.path, episode_index=job.snap.episode_index,
             bytes_written=o.bytes_written, bytes_serialized=o.bytes_serialized,
@@ -527,7 +538,7 @@ class CheckpointWriter:
             loop_seconds=job.loop_seconds, queue_wait_seconds=wait,
             serialize_seconds=o.serialize_seconds, write_seconds=o.write_seconds,
             latency_seconds=time.perf_counter() - job.snap.captured_at,
-            deleted=tuple(deleted),
+            deleted=tuple(o.deleted),
         )
 
     def _fail(self, job: _Job, exc: BaseException) -> None:

@@ -1,0 +1,346 @@
+"""Where a checkpoint's blocking work runs: a worker thread, or a long-lived writer process.
+
+Both run the same :class:`Persister` (commit, move ``latest``, apply retention) for one
+checkpoint at a time; they differ in how they share the GIL with the training loop.
+
+- :class:`ThreadExecutor` runs it in a worker thread of this process. Every syscall the
+  writer makes releases and retakes the GIL, and a loop that never really blocks can
+  starve that thread (see README, "Where the writer runs").
+- :class:`ProcessExecutor` runs it in a child interpreter with its own GIL, on another
+  core. The loop sends a small header and only the memory bytes appended since the
+  child's last commit; the child copies the rest from its previous file. Nothing is
+  pickled: the bytes were encoded once, when the entries were appended.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Collection
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import msgspec
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from . import errors
+from .errors import CheckpointError, StorageError
+from .memory import MemoryCapture
+from .retention import CheckpointRecord, RetentionPolicy, make_policy, select_for_deletion
+from .snapshot import CapturedSnapshot
+from .storage import MemoryState, Storage
+
+__all__ = ["Executor", "PersistResult", "Persister", "ProcessExecutor", "ThreadExecutor"]
+
+_HEADER = struct.Struct(">I")
+_PAYLOAD = struct.Struct(">Q")
+# Deltas below this are joined into one write; larger ones go out chunk by chunk so the
+# loop never copies a large memory into a transport buffer in one step.
+_JOIN_BYTES = 256 * 1024
+# How long a closing writer process may take to finish before it is killed.
+_CLOSE_TIMEOUT = 30.0
+# Where the ckptwriter package lives, so the child imports this very copy of it.
+_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class PersistResult(msgspec.Struct, frozen=True):
+    """What persisting one checkpoint did (crosses the pipe from the writer process)."""
+
+    name: str
+    path: str
+    episode_index: int
+    val_score: float | None
+    bytes_written: int
+    bytes_serialized: int
+    entries_serialized: int
+    incremental: bool
+    serialize_seconds: float
+    write_seconds: float
+    deleted: list[str]
+    retention_error: str | None
+    log_id: str
+    nbytes: int
+
+    @property
+    def record(self) -> CheckpointRecord:
+        """The retention view of the new checkpoint."""
+        return CheckpointRecord(self.name, self.episode_index, self.val_score)
+
+
+class Persister:
+    """Commit, pointer update and retention for one checkpoints directory (blocking)."""
+
+    def __init__(self, storage: Storage, policy: RetentionPolicy,
+                 protect: Collection[str] = ()) -> None:
+        self.storage = storage
+        self.policy = policy
+        self.protect = frozenset(protect)
+        self.known: dict[str, CheckpointRecord] = {}
+        self.mem: MemoryState | None = None
+
+    def open(self) -> list[CheckpointRecord]:
+        """Open the storage (lock, leftovers) and learn the checkpoints already there."""
+        records = self.storage.open()
+        self.known = {r.name: r for r in records}
+        return records
+
+    def close(self) -> None:
+        """Release the storage's lock."""
+        self.storage.close()
+
+    def can_append(self, log_id: str, base: int) -> bool:
+        """True if the last committed memory file is exactly ``base`` bytes of ``log_id``."""
+        m = self.mem
+        if m is None or m.log_id != log_id or m.nbytes != base:
+            return False
+        try:
+            return os.stat(m.location).st_size == base
+        except OSError:
+            return "://" in m.location  # remote stores check their own source object
+
+    def persist(self, snap: CapturedSnapshot) -> PersistResult:
+        """Commit ``snap``, point ``latest`` at it, then delete what retention selects."""
+        outcome = self.storage.commit(snap, self.mem)
+        self.mem = outcome.memory
+        self.storage.set_latest(outcome)
+        self.known[outcome.name] = outcome.record
+        doomed = select_for_deletion(
+            list(self.known.values()), self.policy, protected=self.protect | {outcome.name}
+        )
+        deleted: list[str] = []
+        retention_error = None
+        try:
+            for name in doomed:
+                self.storage.delete(name)
+                del self.known[name]
+                deleted.append(name)
+        except CheckpointError as exc:
+            # The checkpoint itself is durable; a failed delete is retried next time.
+            retention_error = str(exc)
+        return PersistResult(
+            name=outcome.name, path=outcome.path, episode_index=snap.episode_index,
+            val_score=snap.val_score, bytes_written=outcome.bytes_written,
+            bytes_serialized=outcome.bytes_serialized,
+            entries_serialized=outcome.entries_serialized, incremental=outcome.incremental,
+            serialize_seconds=outcome.serialize_seconds, write_seconds=outcome.write_seconds,
+            deleted=deleted, retention_error=retention_error,
+            log_id=outcome.memory.log_id, nbytes=outcome.memory.nbytes,
+        )
+
+
+class Executor(Protocol):
+    """Runs a :class:`Persister` somewhere off the event loop."""
+
+    kind: str
+
+    async def open(self) -> list[CheckpointRecord]: ...
+    async def persist(self, snap: CapturedSnapshot) -> PersistResult: ...
+    async def aclose(self) -> None: ...
+
+
+class ThreadExecutor:
+    """One worker-thread hop per checkpoint."""
+
+    kind = "thread"
+
+    def __init__(self, persister: Persister) -> None:
+        self._p = persister
+
+    async def open(self) -> list[CheckpointRecord]:
+        return await anyio.to_thread.run_sync(self._p.open)
+
+    async def persist(self, snap: CapturedSnapshot) -> PersistResult:
+        return await anyio.to_thread.run_sync(self._p.persist, snap)
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self._p.close)
+
+
+# -- the wire format between the loop and the writer process ----------------------------
+
+_ENC = msgspec.msgpack.Encoder()
+_DEC = msgspec.msgpack.Decoder()
+_RESULT_DEC = msgspec.msgpack.Decoder(PersistResult)
+
+
+def encode_message(obj: Any) -> bytes:
+    """One length-prefixed msgpack frame."""
+    body = _ENC.encode(obj)
+    return _HEADER.pack(len(body)) + body
+
+
+def error_message(exc: BaseException) -> dict[str, Any]:
+    """An exception as a frame body, for the other side to rebuild."""
+    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
+def rebuild_error(err: dict[str, str]) -> CheckpointError:
+    """The exception a writer-process error stands for, in this process."""
+    kind, message = err.get("type", ""), err.get("message", "")
+    if kind in ("DirectoryLockedError", "ConfigError", "WriterFailedError"):
+        cls: type[CheckpointError] = getattr(errors, kind)
+        return cls(message)
+    if kind == "StorageError":
+        return StorageError(message)
+    return StorageError(f"{kind}: {message}" if kind else message)
+
+
+def snapshot_header(snap: CapturedSnapshot, base: int) -> dict[str, Any]:
+    """Everything of a captured snapshot but its memory bytes."""
+    mem = snap.memory
+    return {
+        "op": "commit", "episode_index": snap.episode_index,
+        "train_steps_total": snap.train_steps_total, "agent_type": snap.agent_type,
+        "memory_type": snap.memory_type, "val_score": snap.val_score,
+        "agent_json": snap.agent_json, "extra_files": snap.extra_files,
+        "resumed_from": snap.resumed_from, "timestamp": snap.timestamp.isoformat(),
+        "log_id": mem.log_id, "entries": mem.entries, "nbytes": mem.nbytes, "base": base,
+    }
+
+
+def snapshot_from_header(h: dict[str, Any], delta: bytes) -> CapturedSnapshot:
+    """Rebuild, in the writer process, the snapshot a header and its delta describe."""
+    nbytes, base = int(h["nbytes"]), int(h["base"])
+    memory = MemoryCapture(
+        log_id=h["log_id"], entries=int(h["entries"]), nbytes=nbytes,
+        chunks=[delta], chunk_ends=[nbytes], n_chunks=1 if delta else 0, base=base,
+    )
+    return CapturedSnapshot(
+        episode_index=h["episode_index"], train_steps_total=h["train_steps_total"],
+        agent_type=h["agent_type"], memory_type=h["memory_type"], val_score=h["val_score"],
+        memory=memory, agent_json=h["agent_json"], extra_files=dict(h["extra_files"]),
+        resumed_from=h["resumed_from"], timestamp=datetime.fromisoformat(h["timestamp"]),
+        captured_at=0.0,
+    )
+
+
+class ProcessExecutor:
+    """A long-lived writer process, started by :meth:`open`, stopped by :meth:`aclose`.
+
+    The process dies with its parent (``PR_SET_PDEATHSIG``), ignores SIGINT/SIGTERM (the
+    parent decides when to stop and drains first) and exits when its stdin closes. If it
+    dies unexpectedly, the checkpoint in flight fails and the next one starts a new one.
+    """
+
+    kind = "process"
+
+    def __init__(self, location: str, *, fsync: bool, strategy: str | None,
+                 keep_last: int | None, protect: Collection[str]) -> None:
+        # Validate here too, so a bad policy fails before a process is started.
+        make_policy(strategy, keep_last)
+        self._open_msg = {
+            "op": "open", "location": location, "fsync": fsync, "strategy": strategy,
+            "keep_last": keep_last, "protect": sorted(protect),
+        }
+        self._proc: Process | None = None
+        self._rx: BufferedByteReceiveStream | None = None
+        # (log_id, nbytes) of the memory file the process committed last: deltas start there.
+        self._base: tuple[str, int] | None = None
+
+    async def open(self) -> list[CheckpointRecord]:
+        reply = await self._start()
+        return [CheckpointRecord(n, e, s) for n, e, s in reply["records"]]
+
+    async def _start(self) -> dict[str, Any]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PKG_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        self._proc = await anyio.open_process(
+            [sys.executable, "-m", "ckptwriter.writer_process"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env,
+        )
+        assert self._proc.stdout is not None
+        self._rx = BufferedByteReceiveStream(self._proc.stdout)
+        self._base = None
+        try:
+            await self._send(encode_message(self._open_msg))
+            reply = await self._receive()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._stop()
+            raise
+        if "error" in reply:
+            with anyio.CancelScope(shield=True):
+                await self._stop()
+            raise rebuild_error(reply["error"])
+        return reply
+
+    async def persist(self, snap: CapturedSnapshot) -> PersistResult:
+        if self._proc is None:
+            await self._start()  # the previous process died: start over
+        mem = snap.memory
+        base = 0
+        if self._base is not None and self._base[0] == mem.log_id and self._base[1] <= mem.nbytes:
+            base = self._base[1]
+        try:
+            reply = await self._exchange(snap, base)
+            if reply.get("resend_full"):
+                reply = await self._exchange(snap, 0)
+        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream,
+                anyio.IncompleteRead, anyio.ClosedResourceError) as exc:
+            code = await self._stop()
+            raise StorageError(
+                f"the checkpoint writer process exited unexpectedly (exit code {code}) "
+                f"while writing episode {snap.episode_index}; a new one starts with the "
+                f"next checkpoint"
+            ) from exc
+        if "error" in reply:
+            self._base = None
+            raise rebuild_error(reply["error"])
+        result = _RESULT_DEC.decode(reply["result"])
+        self._base = (result.log_id, result.nbytes)
+        return result
+
+    async def _exchange(self, snap: CapturedSnapshot, base: int) -> dict[str, Any]:
+        mem = snap.memory
+        head = encode_message(snapshot_header(snap, base)) + _PAYLOAD.pack(mem.nbytes - base)
+        views = list(mem.iter_bytes(base))
+        if mem.nbytes - base <= _JOIN_BYTES:
+            await self._send(b"".join([head, *views]))
+        else:
+            await self._send(head)
+            for v in views:
+                await self._send(v)
+        return await self._receive()
+
+    async def _send(self, data: bytes | memoryview) -> None:
+        assert self._proc is not None
+        assert self._proc.stdin is not None
+        await self._proc.stdin.send(data)  # type: ignore[arg-type]
+
+    async def _receive(self) -> dict[str, Any]:
+        assert self._rx is not None
+        (n,) = _HEADER.unpack(await self._rx.receive_exactly(_HEADER.size))
+        msg = _DEC.decode(await self._rx.receive_exactly(n))
+        assert isinstance(msg, dict)
+        return msg
+
+    async def _stop(self) -> int | None:
+        proc, self._proc, self._rx = self._proc, None, None
+        self._base = None
+        if proc is None:
+            return None
+        if proc.stdin is not None:
+            try:
+                await proc.stdin.aclose()
+            except (OSError, anyio.BrokenResourceError):
+                pass
+        with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
+            await proc.wait()
+        if scope.cancelled_caught:
+            proc.kill()
+            await proc.wait()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+        return proc.returncode
+
+    async def aclose(self) -> None:
+        code = await self._stop()
+        if code not in (None, 0):
+            raise StorageError(f"the checkpoint writer process exited with code {code}")

@@ -1,0 +1,128 @@
+"""The writer process: ``python -m ckptwriter.writer_process``, started by ProcessExecutor.
+
+It reads length-prefixed msgpack frames on stdin (``open``, then one ``commit`` per
+checkpoint followed by that checkpoint's memory delta) and answers each on stdout. It
+exits when stdin closes. Nothing but frames is ever written to stdout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+from typing import Any, BinaryIO
+
+from .executor import (
+    _HEADER,
+    _PAYLOAD,
+    Persister,
+    encode_message,
+    error_message,
+    snapshot_from_header,
+)
+from .retention import make_policy
+from .storage import open_storage
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # A `kill -9` of the training run must take its writer with it, exactly as it would a
+    # writer thread: whatever it was doing is cleaned up by the next writer's start.
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the process still exits when its stdin closes
+
+
+def _read_exactly(inp: BinaryIO, n: int) -> bytes | None:
+    data = inp.read(n)
+    if data is None or len(data) < n:
+        return None
+    return data
+
+
+def _read_message(inp: BinaryIO) -> dict[str, Any] | None:
+    import msgspec
+
+    head = _read_exactly(inp, _HEADER.size)
+    if head is None:
+        return None
+    (n,) = _HEADER.unpack(head)
+    body = _read_exactly(inp, n)
+    if body is None:
+        return None
+    msg = msgspec.msgpack.decode(body)
+    assert isinstance(msg, dict)
+    return msg
+
+
+def _reply(out: BinaryIO, obj: Any) -> None:
+    out.write(encode_message(obj))
+    out.flush()
+
+
+def serve(inp: BinaryIO, out: BinaryIO, parent: int) -> int:
+    """Serve one writer until stdin closes; the exit code for the process."""
+    import msgspec
+
+    opening = _read_message(inp)
+    if opening is None or opening.get("op") != "open":
+        return 2
+    try:
+        persister = Persister(
+            open_storage(opening["location"], fsync=bool(opening["fsync"])),
+            make_policy(opening["strategy"], opening["keep_last"]),
+            opening["protect"],
+        )
+        records = persister.open()
+    except Exception as exc:
+        _reply(out, error_message(exc))
+        return 0
+    _reply(out, {"records": [(r.name, r.episode_index, r.val_score) for r in records]})
+    try:
+        while True:
+            msg = _read_message(inp)
+            if msg is None:
+                return 0
+            size = _read_exactly(inp, _PAYLOAD.size)
+            if size is None:
+                return 0
+            delta = _read_exactly(inp, _PAYLOAD.unpack(size)[0])
+            if delta is None:
+                return 0
+            base = int(msg["base"])
+            if base and not persister.can_append(msg["log_id"], base):
+                _reply(out, {"resend_full": True})
+                continue
+            try:
+                result = persister.persist(snapshot_from_header(msg, delta))
+            except Exception as exc:
+                _reply(out, error_message(exc))
+                continue
+            _reply(out, {"result": msgspec.msgpack.encode(result)})
+            if os.getppid() != parent:
+                return 0
+    finally:
+        persister.close()
+
+
+def main() -> int:
+    """Entry point of the writer process."""
+    parent = os.getppid()
+    _die_with_parent()
+    # The parent drains and stops us; a Ctrl-C or SIGTERM sent to the whole process
+    # group must not kill the writer before the final checkpoint is written.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out = sys.stdout.buffer
+    # Anything printed by accident must not corrupt the frames on stdout.
+    sys.stdout = sys.stderr
+    return serve(sys.stdin.buffer, out, parent)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Where the writer's work runs: the writer process (default) and the worker thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from ckptwriter import CheckpointWriter, ConfigError, MemoryLog, load_checkpoint
+from ckptwriter.storage import LocalStorage
+from conftest import add_episode, snapshot
+
+pytestmark = pytest.mark.anyio
+
+
+def _writer_pids(parent: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(parent), "-f", "ckptwriter.writer_process"],
+                         capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def _burn(seconds: float) -> None:
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind"),
+    [
+        pytest.param({}, "process", id="local-default"),
+        pytest.param({"executor": "thread"}, "thread", id="thread"),
+    ],
+)
+async def test_executor_choice(tmp_path: Path, kwargs: dict[str, str], kind: str) -> None:
+    """A local checkpoint_dir gets the writer process unless a thread is asked for."""
+    mem = MemoryLog()
+    add_episode(mem, 1)
+    async with CheckpointWriter(tmp_path, **kwargs) as w:  # type: ignore[arg-type]
+        assert w.executor == kind
+        r = await (await w.submit(snapshot(mem, 1))).wait()
+    assert r.entries_serialized == 3
+    assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()
+
+
+async def test_storage_object_uses_a_thread(tmp_path: Path) -> None:
+    """A storage object cannot cross into another process: it runs in a thread."""
+    async with CheckpointWriter(storage=LocalStorage(tmp_path)) as w:
+        assert w.executor == "thread"
+    with pytest.raises(ConfigError, match=r"^executor='process' needs a local checkpoint_dir"):
+        CheckpointWriter(storage=LocalStorage(tmp_path), executor="process")
+
+
+async def test_cpu_bound_loop_needs_no_opt_in(tmp_path: Path) -> None:
+    """At CPython's default switch interval the writer process still keeps up."""
+    assert sys.getswitchinterval() == pytest.approx(0.005)
+    mem = MemoryLog()
+    async with CheckpointWriter(tmp_path, on_backlog="coalesce", keep_last=3) as w:
+        deadline = time.monotonic() + 20
+        for ep in range(1, 100_000):
+            add_episode(mem, ep)
+            await w.submit(snapshot(mem, ep))
+            _burn(0.001)
+            await anyio.lowlevel.checkpoint()
+            if w.stats.written >= 20 or time.monotonic() > deadline:
+                break
+        assert w.stats.written >= 20
+    assert load_checkpoint(tmp_path).runtime.episode_index >= 20
+
+
+async def test_dead_writer_process_is_replaced(tmp_path: Path) -> None:
+    """If the writer process is killed, the checkpoint in flight fails and the next succeeds."""
+    mem = MemoryLog()
+    async with CheckpointWriter(tmp_path, on_error="warn") as w:
+        add_episode(mem, 1)
+        await (await w.submit(snapshot(mem, 1))).wait()
+        (pid,) = _writer_pids(os.getpid())
+        os.kill(pid, signal.SIGKILL)
+        await anyio.sleep(0.1)
+        add_episode(mem, 2)
+        h = await w.submit(snapshot(mem, 2))
+        with pytest.raises(Exception, match=r"writer process exited unexpectedly"):
+            await h.wait()
+        add_episode(mem, 3)
+        r = await (await w.submit(snapshot(mem, 3))).wait()
+    assert r.episode_index == 3
+    assert not r.incremental  # a new process starts from a full write
+    assert w.stats.failed == 1
+    assert load_checkpoint(tmp_path / "latest").memory.to_jsonl() == mem.to_jsonl()
+
+
+def _run_child(tmp_path: Path, body: str) -> subprocess.Popen[str]:
+    script = textwrap.dedent(f"""
+        import sys, time, anyio
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from ckptwriter import CheckpointWriter, MemoryLog
+        from conftest import add_episode, snapshot
+        async def main():
+            mem = MemoryLog()
+            async with CheckpointWriter({str(tmp_path)!r}) as w:
+                add_episode(mem, 1)
+                await (await w.submit(snapshot(mem, 1))).wait()
+                print("ready", flush=True)
+    """) + textwrap.indent(textwrap.dedent(body), "        ") + "\nanyio.run(main)\n"
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+async def test_writer_process_dies_with_its_parent(tmp_path: Path) -> None:
+    """kill -9 of the training process takes its writer process with it."""
+    proc = _run_child(tmp_path, "time.sleep(60)")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    (child,) = _writer_pids(proc.pid)
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        await anyio.sleep(0.05)
+    else:
+        pytest.fail("writer process outlived its parent")
+    async with CheckpointWriter(tmp_path):  # the lock died with it
+        pass
+
+
+async def test_sigint_to_the_group_spares_the_writer(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the group; the writer still drains the final save."""
+    body = """
+    import signal
+    stop = anyio.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("armed", flush=True)
+    with anyio.move_on_after(30):
+        while not stop.is_set():
+            await anyio.sleep(0.02)
+    add_episode(mem, 2)
+    await w.submit(snapshot(mem, 2))
+    print("saved", flush=True)
+    """
+    proc = _run_child(tmp_path, body)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().strip() == "armed"
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.stdout.readline().strip() == "saved"
+    assert proc.wait(timeout=30) == 0
+    proc.stdout.close()
+    assert load_checkpoint(tmp_path / "latest").runtime.episode_index == 2

@@ -257,6 +257,7 @@ def _child_resume(source: str, dest: str, go: str) -> None:
     """Load ``source``, wait for the go file, then continue training into ``dest``."""
     from ckptwriter import load_checkpoint
 
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
     Path(dest + ".ready").touch()
     deadline = time.monotonic() + 20
     while not os.path.exists(go):
@@ -290,7 +291,8 @@ def _child_as_nobody(root: str, phase: str) -> None:
 
     async def main() -> None:
         log = memory_until(1)
-        async with CheckpointWriter(root) as w:
+        # A thread: `nobody` may not exec this venv's python (it lives under /root).
+        async with CheckpointWriter(root, executor="thread") as w:
             await w.submit(snapshot(1, log))
             await w.flush()
             if phase == "midrun":
@@ -312,7 +314,7 @@ def kill_group(proc: subprocess.Popen[str]) -> None:
     """SIGKILL a child we started and reap it."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.communicate(timeout=10)  # reaps it and closes its pipes
 
 
 if __name__ == "__main__":

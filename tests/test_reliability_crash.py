@@ -126,9 +126,14 @@ def test_exit_after_step_earlier_checkpoints_survive(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize(("step", "executor"), [
+    *[pytest.param(s, "thread", id=s) for s in STEPS],
+    # The writer process runs the same LocalStorage.open; one spot check each way.
+    pytest.param("tmp_dir_synced", "process", id="process-tmp_dir_synced"),
+    pytest.param("trash_renamed", "process", id="process-trash_renamed"),
+])
 async def test_exit_after_step_restart_cleans_and_continues(
-    crashed: dict[str, Path], step: str, tmp_path: Path
+    crashed: dict[str, Path], step: str, executor: str, tmp_path: Path
 ) -> None:
     """The next writer removes .tmp-*/.trash-* leftovers and rewrites episode 3 cleanly."""
     import shutil
@@ -136,7 +141,7 @@ async def test_exit_after_step_restart_cleans_and_continues(
     root = tmp_path / "ckpts"
     shutil.copytree(crashed[step], root, symlinks=True)
     log = memory_until(3)
-    async with CheckpointWriter(root, keep_last=2) as w:
+    async with CheckpointWriter(root, keep_last=2, executor=executor) as w:
         assert leftovers(root) == []
         await (await w.submit(snapshot(3, log))).wait()
         log.extend(episode_entries(4))
@@ -243,7 +248,8 @@ async def test_everything_is_fsynced_before_latest_moves(
     monkeypatch.setattr(local_mod.os, "rename", rename)
     monkeypatch.setattr(local_mod.os, "replace", replace)
     root = tmp_path / "c"
-    async with CheckpointWriter(root) as w:
+    # In this process, so the syscalls can be watched; the writer process runs the same code.
+    async with CheckpointWriter(root, executor="thread") as w:
         await (await w.submit(snapshot(1, memory_until(1)))).wait()
     kinds = [(k, Path(v.split(" -> ")[-1]).name if k != "fsync" else v) for k, v in events]
     i_rename = next(i for i, (k, v) in enumerate(kinds) if k == "rename" and v == "ep_000001")
@@ -253,3 +259,60 @@ async def test_everything_is_fsynced_before_latest_moves(
     assert {"memory_1.jsonl", "agent.json", "runtime.json", tmp_name} <= synced_before
     assert ("fsync", str(root)) in kinds[i_rename:i_link]
     assert ("fsync", str(root)) in kinds[i_link:]
+
+
+# -- the writer process dies under a live run ------------------------------------------
+
+
+def _kill_lock_owner(root: Path) -> int:
+    """SIGKILL the process holding the directory lock (the writer process), as OOM would."""
+    import signal
+
+    pid = int((root / ".lock").read_text().split()[1])
+    assert pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+@pytest.mark.anyio
+async def test_writer_process_killed_next_checkpoint_recovers(tmp_path: Path) -> None:
+    """A SIGKILLed writer process fails the checkpoint in flight; the next one starts a new one."""
+    root = tmp_path / "c"
+    log = memory_until(1)
+    async with CheckpointWriter(root, executor="process", on_error="warn") as w:
+        await (await w.submit(snapshot(1, log))).wait()
+        _kill_lock_owner(root)
+        log.extend(episode_entries(2))
+        h = await w.submit(snapshot(2, log))
+        with pytest.raises(WriterFailedError, match=(
+            r"^checkpoint for episode 2 was not written: the checkpoint writer process exited "
+            r"unexpectedly \(exit code -9\) while writing episode 2; a new one starts with "
+            r"the next checkpoint$"
+        )):
+            await h.wait()
+        log.extend(episode_entries(3))
+        await (await w.submit(snapshot(3, log))).wait()
+    assert leftovers(root) == []
+    _assert_reader_sees(root, 3)
+    verify_checkpoint(root / "ep_000001")
+
+
+@pytest.mark.anyio
+async def test_writer_process_killed_raise_stops_training(tmp_path: Path) -> None:
+    """With on_error="raise", a killed writer process surfaces as WriterFailedError on flush."""
+    root = tmp_path / "c"
+    log = memory_until(1)
+    with pytest.raises(WriterFailedError, match=(
+        r"^checkpoint for episode 2 failed: the checkpoint writer process exited unexpectedly"
+    )):
+        await _kill_writer_then_flush(root, log)
+    _assert_reader_sees(root, 1)
+
+
+async def _kill_writer_then_flush(root: Path, log: MemoryLog) -> None:
+    async with CheckpointWriter(root, executor="process") as w:
+        await (await w.submit(snapshot(1, log))).wait()
+        _kill_lock_owner(root)
+        log.extend(episode_entries(2))
+        await w.submit(snapshot(2, log))
+        await w.flush()

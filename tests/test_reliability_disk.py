@@ -39,9 +39,15 @@ from ckptwriter import (
 PAD = 64 * 1024
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    """Run the writer under both event loops anyio supports."""
+@pytest.fixture
+def anyio_backend() -> str:
+    """asyncio only: trio is covered by the crash tests; here the executor varies instead."""
+    return "asyncio"
+
+
+@pytest.fixture(params=["process", "thread"])
+def executor(request: pytest.FixtureRequest) -> str:
+    """Where the writer commits: its own process (the default) or a worker thread."""
     return str(request.param)
 
 
@@ -68,11 +74,11 @@ ENOSPC_MSG = (
 
 
 @pytest.mark.anyio
-async def test_disk_full_reports_enospc_with_path(small_fs: Path) -> None:
+async def test_disk_full_reports_enospc_with_path(small_fs: Path, executor: str) -> None:
     """A full disk fails the checkpoint with ENOSPC and the checkpoint's path."""
     root = small_fs / "c"
     log = memory_until(2, PAD)
-    async with CheckpointWriter(root, on_error="warn") as w:
+    async with CheckpointWriter(root, on_error="warn", executor=executor) as w:
         await (await w.submit(snapshot(2, log))).wait()
         fill_disk(small_fs, leave=32 * 1024)
         log.extend(episode_entries(3, PAD))
@@ -83,11 +89,11 @@ async def test_disk_full_reports_enospc_with_path(small_fs: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_disk_full_keeps_previous_and_latest(small_fs: Path) -> None:
+async def test_disk_full_keeps_previous_and_latest(small_fs: Path, executor: str) -> None:
     """After ENOSPC, the previous checkpoint and latest are intact and no temp dir is left."""
     root = small_fs / "c"
     log = memory_until(2, PAD)
-    async with CheckpointWriter(root, on_error="warn") as w:
+    async with CheckpointWriter(root, on_error="warn", executor=executor) as w:
         await w.submit(snapshot(2, log))
         await w.flush()
         fill_disk(small_fs, leave=32 * 1024)
@@ -101,11 +107,11 @@ async def test_disk_full_keeps_previous_and_latest(small_fs: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_disk_full_warn_continues_and_recovers(small_fs: Path) -> None:
+async def test_disk_full_warn_continues_and_recovers(small_fs: Path, executor: str) -> None:
     """With on_error="warn", training goes on; the next checkpoint succeeds once space is freed."""
     root = small_fs / "c"
     log = memory_until(2, PAD)
-    async with CheckpointWriter(root, on_error="warn") as w:
+    async with CheckpointWriter(root, on_error="warn", executor=executor) as w:
         await w.submit(snapshot(2, log))
         await w.flush()
         filler = fill_disk(small_fs, leave=32 * 1024)
@@ -120,9 +126,9 @@ async def test_disk_full_warn_continues_and_recovers(small_fs: Path) -> None:
     _assert_latest_is(root, 4, PAD)
 
 
-async def _fill_then_submit(root: Path, mnt: Path, then: str) -> None:
+async def _fill_then_submit(root: Path, mnt: Path, then: str, executor: str) -> None:
     log = memory_until(2, PAD)
-    async with CheckpointWriter(root, on_error="raise") as w:
+    async with CheckpointWriter(root, on_error="raise", executor=executor) as w:
         await (await w.submit(snapshot(2, log))).wait()
         fill_disk(mnt, leave=32 * 1024)
         log.extend(episode_entries(3, PAD))
@@ -138,12 +144,14 @@ async def _fill_then_submit(root: Path, mnt: Path, then: str) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("then", ["submit", "flush", "exit"])
-async def test_disk_full_raise_stops_on_next_call(small_fs: Path, then: str) -> None:
+async def test_disk_full_raise_stops_on_next_call(
+    small_fs: Path, then: str, executor: str
+) -> None:
     """With on_error="raise", the next submit, flush or writer exit raises WriterFailedError."""
     root = small_fs / "c"
     msg = r"^checkpoint for episode 3 failed: " + ENOSPC_MSG.format(root=root)
     with pytest.raises(WriterFailedError, match=msg):
-        await _fill_then_submit(root, small_fs, then)
+        await _fill_then_submit(root, small_fs, then, executor)
     _assert_latest_is(root, 2, PAD)
 
 
@@ -159,7 +167,8 @@ async def test_disk_full_at_every_size_leaves_no_temp(small_fs: Path, tmp_path: 
         shutil.rmtree(root, ignore_errors=True)
         shutil.copytree(pristine, root, symlinks=True)
         filler = fill_disk(small_fs, leave=pages * 4096)
-        async with CheckpointWriter(root, on_error="warn") as w:
+        # A thread: 40 writer processes would cost seconds; the commit code is the same.
+        async with CheckpointWriter(root, on_error="warn", executor="thread") as w:
             h = await w.submit(snapshot(2, memory_until(2, PAD)))
             try:
                 await h.wait()
@@ -201,12 +210,11 @@ def _chattr_mutable(p: Path) -> None:
 
 @pytest.mark.anyio
 async def test_immutable_dir_mid_run_is_a_clear_error(
-    tmp_path: Path, immutable: list[Path]
-) -> None:
+    tmp_path: Path, immutable: list[Path], executor: str) -> None:
     """An immutable checkpoints dir (EPERM, even for root) fails the checkpoint, keeps the rest."""
     root = tmp_path / "c"
     log = memory_until(1)
-    async with CheckpointWriter(root, on_error="warn") as w:
+    async with CheckpointWriter(root, on_error="warn", executor=executor) as w:
         await (await w.submit(snapshot(1, log))).wait()
         _chattr_immutable(root, immutable)
         log.extend(episode_entries(2))
@@ -291,11 +299,13 @@ def _read_only_bind(path: Path) -> Iterator[None]:
 
 
 @pytest.mark.anyio
-async def test_read_only_filesystem_mid_run_is_a_clear_error(tmp_path: Path) -> None:
+async def test_read_only_filesystem_mid_run_is_a_clear_error(
+    tmp_path: Path, executor: str
+) -> None:
     """A filesystem that turns read-only mid-run fails the checkpoint with EROFS; ep 1 stays."""
     root = tmp_path / "c"
     log = memory_until(1)
-    async with CheckpointWriter(root, on_error="warn") as w:
+    async with CheckpointWriter(root, on_error="warn", executor=executor) as w:
         await (await w.submit(snapshot(1, log))).wait()
         with _read_only_bind(root):
             log.extend(episode_entries(2))
@@ -311,7 +321,9 @@ async def test_read_only_filesystem_mid_run_is_a_clear_error(tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
-async def test_read_only_filesystem_at_start_is_a_clear_error(tmp_path: Path) -> None:
+async def test_read_only_filesystem_at_start_is_a_clear_error(
+    tmp_path: Path, executor: str
+) -> None:
     """Starting a writer on a read-only filesystem raises StorageError naming the lock file."""
     root = tmp_path / "c"
     await write_episodes(root, range(1, 2))
@@ -320,7 +332,7 @@ async def test_read_only_filesystem_at_start_is_a_clear_error(tmp_path: Path) ->
             rf"^Read-only file system while creating the lock file {root}/\.lock \[errno 30\]: "
             r"the filesystem is read-only; point checkpoint_dir at a writable disk$"
         )):
-            async with CheckpointWriter(root):
+            async with CheckpointWriter(root, executor=executor):
                 pass
         _assert_latest_is(root, 1)
 
@@ -334,11 +346,13 @@ def test_resume_from_read_only_filesystem(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_checkpoint_dir_removed_mid_run_is_a_clear_error(tmp_path: Path) -> None:
+async def test_checkpoint_dir_removed_mid_run_is_a_clear_error(
+    tmp_path: Path, executor: str
+) -> None:
     """Removing the checkpoints dir under a running writer gives ENOENT with a clear hint."""
     root = tmp_path / "c"
     log = memory_until(1)
-    async with CheckpointWriter(root, on_error="warn") as w:
+    async with CheckpointWriter(root, on_error="warn", executor=executor) as w:
         await (await w.submit(snapshot(1, log))).wait()
         shutil.rmtree(root)
         log.extend(episode_entries(2))
@@ -352,11 +366,11 @@ async def test_checkpoint_dir_removed_mid_run_is_a_clear_error(tmp_path: Path) -
 
 
 @pytest.mark.anyio
-async def test_checkpoint_dir_moved_away_keeps_earlier(tmp_path: Path) -> None:
+async def test_checkpoint_dir_moved_away_keeps_earlier(tmp_path: Path, executor: str) -> None:
     """A checkpoints dir moved away mid-run keeps its checkpoints intact; the writer errors."""
     root, moved = tmp_path / "c", tmp_path / "moved"
     log = memory_until(2)
-    async with CheckpointWriter(root, on_error="warn") as w:
+    async with CheckpointWriter(root, on_error="warn", executor=executor) as w:
         await w.submit(snapshot(1, memory_until(1)))
         await (await w.submit(snapshot(2, log))).wait()
         os.rename(root, moved)

@@ -147,9 +147,16 @@ def test_deep_nesting_refused(tmp_path: Path) -> None:
         _load(tmp_path, "agent:\n  config: " + "[" * 5000 + "]" * 5000 + "\n")
 
 
+def test_deep_block_nesting_refused(tmp_path: Path) -> None:
+    """Deep indentation nesting is refused too."""
+    text = "".join(" " * i + f"k{i}:\n" for i in range(40)) + " " * 40 + "v: 1\n"
+    with pytest.raises(ConfigError, match=r"nested too deeply \(limit 32\)$"):
+        _load(tmp_path, text)
+
+
 def test_moderate_nesting_beyond_limit_refused(tmp_path: Path) -> None:
     """Nesting past the depth limit is refused even when the parser copes."""
-    with pytest.raises(ConfigError, match=r"nested too deeply \(limit 32\)$"):
+    with pytest.raises(ConfigError, match=r"nested too deeply \(limit 32 levels\)$"):
         _load(tmp_path, "agent:\n  config: " + "[" * 40 + "]" * 40 + "\n")
 
 

@@ -76,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(args_list)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
-    err = Console(stderr=True, highlight=False)
     try:
         with _warnings_to_log():
             if args.command == "train":
@@ -90,19 +89,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _verify(args.path, out)
             return _du(args.path, out)
     except ConfigError as exc:
-        err.print(f"error: {exc}", markup=False)
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except CheckpointError as exc:
-        err.print(f"error: {exc}", markup=False)
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
+        print("interrupted", file=sys.stderr)
         return 130
 
 
 def _stdout() -> Console:
     # Not a terminal (a pipe, a test): wide enough that paths are never cut.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    return Console(highlight=False, soft_wrap=True,
+                   width=None if sys.stdout.isatty() else 200)
 
 
 @contextlib.contextmanager
@@ -114,9 +114,7 @@ def _warnings_to_log() -> Iterator[None]:
             yield
         finally:
             for w in caught:
-                Console(stderr=True, highlight=False).print(
-                    f"warning: {w.message}", markup=False
-                )
+                print(f"warning: {w.message}", file=sys.stderr)
 
 
 # -- train -----------------------------------------------------------------------------

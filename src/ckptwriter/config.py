@@ -207,7 +207,22 @@ def build_config(
     return _check_rules(cfg)
 
 
+def _flow_depth(text: str) -> int:
+    # Deep flow nesting ("[[[[...") makes the parser recurse until RecursionError, which
+    # is slow to unwind; count brackets first (brackets in quoted text only over-count).
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def _parse_yaml(text: str, src: str) -> Any:
+    if _flow_depth(text) > _MAX_DEPTH:
+        raise ConfigError(f"{src}: the document is nested too deeply (limit {_MAX_DEPTH} levels)")
     try:
         return yaml.safe_load(text)
     except yaml.constructor.ConstructorError as exc:

@@ -66,7 +66,7 @@ class RichReporter:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self._progress = Progress(
-            TextColumn("episode {task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("episode {task.fields[episode]}"),
             BarColumn(),
             TextColumn("{task.fields[rate]} ep/s"),
             TextColumn("last ckpt {task.fields[ckpt]}"),
@@ -77,7 +77,7 @@ class RichReporter:
             transient=False,
         )
         self._task = self._progress.add_task(
-            "train", total=None, rate="-", ckpt="-", pending=0, val="-"
+            "train", total=None, episode="-", rate="-", ckpt="-", pending=0, val="-"
         )
         self.log_handler: logging.Handler = RichHandler(
             console=self.console, show_path=False, markup=False, rich_tracebacks=False
@@ -101,6 +101,7 @@ class RichReporter:
             self._task,
             completed=status.episode,
             total=status.last_episode,
+            episode=f"{status.episode}/{status.last_episode}",
             rate=f"{status.episodes_per_second:,.0f}",
             ckpt=status.last_checkpoint or "-",
             pending=status.pending_writes,

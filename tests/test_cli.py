@@ -1,0 +1,350 @@
+"""The command line: train, ls, show, verify, du, bench, progress, signals."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from _runtime_util import cli, config, train, write_config
+from ckptwriter.runtime import RichReporter, TrainResult, TrainStatus
+from ckptwriter.runtime.inspection import format_age, format_size
+from ckptwriter.runtime.progress import progress_enabled
+
+
+def _run(tmp_path: Path, name: str = "my_run", episodes: int = 200, every: int = 100,
+         **runtime: object) -> TrainResult:
+    return train(config(tmp_path, name, max_envs_to_visit=episodes,
+                        checkpoint_every_episodes=every, **runtime))
+
+
+def _ckpts(result: TrainResult) -> Path:
+    assert result.checkpoint_dir is not None
+    return result.checkpoint_dir
+
+
+# -- train ---------------------------------------------------------------------------
+
+
+def test_train_prints_where_checkpoints_are(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """train exits 0 and prints the checkpoints directory and latest on stdout."""
+    cfg = write_config(tmp_path, "quick", "runtime:\n  checkpoint_every_episodes: 50\n")
+    assert cli(["train", "--config", str(cfg), "--set", "runtime.executor=thread"],
+               tmp_path) == 0
+    out, err = capsys.readouterr()
+    (run,) = (tmp_path / "outputs" / "quick").iterdir()
+    assert f"Checkpoints are in outputs/quick/{run.name}/checkpoints (latest -> ep_000100)" in out
+    assert "Finished at episode 100/100" in out
+    assert "Traceback" not in err
+
+
+def test_train_logs_one_line_per_checkpoint_and_validation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stderr gets one line per checkpoint and per validation, and no progress bar."""
+    cfg = write_config(tmp_path, "logs", "runtime:\n  checkpoint_every_episodes: 50\n"
+                       "  validation_freq: 25\n  executor: thread\n")
+    assert cli(["train", "--config", str(cfg)], tmp_path) == 0
+    err = capsys.readouterr().err
+    assert sum("Checkpoint ep_" in ln for ln in err.splitlines()) == 2
+    assert sum("Validation at episode" in ln for ln in err.splitlines()) == 4
+    assert "episode 100/100" not in err
+
+
+def test_train_quiet_hides_info_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--quiet keeps stderr free of per-checkpoint lines."""
+    cfg = write_config(tmp_path, "q", "runtime:\n  executor: thread\n")
+    assert cli(["train", "--config", str(cfg), "--quiet"], tmp_path) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "Checkpoints are in" in out
+
+
+def test_config_error_exits_2_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config error is one message on stderr and exit code 2."""
+    cfg = write_config(tmp_path, "bad", "runtime:\n  checkpoint_keep_lst: 5\n")
+    assert cli(["train", "--config", str(cfg)], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: Unknown key 'runtime.checkpoint_keep_lst' in {cfg}; "
+                   "did you mean checkpoint_keep_last?\n")
+
+
+def test_resume_not_found_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing resume_from is "Checkpoint not found: PATH" and exit code 1."""
+    cfg = write_config(tmp_path, "r", 'runtime:\n  resume_from: "outputs/x/1/checkpoints/latest"\n')
+    assert cli(["train", "--config", str(cfg)], tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Checkpoint not found: outputs/x/1/checkpoints/latest\n")
+    assert "Traceback" not in err
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Missing --config is a usage error with exit code 2."""
+    assert cli(["train"], tmp_path) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+# -- progress ------------------------------------------------------------------------
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stream", "quiet", "expected"), [
+    pytest.param(_Tty(), False, True, id="tty"),
+    pytest.param(_Tty(), True, False, id="tty-quiet"),
+    pytest.param(io.StringIO(), False, False, id="pipe"),
+])
+def test_progress_only_on_a_terminal(stream: io.StringIO, quiet: bool, expected: bool) -> None:
+    """The bar shows only when stderr is a terminal and --quiet is not given."""
+    assert progress_enabled(stream, quiet) is expected
+
+
+def test_progress_bar_shows_status() -> None:
+    """The bar shows episode, rate, last checkpoint, pending writes and val_score."""
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=200)
+    with RichReporter(console) as bar:
+        bar.update(TrainStatus(episode=50, first_episode=0, last_episode=100,
+                               episodes_per_second=1234.0, last_checkpoint="ep_000050",
+                               pending_writes=1, val_score=0.52))
+    text = buf.getvalue()
+    for part in ("episode 50/100", "1,234 ep/s", "last ckpt ep_000050", "pending 1", "val 0.520"):
+        assert part in text
+
+
+# -- ls / show / verify / du -----------------------------------------------------------
+
+
+def test_ls_checkpoints_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ls lists name, episode, steps, size, age, latest marker and status."""
+    ck = _ckpts(_run(tmp_path, validation_freq=100))
+    assert cli(["ls", str(ck)], tmp_path) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if "ep_0" in ln]
+    assert len(rows) == 2
+    assert "ep_000100" in rows[0]
+    assert "complete" in rows[0]
+    assert "<- latest" in rows[1]
+    assert "<- latest" not in rows[0]
+    assert "0.620" in rows[0]
+    for col in ("name", "episode", "steps", "val_score", "size", "age", "latest", "status"):
+        assert col in out
+
+
+def test_ls_run_name_dir_lists_every_run(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """ls outputs/<run_name>/ shows one table per run; a run dir shows its own."""
+    first = _run(tmp_path)
+    second = _run(tmp_path)
+    assert cli(["ls", "outputs/my_run"], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert str(_ckpts(first).relative_to(tmp_path)) in out
+    assert str(_ckpts(second).relative_to(tmp_path)) in out
+    assert cli(["ls", str(second.run_dir)], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert str(_ckpts(first)) not in out
+    assert str(_ckpts(second)) in out
+    assert out.count("ep_000200") == 1
+
+
+def test_ls_marks_incomplete_checkpoint(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint with a missing file is listed as INCOMPLETE with the file named."""
+    ck = _ckpts(_run(tmp_path))
+    (ck / "ep_000100" / "agent.json").unlink()
+    assert cli(["ls", str(ck)], tmp_path) == 0
+    assert "INCOMPLETE (agent.json: missing)" in capsys.readouterr().out
+
+
+def test_ls_nothing_there(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ls on a path without checkpoints exits 1 with "Checkpoint not found"."""
+    assert cli(["ls", str(tmp_path / "nope")], tmp_path) == 1
+    assert capsys.readouterr().err.startswith(f"error: Checkpoint not found: {tmp_path / 'nope'}")
+
+
+def test_show_prints_manifests_and_counts(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """show prints runtime.json, agent.json and memory entry counts by type."""
+    ck = _ckpts(_run(tmp_path))
+    assert cli(["show", str(ck / "latest")], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert f"Checkpoint {ck / 'ep_000200'}" in out
+    assert '"episode_index": 200' in out
+    assert '"memory_type": "history"' in out
+    assert "memory (memory_200.jsonl):" in out
+    for kind in ("Observation", "Action", "Feedback", "Reflection"):
+        assert f"  {kind}" in out
+
+
+def test_show_reports_fallback_as_warning(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """With latest broken, show falls back and prints the warning on stderr."""
+    ck = _ckpts(_run(tmp_path))
+    (ck / "ep_000200" / "memory_200.jsonl").write_bytes(b"garbage\n")
+    assert cli(["show", str(ck / "latest")], tmp_path) == 0
+    out, err = capsys.readouterr()
+    assert f"Checkpoint {ck / 'ep_000100'}" in out
+    assert err.startswith("warning: latest points at ep_000200, which is broken")
+
+
+def test_verify_all_good_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify on a run name dir checks every checkpoint and exits 0."""
+    _run(tmp_path)
+    assert cli(["verify", "outputs/my_run"], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert out.count("OK      ") == 2
+    assert "2/2 checkpoints OK" in out
+
+
+def test_verify_names_the_broken_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One flipped byte makes verify exit 1 and name the file."""
+    ck = _ckpts(_run(tmp_path))
+    mem = ck / "ep_000100" / "memory_100.jsonl"
+    data = bytearray(mem.read_bytes())
+    data[10] ^= 1
+    mem.write_bytes(bytes(data))
+    assert cli(["verify", str(ck)], tmp_path) == 1
+    out = capsys.readouterr().out
+    assert (f"BROKEN  {ck / 'ep_000100'}: memory_100.jsonl: sha256 does not match runtime.json"
+            in out)
+    assert "1/2 checkpoints OK, 1 problem(s)" in out
+
+
+def test_verify_single_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify accepts one checkpoint directory."""
+    ck = _ckpts(_run(tmp_path))
+    assert cli(["verify", str(ck / "ep_000200")], tmp_path) == 0
+    assert "1/1 checkpoints OK" in capsys.readouterr().out
+
+
+def test_verify_dangling_latest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A latest pointing at a deleted checkpoint is reported."""
+    ck = _ckpts(_run(tmp_path))
+    (ck / "latest").unlink()
+    (ck / "latest").symlink_to("ep_000900")
+    assert cli(["verify", str(ck)], tmp_path) == 1
+    assert "points at ep_000900, which does not exist" in capsys.readouterr().out
+
+
+def test_du_per_checkpoint_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """du prints each checkpoint's size, each run's total and a grand total."""
+    a, b = _run(tmp_path), _run(tmp_path)
+    assert cli(["du", "outputs/my_run"], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert out.count("ep_000") == 4
+    assert f"{a.run_dir.relative_to(tmp_path)}  (run total)" in out
+    assert f"{b.run_dir.relative_to(tmp_path)}  (run total)" in out
+    assert out.rstrip().endswith("total")
+
+
+def test_size_and_age_formats() -> None:
+    """Sizes print like du -h and ages in the largest whole unit."""
+    assert (format_size(512), format_size(2048), format_size(3 * 1024**3)) == (
+        "512 B", "2.0 KiB", "3.0 GiB")
+    now = datetime(2024, 1, 15, 12, 31, 0, tzinfo=timezone.utc)
+    assert format_age("2024-01-15T10:30:45.123456Z", now=now) == "2h"
+    assert format_age("2024-01-15T12:30:45.123456Z", now=now) == "14s"
+
+
+def test_bench_delegates_to_bench_main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`ckptwriter bench ARGS` calls ckptwriter.bench.main(ARGS) and returns its code."""
+    seen: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 7
+
+    monkeypatch.setitem(sys.modules, "ckptwriter.bench",
+                        types.SimpleNamespace(main=fake_main))
+    assert cli(["bench", "--only", "stall", "--json", "x.json"], tmp_path) == 7
+    assert seen == [["--only", "stall", "--json", "x.json"]]
+
+
+# -- signals (real subprocesses) -------------------------------------------------------
+
+
+def _spawn(tmp_path: Path, text: str) -> subprocess.Popen[str]:
+    cfg = write_config(tmp_path, "long", text)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ckptwriter", "train", "--config", str(cfg)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for_latest(tmp_path: Path, proc: subprocess.Popen[str]) -> Path:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = list((tmp_path / "outputs" / "long").glob("*/checkpoints/latest"))
+        if found:
+            return found[0].parent
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    out, err = proc.communicate()
+    raise AssertionError(f"no checkpoint appeared; rc={proc.returncode}\n{out}\n{err}")
+
+
+@pytest.mark.parametrize(("sig", "code"), [
+    pytest.param(signal.SIGINT, 130, id="SIGINT"),
+    pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+])
+def test_signal_finishes_episode_and_writes_final_checkpoint(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    """SIGINT/SIGTERM (to the whole process group): final checkpoint, drain, exit 130/143."""
+    proc = _spawn(tmp_path, "runtime:\n  max_envs_to_visit: 100000000\n"
+                  "  checkpoint_every_episodes: 1000\n  checkpoint_keep_last: 2\n")
+    ck = _wait_for_latest(tmp_path, proc)
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert f"Received {sig.name}: finishing the current episode" in err
+    stopped = int(out.split("Stopped at episode ")[1].split("/")[0])
+    latest = json.loads((ck / "latest.json").read_text())
+    assert latest["episode_index"] == stopped
+    assert f"Checkpoints are in outputs/long/{ck.parent.name}/checkpoints" in out
+    assert cli(["verify", str(ck)], tmp_path) == 0
+
+
+def test_second_signal_exits_at_once_leaving_only_whole_checkpoints(tmp_path: Path) -> None:
+    """A second SIGINT exits immediately; every checkpoint on disk still verifies."""
+    (tmp_path / "slow_agent.py").write_text(
+        "import anyio\n"
+        "from ckptwriter.runtime import HistoryAgent\n"
+        "class SlowAgent(HistoryAgent):\n"
+        "    async def act(self, observation):\n"
+        "        await anyio.sleep(1.0)\n"
+        "        return await super().act(observation)\n"
+    )
+    proc = _spawn(tmp_path, "agent:\n  type: slow_agent:SlowAgent\nruntime:\n"
+                  "  checkpoint_on_start: true\n  max_envs_to_visit: 1000\n"
+                  "  checkpoint_every_episodes: 1\n")
+    ck = _wait_for_latest(tmp_path, proc)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert time.monotonic() - t0 < 0.9, "did not exit before the episode finished"
+    assert "Received SIGINT again: exiting immediately" in err
+    assert "Stopped at episode" not in out
+    assert cli(["verify", str(ck)], tmp_path) == 0

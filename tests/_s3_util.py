@@ -31,34 +31,63 @@ _ENV = {
 }
 
 
+class _Server:
+    """One moto server per test session, shared by every module that uses the fixture.
+
+    Each test module imports ``s3_endpoint``, which makes one session fixture per module;
+    a reference count keeps a single server and stops it with the last of them.
+    """
+
+    users = 0
+    endpoint = ""
+    server: Any = None
+    env: pytest.MonkeyPatch | None = None
+
+    @classmethod
+    def acquire(cls) -> str:
+        if cls.users == 0:
+            from moto.server import ThreadedMotoServer
+
+            # One log line per request otherwise, printed on every failure.
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            server.start()
+            host, port = server.get_host_and_port()
+            cls.server, cls.endpoint = server, f"http://{host}:{port}"
+            env = cls.env = pytest.MonkeyPatch()
+            for k, v in _ENV.items():
+                env.setenv(k, v)
+            env.delenv("AWS_PROFILE", raising=False)
+            env.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+            env.setenv("AWS_ENDPOINT_URL", cls.endpoint)
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+            s3fs.S3FileSystem().mkdir(BUCKET)
+        cls.users += 1
+        return cls.endpoint
+
+    @classmethod
+    def release(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0:
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+            if cls.env is not None:
+                cls.env.undo()
+            cls.server.stop()
+            cls.server = cls.env = None
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """Start moto's S3 server on a free local port, point s3fs at it, create the bucket."""
-    from moto.server import ThreadedMotoServer
-
-    # One log line per request otherwise, printed on every failure.
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    mp = pytest.MonkeyPatch()
+    """moto's S3 server on a free local port, s3fs pointed at it, the test bucket created."""
+    endpoint = _Server.acquire()
     try:
-        for k, v in _ENV.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.setenv("AWS_ENDPOINT_URL", endpoint)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir(BUCKET)
         yield endpoint
     finally:
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        mp.undo()
-        server.stop()
+        _Server.release()
 
 
 @dataclass

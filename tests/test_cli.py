@@ -348,3 +348,42 @@ def test_second_signal_exits_at_once_leaving_only_whole_checkpoints(tmp_path: Pa
     assert "Received SIGINT again: exiting immediately" in err
     assert "Stopped at episode" not in out
     assert cli(["verify", str(ck)], tmp_path) == 0
+
+
+def test_error_inside_training_is_one_message(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """An error raised mid-run (agent breaks the protocol) is one line and exit 1."""
+    (tmp_path / "int_agent.py").write_text(
+        "from ckptwriter.runtime import HistoryAgent\n"
+        "class IntAgent(HistoryAgent):\n"
+        "    async def act(self, observation):\n"
+        "        return 5\n"
+    )
+    cfg = write_config(tmp_path, "bad", "agent:\n  type: int_agent:IntAgent\n")
+    assert cli(["train", "-q", "--config", str(cfg)], tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err == "error: IntAgent.act returned int, expected str (see ckptwriter.runtime.Agent)\n"
+
+
+def test_failed_checkpoint_write_stops_training_with_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """on_error: raise: a checkpoint that cannot be written ends the run with exit 1."""
+    (tmp_path / "vandal.py").write_text(
+        "import shutil, pathlib\n"
+        "from ckptwriter.runtime import HistoryAgent\n"
+        "class Vandal(HistoryAgent):\n"
+        "    calls = 0\n"
+        "    async def act(self, observation):\n"
+        "        Vandal.calls += 1\n"
+        "        if Vandal.calls == 30:\n"
+        "            for d in pathlib.Path('outputs').glob('*/*/checkpoints'):\n"
+        "                shutil.rmtree(d)\n"
+        "        return await super().act(observation)\n"
+    )
+    cfg = write_config(tmp_path, "gone", "agent:\n  type: vandal:Vandal\nruntime:\n"
+                       "  checkpoint_every_episodes: 10\n  max_envs_to_visit: 200\n")
+    assert cli(["train", "-q", "--config", str(cfg)], tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint for episode ")
+    assert "Traceback" not in err

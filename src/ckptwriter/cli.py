@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import anyio
 from rich.console import Console
@@ -107,14 +108,16 @@ def _stdout() -> Console:
 
 @contextlib.contextmanager
 def _warnings_to_log() -> Iterator[None]:
-    # A CheckpointFallbackWarning is news for the user, not a Python warning trace.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for w in caught:
-                print(f"warning: {w.message}", file=sys.stderr)
+    # A CheckpointFallbackWarning is news for the user, printed when it happens (not at
+    # exit, and not as a Python warning trace with a source line).
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 # -- train -----------------------------------------------------------------------------

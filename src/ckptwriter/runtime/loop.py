@@ -202,6 +202,7 @@ async def run_training(
         log.info("Resuming from episode %d (checkpoint %s)",
                  plan.first_episode, plan.resumed.path)
     stop = _StopFlag()
+    failure: Exception | None = None
     async with anyio.create_task_group() as tg:
         if handle_signals:
             await tg.start(_watch_signals, stop)
@@ -214,10 +215,25 @@ async def run_training(
             # writer prompt at no measurable cost; the library never changes this
             # interpreter-wide setting itself, the runtime owns the process and opts in.
             with switch_interval():
-                return await trainer.run()
+                result = await trainer.run()
+        except Exception as exc:
+            # Re-raised outside the task group, so callers get the error itself rather
+            # than an ExceptionGroup around it (cancellation still propagates as is).
+            failure = _unwrap(exc)
         finally:
             tg.cancel_scope.cancel()
-    raise AssertionError("unreachable")  # pragma: no cover - the task group returns above
+    if failure is not None:
+        raise failure
+    return result
+
+
+def _unwrap(exc: Exception) -> Exception:
+    # The writer's own task group may wrap a single error in an ExceptionGroup.
+    while True:
+        inner = getattr(exc, "exceptions", None)
+        if not isinstance(inner, tuple) or len(inner) != 1 or not isinstance(inner[0], Exception):
+            return exc
+        exc = inner[0]
 
 
 class _Trainer:
@@ -242,6 +258,7 @@ class _Trainer:
         self.writer: CheckpointWriter | None = None
         self.resumed_from = str(plan.resumed.path.resolve()) if plan.resumed else None
         self.agent_config: dict[str, Any] = dict(plan.agent.config)
+        self._t_start = time.perf_counter()
 
     async def run(self) -> TrainResult:
         t0 = time.perf_counter()
@@ -265,6 +282,7 @@ class _Trainer:
                 await writer.flush()
                 await self._collect(wait=True)
                 stats = writer.stats
+                self._report()
         return TrainResult(
             run_dir=self.run_dir, checkpoint_dir=self.ckpt_dir,
             first_episode=self.plan.first_episode, last_episode=self.episode,
@@ -285,7 +303,7 @@ class _Trainer:
             start_val = await self._validate(first)
         if rt.checkpoint_on_start or (top_k and start_val is not None):
             await self._save(first, start_val)
-        t_start = time.perf_counter()
+        self._t_start = time.perf_counter()
         next_report = 0.0
         val: float | None = start_val
         for ep in range(first + 1, target + 1):
@@ -301,7 +319,7 @@ class _Trainer:
             now = time.perf_counter()
             if now >= next_report:
                 next_report = now + UPDATE_SECONDS
-                self._report(now - t_start)
+                self._report(now)
             # Yield once per episode: the writer task and the signal watcher run here.
             await anyio.lowlevel.checkpoint()
             if self.stop.signum is not None:
@@ -310,7 +328,7 @@ class _Trainer:
                 break
         if self.writer is not None and self.saved_episode != self.episode:
             await self._save(self.episode, val if self.episode != first else start_val)
-        self._report(time.perf_counter() - t_start)
+        self._report()
 
     async def _run_episode(self, task: Task) -> None:
         append, agent = self.memory.append, self.agent
@@ -387,7 +405,8 @@ class _Trainer:
                      res.latency_seconds * 1000, deleted)
         self.pending = still
 
-    def _report(self, elapsed: float) -> None:
+    def _report(self, now: float | None = None) -> None:
+        elapsed = (now or time.perf_counter()) - self._t_start
         done = self.episode - self.plan.first_episode
         self.reporter.update(TrainStatus(
             episode=self.episode,

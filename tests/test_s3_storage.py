@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -230,24 +231,50 @@ def test_heartbeat_extends_the_lock(remote: Backend) -> None:
     storage.open()
     try:
         first = json.loads(remote.read_raw(".lock"))["expires_at"]
-        time.sleep(0.35)
-        assert json.loads(remote.read_raw(".lock"))["expires_at"] > first
+        deadline = time.monotonic() + 10
+        while json.loads(remote.read_raw(".lock"))["expires_at"] == first:
+            assert time.monotonic() < deadline, "the lock was never renewed"
+            time.sleep(0.05)
     finally:
         storage.close()
 
 
 def test_writer_that_lost_its_lock_stops_committing(remote: Backend) -> None:
     """If another writer takes the lock over, this one refuses to commit."""
-    storage = RemoteStorage(remote.url, lock_ttl=0.3)
+    storage = RemoteStorage(remote.url)
     storage.open()
     try:
         remote.write_raw(".lock", lock_body("pid 9 on usurper", 60))
-        time.sleep(0.25)
         with pytest.raises(DirectoryLockedError, match=r"^This writer lost the lock on "):
             storage.commit(snapshot(MemoryLog(), 1).capture(), None)
     finally:
         storage.close()
     assert json.loads(remote.read_raw(".lock"))["owner"] == "pid 9 on usurper"
+    assert "ep_000001/runtime.json" not in remote.names()
+
+
+def test_two_writers_starting_at_once_exactly_one_wins(remote: Backend) -> None:
+    """Racing lock creation: one writer opens, the other gets DirectoryLockedError."""
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+    storages = [RemoteStorage(remote.url), RemoteStorage(remote.url)]
+
+    def start(storage: RemoteStorage) -> None:
+        barrier.wait()
+        try:
+            storage.open()
+            outcomes.append("opened")
+        except DirectoryLockedError:
+            outcomes.append("locked")
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in storages]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in storages:
+        s.close()
+    assert sorted(outcomes) == ["locked", "opened"]
 
 
 def test_close_releases_the_lock(remote: Backend) -> None:

@@ -91,6 +91,7 @@ class RemoteStorage:
         self._lock_lost: str | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._renewing = threading.Lock()
         self._committed: set[str] = set()
         # ETag of the memory object last written, so a server-side copy of its prefix
         # is done only if the object still holds exactly the bytes hashed before.
@@ -217,18 +218,39 @@ class RemoteStorage:
     def _replace_lock(self, tag: str, body: bytes) -> str:
         return self.store.replace_if(self._lock_path, body, tag)
 
+    def _renew(self) -> None:
+        """Extend the lock (conditional on it being ours); FileExistsError if it is not."""
+        # The heartbeat and the pre-marker renewal must not race each other with one tag.
+        with self._renewing:
+            if self._lock_lost is not None:
+                return
+            assert self._lock_tag is not None
+            try:
+                self._lock_tag = self._write_lock(partial(self._replace_lock, self._lock_tag))
+            except FileExistsError:
+                self._lock_lost = "another writer took over the lock"
+                raise
+
     def _beat(self) -> None:
         while not self._stop.wait(self.lock_ttl / 3):
             try:
-                assert self._lock_tag is not None
-                renew = partial(self._replace_lock, self._lock_tag)
-                self._lock_tag = self._write_lock(renew)
+                self._renew()
             except FileExistsError:
-                self._lock_lost = "another writer took over the lock"
                 return
             except Exception as exc:
                 # Transient: the expiry check in _check_lock stops commits if it lasts.
                 log.warning("lock heartbeat for %s failed: %s", self.location, exc)
+
+    def _confirm_lock(self) -> None:
+        """Renew the lock right before a commit marker: never commit over another writer."""
+        self._check_lock()
+        try:
+            self._renew()
+        except FileExistsError:
+            pass
+        except Exception as exc:
+            log.warning("lock renewal for %s failed: %s", self.location, exc)
+        self._check_lock()
 
     def _check_lock(self) -> None:
         if self._lock_lost is None and time.time() >= self._lock_expires:
@@ -250,9 +272,9 @@ class RemoteStorage:
             return self._commit(snap, prev, name, prefix)
         except BaseException as exc:
             self._mem_etag.clear()
-            if name not in self._committed:
+            if name not in self._committed and self._lock_lost is None:
                 # No marker yet: remove what was uploaded (the next open cleans it if
-                # this fails too).
+                # this fails too). Without the lock, the prefix may be another writer's.
                 with contextlib.suppress(Exception):
                     self.store.rm_tree(prefix)
             if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
@@ -310,7 +332,7 @@ class RemoteStorage:
         })
         serialize_s = time.perf_counter() - s0
         # The lock may have been lost while uploading: never commit over another writer.
-        self._check_lock()
+        self._confirm_lock()
         self.store.put(f"{prefix}/{layout.RUNTIME_JSON}", runtime)
         written += len(runtime)
         self._committed.add(name)

@@ -444,7 +444,8 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
             f"cannot open {url!r}: {exc}. Install the fsspec backend for {scheme}://{extra} "
             "or use a local checkpoint_dir"
         ) from exc
-    path = str(path).rstrip("/") or "/"
+    # "" for a store's root (memory://), so children join as "/name", never "//name".
+    path = str(path).rstrip("/")
     cls = S3ObjectStore if type(fs).__name__ == "S3FileSystem" else ObjectStore
     return cls(fs, scheme), path
 

@@ -310,6 +310,104 @@ def _child_as_nobody(root: str, phase: str) -> None:
         raise SystemExit(3) from None
 
 
+def _fork_cli(argv: list[str], out_fd: int, *, own_group: bool) -> int:
+    """Fork a child that runs ``ckptwriter <argv>`` (already imported) with output to out_fd."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 70
+        try:
+            if own_group:
+                os.setpgid(0, 0)
+            os.dup2(out_fd, 1)
+            os.dup2(out_fd, 2)
+            from ckptwriter import cli
+
+            code = cli.main(argv)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _newest_ckpt_dir(runs: Path, before: set[str]) -> Path | None:
+    try:
+        new = sorted(set(os.listdir(runs)) - before)
+    except FileNotFoundError:
+        return None
+    return runs / new[-1] / "checkpoints" if new else None
+
+
+def _zygote_round(req: dict[str, object]) -> dict[str, object]:
+    """One training run forked from this warm interpreter, SIGKILLed once it checkpoints."""
+    import random
+
+    rng = random.Random(str(req["seed"]))
+    runs = Path(str(req["runs"]))
+    before = set(os.listdir(runs)) if runs.exists() else set()
+    with open(str(req["log"]), "ab") as logf:
+        pid = _fork_cli(list(req["argv"]), logf.fileno(), own_group=True)  # type: ignore[call-overload]
+    killed = reaped = False
+    status = 0
+    if req["kill"]:
+        deadline = time.monotonic() + 30
+        # Wait for the first checkpoint activity of this run, then kill a random moment later.
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                reaped = True
+                break
+            ckpts = _newest_ckpt_dir(runs, before)
+            with contextlib.suppress(FileNotFoundError):
+                if ckpts is not None and any(
+                    n.startswith(("ep_", ".tmp-ep_")) for n in os.listdir(ckpts)
+                ):
+                    time.sleep(rng.uniform(0, float(str(req["max_delay"]))))
+                    # Half the kills hit only the run (its writer process follows by
+                    # PDEATHSIG), half the run and its writer process at once.
+                    target = -pid if rng.random() < 0.5 else pid
+                    os.kill(target, signal.SIGKILL)
+                    killed = True
+                    break
+            time.sleep(0.001)
+        else:
+            os.kill(-pid, signal.SIGKILL)
+    if not reaped:
+        _, status = os.waitpid(pid, 0)
+    ckpts = _newest_ckpt_dir(runs, before)
+    reply: dict[str, object] = {
+        "killed": killed and os.WIFSIGNALED(status),
+        "exit": os.waitstatus_to_exitcode(status),
+        "checkpoints": str(ckpts) if ckpts else None,
+    }
+    if ckpts is not None and ckpts.exists():
+        r, w = os.pipe()
+        vpid = _fork_cli(["verify", str(ckpts)], w, own_group=False)
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        os.close(r)
+        _, vstatus = os.waitpid(vpid, 0)
+        reply["verify_exit"] = os.waitstatus_to_exitcode(vstatus)
+        reply["verify_out"] = b"".join(chunks).decode(errors="replace")
+    return reply
+
+
+def _child_zygote() -> None:
+    """Serve training runs to kill: one JSON request per stdin line, one JSON reply each.
+
+    The interpreter imports ckptwriter's CLI and runtime once; each run is a fork of it,
+    so 50 kills do not pay 50 interpreter start-ups (the writer process, when the config
+    uses one, is still a fresh interpreter, as in production).
+    """
+    import ckptwriter.cli
+    import ckptwriter.config
+    import ckptwriter.runtime
+    import ckptwriter.runtime.loop  # noqa: F401  (warm imports for the forked runs)
+
+    for line in sys.stdin:
+        print(json.dumps(_zygote_round(json.loads(line))), flush=True)
+
+
 def kill_group(proc: subprocess.Popen[str]) -> None:
     """SIGKILL a child we started and reap it."""
     with contextlib.suppress(ProcessLookupError):
@@ -325,4 +423,5 @@ if __name__ == "__main__":
         "umask": _child_umask,
         "resume": _child_resume,
         "as-nobody": _child_as_nobody,
+        "zygote": _child_zygote,
     }[cmd](*rest)

@@ -222,12 +222,18 @@ def _is_checkpoints_dir(p: Path) -> bool:
         return False
 
 
+def _run_order(name: str) -> tuple[str, int]:
+    # Runs started in the same second are <stamp>, <stamp>_1, ... <stamp>_10: by name,
+    # "_10" would sort before "_2" and resume would pick an older run as the newest.
+    return name[:15], int(name[16:] or 0)
+
+
 def _run_dirs(p: Path) -> list[Path]:
     try:
-        subs = sorted(os.listdir(p))
+        subs = [s for s in os.listdir(p) if layout.RUN_DIR_RE.match(s)]
     except OSError:
         return []
-    return [p / s for s in subs if layout.RUN_DIR_RE.match(s) and (p / s / "checkpoints").is_dir()]
+    return [p / s for s in sorted(subs, key=_run_order) if (p / s / "checkpoints").is_dir()]
 
 
 def _pointer_target(root: Path) -> tuple[str | None, str | None]:

@@ -1,0 +1,298 @@
+"""Crash torture: ``ckptwriter train`` checkpointing every episode, SIGKILLed at random
+moments, resumed each time, until a last uninterrupted run reaches the end.
+
+Runs are forked from a warm interpreter (``_fault_util.py zygote``) that runs
+``ckptwriter.cli.main(["train", ...])``, so a kill costs no interpreter start-up; the
+writer process of the default ``executor: auto`` is still a fresh interpreter, as in
+production. One test also drives the real ``ckptwriter`` console script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import selectors
+import shutil
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from _fault_util import HERE, PY, leftovers
+from ckptwriter import (
+    CheckpointFallbackWarning,
+    DirectoryLockedError,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+from ckptwriter.storage import LocalStorage
+
+EPISODES = 400
+CKPT_CLI = Path(PY).with_name("ckptwriter")
+
+
+def _write_config(path: Path, out: Path, name: str, episodes: int = EPISODES,
+                  **runtime: object) -> Path:
+    lines = [f"run_name: {name}", f"output_dir: {out}", "runtime:",
+             f"  max_envs_to_visit: {episodes}", "  checkpoint_dir: checkpoints",
+             "  checkpoint_every_episodes: 1"]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in runtime.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Zygote:
+    """A warm interpreter that forks training runs and kills them on request."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([PY, str(HERE), "zygote"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def send(self, req: dict[str, object]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self) -> dict[str, object]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"zygote died (exit {self.proc.poll()})"
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def zygotes() -> Iterator[list[Zygote]]:
+    """Two zygotes: one chain of kills per core."""
+    zs = [Zygote(), Zygote()]
+    yield zs
+    for z in zs:
+        z.close()
+
+
+@dataclass
+class Chain:
+    """One sequence of kill-and-resume rounds in its own outputs directory."""
+
+    name: str
+    config: Path
+    runs: Path
+    kills: int
+    zygote: Zygote
+    log: Path
+    rounds: int = 0
+    finishing: bool = False
+    resumable: bool = False
+    killed_dirs: list[Path] = field(default_factory=list)
+    leftovers_seen: int = 0
+    final: dict[str, object] | None = None
+
+    def request(self, *, kill: bool, seed: int) -> dict[str, object]:
+        argv = ["train", "--config", str(self.config), "--quiet"]
+        if self.resumable:
+            # outputs/<run_name>: resume picks the newest run with a complete checkpoint.
+            argv += ["--set", f"runtime.resume_from={self.runs}"]
+        return {"argv": argv, "runs": str(self.runs), "kill": kill, "max_delay": 0.025,
+                "seed": f"{self.name}-{seed}", "log": str(self.log)}
+
+
+def _reopen(ckpts: Path) -> None:
+    """Start (and stop) a writer on a killed run's directory, as a restart would."""
+    deadline = time.monotonic() + 5
+    while True:
+        storage = LocalStorage(ckpts)
+        try:
+            storage.open()
+        except DirectoryLockedError:
+            # The killed run's writer process is being reaped (PDEATHSIG): a moment.
+            assert time.monotonic() < deadline, "lock never released after SIGKILL"
+            time.sleep(0.005)
+            continue
+        storage.close()
+        return
+
+
+def _check_after_kill(chain: Chain, reply: dict[str, object]) -> None:
+    """Everything the issue promises after a kill -9."""
+    assert reply["killed"], f"{chain.name}: the run was not killed: {reply}"
+    if reply["checkpoints"] is None:
+        return  # killed before it created its run directory
+    ckpts = Path(str(reply["checkpoints"]))
+    eps = list_checkpoints(ckpts)
+    # `ckptwriter verify <checkpoints dir>` checks every ep_* and that latest resolves.
+    if eps:
+        assert reply["verify_exit"] == 0, reply["verify_out"]
+        assert all(i.complete for i in eps)
+        chain.resumable = True
+        chain.killed_dirs.append(ckpts)
+    else:
+        # Killed during its first commit: nothing to verify, and verify says so.
+        assert reply["verify_exit"] == 1, reply
+        out = str(reply["verify_out"])
+        assert "no checkpoints found" in out or "Checkpoint not found" in out, out
+    if os.path.islink(ckpts / "latest"):
+        verify_checkpoint(ckpts / os.readlink(ckpts / "latest"))  # never dangles
+    chain.leftovers_seen += len(leftovers(ckpts))
+    _reopen(ckpts)
+    assert leftovers(ckpts) == []
+
+
+def _drive(chains: list[Chain]) -> None:
+    """Run the chains' rounds concurrently (one zygote each), checking after every kill."""
+    sel = selectors.DefaultSelector()
+    for c in chains:
+        assert c.zygote.proc.stdout is not None
+        sel.register(c.zygote.proc.stdout, selectors.EVENT_READ, c)
+        c.zygote.send(c.request(kill=True, seed=0))
+    active = len(chains)
+    while active:
+        for key, _ in sel.select(timeout=120):
+            c: Chain = key.data
+            reply = c.zygote.receive()
+            if c.finishing:
+                c.final = reply
+                sel.unregister(key.fileobj)
+                active -= 1
+                continue
+            _check_after_kill(c, reply)
+            c.rounds += 1
+            if c.rounds < c.kills:
+                c.zygote.send(c.request(kill=True, seed=c.rounds))
+            else:
+                # The last run resumes and trains to the end without interruption.
+                c.finishing = True
+                c.zygote.send(c.request(kill=False, seed=-1))
+    sel.close()
+
+
+def _memory_bytes(ckpt: Path) -> tuple[int, bytes]:
+    rt = verify_checkpoint(ckpt)
+    return rt.episode_index, (ckpt / rt.memory_snapshot_path).read_bytes()
+
+
+def _torture(tmp_path: Path, zygotes: list[Zygote], kills: tuple[int, int],
+             episodes: int = EPISODES) -> list[Chain]:
+    ref_cfg = _write_config(tmp_path / "reference.yaml", tmp_path / "ref", "reference",
+                            episodes, fsync=False, executor="thread")
+    chains = [
+        Chain("process", _write_config(tmp_path / "p.yaml", tmp_path / "out", "p", episodes,
+                                       checkpoint_keep_last=3, executor="auto"),
+              tmp_path / "out" / "p", kills[0], zygotes[0], tmp_path / "p.log"),
+        Chain("thread", _write_config(tmp_path / "t.yaml", tmp_path / "out", "t", episodes,
+                                      checkpoint_keep_last=3, executor="thread"),
+              tmp_path / "out" / "t", kills[1], zygotes[1], tmp_path / "t.log"),
+    ]
+    # The uninterrupted reference run, on the zygote of the cheaper chain.
+    zygotes[1].send({"argv": ["train", "--config", str(ref_cfg), "--quiet"],
+                     "runs": str(tmp_path / "ref" / "reference"), "kill": False,
+                     "max_delay": 0, "seed": "ref", "log": str(tmp_path / "ref.log")})
+    ref_reply = zygotes[1].receive()
+    assert ref_reply["exit"] == 0, (tmp_path / "ref.log").read_text()
+    _drive(chains)
+    ref = Path(str(ref_reply["checkpoints"]))
+    for c in chains:
+        assert c.final is not None
+        assert c.final["exit"] == 0, c.log.read_text()[-3000:]
+        # Every killed run's surviving checkpoints hold exactly the reference's bytes.
+        for ckpts in c.killed_dirs:
+            for info in list_checkpoints(ckpts):
+                ep, data = _memory_bytes(info.path)
+                assert data == _memory_bytes(ref / info.name)[1], info.path
+        final = Path(str(c.final["checkpoints"]))
+        ep, data = _memory_bytes(resolve_checkpoint(final / "latest"))
+        assert (ep, data) == _memory_bytes(ref / f"ep_{episodes:06d}")
+        assert load_checkpoint(final).runtime.train_steps_total == (
+            load_checkpoint(ref).runtime.train_steps_total
+        )
+    return chains
+
+
+def test_kill9_torture_50_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
+    """50 SIGKILLs of `ckptwriter train` mid-checkpoint: always verifiable, same end on resume."""
+    chains = _torture(tmp_path, zygotes, kills=(20, 30))
+    for c in chains:
+        print(f"{c.name}: {c.rounds} kills, {len(c.killed_dirs)} left checkpoints, "
+              f"{c.leftovers_seen} temp/trash entries cleaned")
+    assert sum(c.rounds for c in chains) >= 50
+    # Kills did land mid-commit: some runs left temp or trash entries to clean up.
+    assert sum(c.leftovers_seen for c in chains) > 0
+
+
+@pytest.mark.slow
+def test_kill9_torture_400_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
+    """400 SIGKILLs (slow suite): the same promises over many more crash points."""
+    # A longer run, so that 250 short-lived runs do not reach the end before the last.
+    chains = _torture(tmp_path, zygotes, kills=(150, 250), episodes=3000)
+    assert sum(c.rounds for c in chains) >= 400
+
+
+# -- the real console script -----------------------------------------------------------
+
+
+def test_kill9_real_console_script(tmp_path: Path) -> None:
+    """`ckptwriter train` as installed, SIGKILLed twice; `ckptwriter verify` passes; resume ends."""
+    cfg = _write_config(tmp_path / "c.yaml", tmp_path / "out", "real", checkpoint_keep_last=3)
+    runs = tmp_path / "out" / "real"
+    rng = random.Random(5)
+    for i in range(2):
+        argv = [str(CKPT_CLI), "train", "--config", str(cfg), "-q"]
+        if i:
+            argv += ["--set", f"runtime.resume_from={runs}"]
+        before = set(runs.iterdir()) if runs.exists() else set()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (new := [d for d in runs.glob("*") if d not in before
+                           and list(d.glob("checkpoints/ep_*"))]):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))
+        proc.kill()
+        proc.wait()
+        res = subprocess.run([str(CKPT_CLI), "verify", str(new[0] / "checkpoints")],
+                             capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.rstrip().endswith("checkpoints OK")
+    res = subprocess.run(
+        [str(CKPT_CLI), "train", "--config", str(cfg), "-q", "--set",
+         f"runtime.resume_from={runs}"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert f"Finished at episode {EPISODES}/{EPISODES}" in res.stdout
+
+
+# -- found by the torture: resume from outputs/<run_name> picks the newest run ---------
+
+
+def test_resume_from_run_name_picks_newest_of_same_second(tmp_path: Path) -> None:
+    """Runs started in one second (_1.._10): outputs/<run_name> resumes the newest, not _9."""
+    from _fault_util import build_checkpoints
+
+    runs = tmp_path / "outputs" / "r"
+    src = tmp_path / "src"
+    build_checkpoints(src, 11, executor="thread")
+    for n in range(11):
+        name = "20260101_000000" + (f"_{n}" if n else "")
+        (runs / name / "checkpoints").mkdir(parents=True)
+        ep = f"ep_{n + 1:06d}"
+        shutil.copytree(src / ep, runs / name / "checkpoints" / ep)
+        (runs / name / "checkpoints" / "latest").symlink_to(ep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointFallbackWarning)
+        assert resolve_checkpoint(runs) == runs / "20260101_000000_10" / "checkpoints" / "ep_000011"

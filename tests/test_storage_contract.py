@@ -181,22 +181,29 @@ async def test_uncommitted_checkpoint_is_cleaned_by_the_next_writer(backend: Bac
     assert complete_names(backend.url) == ["ep_000001"]
 
 
-@pytest.mark.parametrize("step", ["objects", "marker"])
-async def test_crash_during_commit_keeps_the_previous_latest(
-    backend: Backend, step: str
-) -> None:
-    """A commit that dies before its marker is durable leaves latest where it was."""
+async def crash_second_commit(backend: Backend, local_step: str, remote_step: str) -> None:
+    """Commit episode 1, then die at a protocol step of episode 2's commit."""
     await write_episodes(backend.url, [1])
-    local = backend.fs is None
-    crash_after = {"objects": "files_written" if local else "objects_written",
-                   "marker": "runtime_written" if local else "objects_written"}[step]
     memory = MemoryLog()
     add_episode(memory, 2)
+    step = local_step if backend.fs is None else remote_step
     with pytest.raises(WriterFailedError, match=r"^checkpoint for episode 2 failed"):
-        async with CheckpointWriter(storage=crashing_storage(backend, crash_after)) as w:
+        async with CheckpointWriter(storage=crashing_storage(backend, step)) as w:
             await w.submit(snapshot(memory, 2))
-    assert Path(resolve_checkpoint(backend.url)).name == "ep_000001"
+
+
+async def test_crash_before_the_marker_leaves_no_checkpoint(backend: Backend) -> None:
+    """Dying after every object but the commit marker: the checkpoint does not exist."""
+    await crash_second_commit(backend, "runtime_written", "objects_written")
     assert complete_names(backend.url) == ["ep_000001"]
+    assert Path(resolve_checkpoint(backend.url)).name == "ep_000001"
+
+
+async def test_crash_after_the_marker_keeps_latest_on_the_previous(backend: Backend) -> None:
+    """Dying after the commit but before latest moves: listed, but latest is unchanged."""
+    await crash_second_commit(backend, "parent_synced", "marker_written")
+    assert complete_names(backend.url) == ["ep_000001", "ep_000002"]
+    assert Path(resolve_checkpoint(backend.url)).name == "ep_000001"
 
 
 async def test_crash_during_delete_hides_the_checkpoint(backend: Backend) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -369,3 +372,47 @@ def test_file_url_reads_local_checkpoints(tmp_path: Path) -> None:
     """file:// URLs are local directories, with the local rules."""
     write_sync(str(tmp_path / "ck"), MemoryLog(), [1])
     assert resolve_checkpoint(f"file://{tmp_path}/ck") == tmp_path / "ck" / "ep_000001"
+
+
+_CRASHING_CHILD = textwrap.dedent("""
+    import os, sys
+    from ckptwriter import MemoryLog, Observation, Snapshot
+    from ckptwriter.storage.remote import RemoteStorage
+
+    class DiesBeforeMarker(RemoteStorage):
+        def _step(self, name):
+            if name == "objects_written" and self.dying:
+                os._exit(3)
+
+    storage = DiesBeforeMarker(sys.argv[1], lock_ttl=0.5)
+    storage.dying = False
+    storage.open()
+    memory = MemoryLog([Observation(content="first")])
+    out = storage.commit(Snapshot(1, 1, "A", memory).capture(), None)
+    storage.set_latest(out)
+    storage.dying = True
+    memory.append(Observation(content="second"))
+    storage.commit(Snapshot(2, 2, "A", memory).capture(), out.memory)
+""")
+
+
+@pytest.mark.s3
+def test_killed_writer_leaves_nothing_a_successor_keeps(s3: Backend) -> None:
+    """A process killed mid-commit: readers ignore its objects; the next writer waits out
+    its lock, takes over and removes them."""
+    child = subprocess.run([sys.executable, "-c", _CRASHING_CHILD, s3.url], timeout=60,
+                           capture_output=True, text=True)
+    assert child.returncode == 3, child.stderr
+    assert {"ep_000002/memory_2.jsonl", ".lock"} <= s3.names()
+    assert [i.name for i in list_checkpoints(s3.url)] == ["ep_000001"]
+    successor = RemoteStorage(s3.url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert [r.name for r in successor.open()] == ["ep_000001"]
+            break
+        except DirectoryLockedError:
+            assert time.monotonic() < deadline, "the dead writer's lock never expired"
+            time.sleep(0.1)
+    successor.close()
+    assert not any(n.startswith("ep_000002") for n in s3.names())

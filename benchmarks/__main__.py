@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ckptwriter import bench
 
-from .baselines import BASELINES, options
+from .baselines import BASELINES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     only = tuple(args.only or bench.BENCHMARKS)
     base = Path(args.dir) if args.dir else RESULTS.parent
     with tempfile.TemporaryDirectory(prefix="ckptwriter-bench-", dir=base) as tmp:
-        report = bench.run_suite(cfg, tmp, only=only, baselines=BASELINES, options=options())
+        report = bench.run_suite(cfg, tmp, only=only, baselines=BASELINES)
     bench.print_report(report)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     # --json redirects the results (the smoke test); else a timestamped file, and a
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         bench.write_json(report, path)
         print(f"results: {path}")
     missed = [f for f in report.figures if f.passed is False]
-    return 1 if args.strict and missed else 0
+    return 1 if report.errors or (args.strict and missed) else 0
 
 
 if __name__ == "__main__":

@@ -124,8 +124,9 @@ class RemoteStorage:
         prefix = self.root + "/"
         by_ckpt: dict[str, list[str]] = {}
         for path in sizes:
-            head, sep, rest = path[len(prefix):].partition("/") if path.startswith(prefix) \
-                else ("", "", "")
+            if not path.startswith(prefix):
+                continue
+            head, sep, rest = path[len(prefix):].partition("/")
             if sep and layout.parse_checkpoint_name(head) is not None:
                 by_ckpt.setdefault(head, []).append(rest)
         for name, files in by_ckpt.items():

@@ -252,7 +252,7 @@ async def test_resume_at_500_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_resume_follows_what_happens(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Resume: counter set, episodes 501.. only, new run dir, resumed_from recorded, logged."""
+    """Resume: counter set (not "Training restarts from episode 0"), new run dir, logged."""
     caplog.set_level(logging.INFO, "ckptwriter")
     stage1 = train(config(tmp_path, "my_run", max_envs_to_visit=500,
                           checkpoint_every_episodes=100))

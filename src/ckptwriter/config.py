@@ -169,7 +169,13 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
             f"{src}: {size} bytes is too large for a config file (limit {_MAX_FILE_BYTES})"
         )
     try:
-        raw = p.read_bytes()
+        with open(p, "rb") as f:
+            # stat() says 0 bytes for /dev/zero or a pipe: bound the read itself too.
+            raw = f.read(_MAX_FILE_BYTES + 1)
+        if len(raw) > _MAX_FILE_BYTES:
+            raise ConfigError(
+                f"{src}: more than {_MAX_FILE_BYTES} bytes is too large for a config file"
+            )
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
@@ -186,7 +192,8 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
             f"found {_kind(data)}"
         )
     set_keys = _apply_overrides(data, overrides)
-    data.setdefault("run_name", p.stem)
+    if data.get("run_name") is None:
+        data["run_name"] = p.stem
     return build_config(data, source=src, set_keys=set_keys)
 
 

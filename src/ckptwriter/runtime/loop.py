@@ -201,6 +201,10 @@ async def run_training(
     if plan.resumed is not None:
         log.info("Resuming from episode %d (checkpoint %s)",
                  plan.first_episode, plan.resumed.path)
+        if plan.resumed.agent.agent_type != cfg.agent.type:
+            # Allowed (runtime settings may differ on resume), but rarely meant.
+            log.warning("The checkpoint was written by agent %s; continuing with agent %s",
+                        plan.resumed.agent.agent_type, cfg.agent.type)
     stop = _StopFlag()
     failure: Exception | None = None
     async with anyio.create_task_group() as tg:
@@ -208,12 +212,13 @@ async def run_training(
             await tg.start(_watch_signals, stop)
         try:
             trainer = _Trainer(plan, run_dir, ckpt_dir, stop, reporter or NullReporter())
-            # The writer's worker thread needs the GIL for each step of a commit. This
-            # loop is CPU-bound and rarely blocks, so at CPython's default 5 ms switch
-            # interval every GIL hand-off to the writer can cost 5 ms and a checkpoint
-            # lags by seconds (then backpressure stalls the loop). 0.5 ms keeps the
-            # writer prompt at no measurable cost; the library never changes this
-            # interpreter-wide setting itself, the runtime owns the process and opts in.
+            # A writer thread (executor: thread, object storage) needs the GIL for each
+            # step of a commit. This loop is CPU-bound and rarely blocks, so at CPython's
+            # default 5 ms switch interval every GIL hand-off to the writer can cost 5 ms
+            # and a checkpoint lags by seconds (then backpressure stalls the loop). 0.5 ms
+            # keeps the writer prompt at no measurable cost to the loop. The library never
+            # changes this interpreter-wide setting itself; the runtime owns the process
+            # and opts in for the duration of training.
             with switch_interval():
                 result = await trainer.run()
         except Exception as exc:

@@ -6,9 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import yaml
@@ -129,3 +130,13 @@ class ScriptedAgent(HistoryAgent):
             self._round += 1
         right = i < round(self._scores[self._round] * self._size)
         return str(a + i) if right else "wrong"
+
+
+class IntervalAgent(HistoryAgent):
+    """A HistoryAgent that records the GIL switch interval it acts under."""
+
+    seen: ClassVar[set[float]] = set()
+
+    async def act(self, observation: str) -> str:
+        IntervalAgent.seen.add(sys.getswitchinterval())
+        return await super().act(observation)

@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from _runtime_util import (
+    IntervalAgent,
     ScriptedAgent,
     config,
     runtime_json,
@@ -404,3 +406,26 @@ def test_every_checkpoint_verifies(tmp_path: Path) -> None:
 def test_scripted_agent_is_a_history_agent() -> None:
     """The test helper agent keeps the HistoryAgent's training behaviour."""
     assert resolve_agent_class("_runtime_util:ScriptedAgent") is ScriptedAgent
+
+
+def test_training_lowers_switch_interval_and_restores_it(tmp_path: Path) -> None:
+    """The runtime opts into a 0.5 ms GIL switch interval while training, then restores it."""
+    before = sys.getswitchinterval()
+    IntervalAgent.seen.clear()
+    train(config(tmp_path, overrides=["agent.type=_runtime_util:IntervalAgent"],
+                 max_envs_to_visit=5))
+    assert IntervalAgent.seen == {0.0005}
+    assert sys.getswitchinterval() == before
+
+
+def test_resume_with_another_agent_type_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Resuming a HistoryAgent checkpoint with another agent is allowed, with a warning."""
+    stage1 = train(config(tmp_path, max_envs_to_visit=20))
+    assert stage1.checkpoint_dir is not None
+    caplog.set_level(logging.INFO, "ckptwriter")
+    train(config(tmp_path, "r2", ["agent.type=_runtime_util:IntervalAgent"],
+                 resume_from=str(stage1.checkpoint_dir / "latest")))
+    assert ("The checkpoint was written by agent HistoryAgent; continuing with agent "
+            "_runtime_util:IntervalAgent") in caplog.text

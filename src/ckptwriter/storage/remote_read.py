@@ -284,8 +284,10 @@ class _Reader:
         anc = p
         while anc not in {"", "/"} and not self.store.ls_names(anc):
             parent = posixpath.dirname(anc)
-            if parent == anc or "/" not in anc.strip("/"):
-                break
+            # Never climb to a bucket's root: a shared bucket may hold millions of
+            # objects, and listing them all for an error message is not worth it.
+            if "/" not in parent.strip("/"):
+                return []
             anc = parent
         for pattern in ("ep_*", "*/ep_*", "*/*/ep_*"):
             found = self.store.glob(f"{anc}/{pattern}/{layout.RUNTIME_JSON}")

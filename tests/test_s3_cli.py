@@ -86,6 +86,16 @@ def test_verify_reports_a_damaged_object(
     assert f"OK      {trained.url}/ep_000010" in out
 
 
+def test_verify_one_checkpoint_by_its_url(
+    trained: Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """verify on one checkpoint's URL checks that checkpoint only."""
+    capsys.readouterr()
+    assert main(["verify", f"{trained.url}/ep_000010"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"OK      {trained.url}/ep_000010 (2 files, episode 10)", "1/1 checkpoints OK"]
+
+
 def test_du_sums_the_objects_of_each_checkpoint(
     trained: Backend, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from . import layout
 from .errors import CheckpointCorruptError, CheckpointError, ConfigError
+from .resume import CheckpointFallbackWarning
 
 __all__ = ["main"]
 
@@ -115,7 +116,7 @@ def _warnings_to_log() -> Iterator[None]:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        warnings.simplefilter("default", CheckpointFallbackWarning)
         warnings.showwarning = show
         yield
 

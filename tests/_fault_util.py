@@ -247,10 +247,10 @@ def _child_hold_lock(root: str) -> None:
     anyio.run(main)
 
 
-def _child_umask(root: str, umask: str) -> None:
-    """Write checkpoints under a given umask and report the modes created."""
+def _child_umask(root: str, umask: str, executor: str) -> None:
+    """Write checkpoints under a given umask (the writer process inherits it)."""
     os.umask(int(umask, 8))
-    build_checkpoints(Path(root), 3, keep_last=2)
+    build_checkpoints(Path(root), 3, keep_last=2, executor=executor)
 
 
 def _child_resume(source: str, dest: str, go: str) -> None:

@@ -529,18 +529,48 @@ def _modes(root: Path) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize(("umask", "forbidden"), [
-    pytest.param("000", stat.S_IWOTH, id="umask-000-nothing-world-writable"),
-    pytest.param("022", stat.S_IWOTH | stat.S_IWGRP, id="umask-022"),
-    pytest.param("077", 0o077, id="umask-077-private"),
+@pytest.mark.parametrize(("umask", "forbidden", "executor"), [
+    pytest.param("000", stat.S_IWOTH, "process", id="umask-000-nothing-world-writable"),
+    pytest.param("022", stat.S_IWOTH | stat.S_IWGRP, "thread", id="umask-022"),
+    pytest.param("077", 0o077, "thread", id="umask-077-private"),
 ])
-def test_created_files_respect_umask(tmp_path: Path, umask: str, forbidden: int) -> None:
+def test_created_files_respect_umask(
+    tmp_path: Path, umask: str, forbidden: int, executor: str
+) -> None:
     """Everything the writer creates (parents too) obeys the umask and is never world-writable."""
     base = tmp_path / "base"
     base.mkdir()
-    res = run_child("umask", str(base / "deep" / "er" / "checkpoints"), umask)
+    res = run_child("umask", str(base / "deep" / "er" / "checkpoints"), umask, executor)
     assert res.returncode == 0, res.stderr
     modes = _modes(base)
     assert len(modes) >= 10
     bad = {p: oct(m) for p, m in modes.items() if m & forbidden}
     assert bad == {}
+
+
+_TRAIN_UNDER_UMASK = """
+import os, sys
+os.umask(int(sys.argv[1], 8))
+from ckptwriter.cli import main
+raise SystemExit(main(["train", "--config", sys.argv[2], "-q"]))
+"""
+
+
+@pytest.mark.parametrize(("umask", "forbidden"), [
+    pytest.param("000", stat.S_IWOTH, id="umask-000-nothing-world-writable"),
+    pytest.param("077", 0o077, id="umask-077-private"),
+])
+def test_cli_run_tree_respects_umask(tmp_path: Path, umask: str, forbidden: int) -> None:
+    """`ckptwriter train` creates outputs/, the run dir, config.yaml and checkpoints safely."""
+    import subprocess
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'base' / 'outputs'}\nruntime:\n"
+                   "  max_envs_to_visit: 3\n  checkpoint_dir: checkpoints\n"
+                   "  checkpoint_every_episodes: 1\n")
+    res = subprocess.run([sys.executable, "-c", _TRAIN_UNDER_UMASK, umask, str(cfg)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    modes = _modes(tmp_path / "base")
+    assert any(p.endswith("config.yaml") for p in modes)
+    assert {p: oct(m) for p, m in modes.items() if m & forbidden} == {}

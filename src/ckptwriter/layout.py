@@ -63,6 +63,37 @@ def is_leftover(name: str) -> bool:
     return name.startswith((TMP_PREFIX, TRASH_PREFIX))
 
 
+# Never world-writable, whatever the umask: the umask still narrows it further.
+DIR_MODE = 0o775
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` with :data:`DIR_MODE` at every level.
+
+    ``Path.mkdir(parents=True)`` creates missing parents with ``0o777 & ~umask``, which
+    is world-writable under umask 000.
+
+    Raises:
+        FileExistsError: ``path`` (or a parent) exists and is not a directory.
+        OSError: a directory cannot be created.
+    """
+    missing: list[Path] = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        if p == p.parent:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+    if not path.is_dir():
+        raise FileExistsError(17, "not a directory", str(path))
+
+
 def create_run_dir(output_dir: str | os.PathLike[str], run_name: str,
                    now: datetime | None = None) -> Path:
     """Create ``<output_dir>/<run_name>/<YYYYmmdd_HHMMSS>/``, unique even within a second.
@@ -72,11 +103,11 @@ def create_run_dir(output_dir: str | os.PathLike[str], run_name: str,
     """
     stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
     parent = Path(output_dir) / run_name
-    parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(parent)
     for n in range(10_000):
         candidate = parent / (stamp if n == 0 else f"{stamp}_{n}")
         try:
-            candidate.mkdir()
+            candidate.mkdir(mode=DIR_MODE)
         except FileExistsError:
             continue
         return candidate

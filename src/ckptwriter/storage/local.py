@@ -108,7 +108,7 @@ class LocalStorage:
         from ..resume import scan_checkpoints
 
         try:
-            _make_dirs(self.root)
+            layout.make_dirs(self.root)
         except FileExistsError as exc:
             raise StorageError(
                 f"checkpoint_dir {self.root} exists and is not a directory; "
@@ -344,29 +344,6 @@ class LocalStorage:
                 path.unlink()
             else:
                 shutil.rmtree(path)
-
-
-def _make_dirs(path: Path) -> None:
-    """mkdir -p with _DIR_MODE for every level.
-
-    Path.mkdir(parents=True) creates missing parents with 0o777 & ~umask, which is
-    world-writable under umask 000.
-    """
-    missing: list[Path] = []
-    p = path
-    while not os.path.lexists(p):
-        missing.append(p)
-        if p == p.parent:
-            break
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, _DIR_MODE)
-        except FileExistsError:
-            if not d.is_dir():
-                raise  # a file where a directory should be: reported by the caller
-    if not path.is_dir():
-        raise FileExistsError(errno.EEXIST, "not a directory", str(path))
 
 
 def _size_or_none(path: str) -> int | None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -434,3 +436,41 @@ async def test_slow_disk_coalesce_keeps_loop_pace(tmp_path: Path) -> None:
     assert results[-1].episode_index == 12
     assert all(r.episode_index >= h.episode_index for r, h in zip(results, handles, strict=True))
     _assert_latest_is(root, 12)
+
+
+# -- what `ckptwriter train` does when the disk fills up -------------------------------
+
+
+def _train_on(mnt: Path, tmp_path: Path, on_error: str) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / f"{on_error}.yaml"
+    cfg.write_text(f"run_name: full\noutput_dir: {mnt}/outputs\nruntime:\n"
+                   "  max_envs_to_visit: 600\n  checkpoint_dir: checkpoints\n"
+                   f"  checkpoint_every_episodes: 1\n  on_error: {on_error}\n")
+    return subprocess.run([sys.executable, "-m", "ckptwriter", "train", "--config", str(cfg),
+                           "-q"], capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_cli_disk_full_raise_stops_with_clear_error(small_fs: Path, tmp_path: Path) -> None:
+    """`ckptwriter train` filling its disk (on_error: raise) exits 1 with the ENOSPC message."""
+    res = _train_on(small_fs, tmp_path, "raise")
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.match(r"^error: checkpoint for episode \d+ (failed|was not written): No space left "
+                    r"on device while "
+                    r"writing checkpoint .*/checkpoints/ep_\d{6} \[errno 28\]: free disk space",
+                    last), last
+    assert "Traceback" not in res.stderr
+    ckpts = next((small_fs / "outputs" / "full").iterdir()) / "checkpoints"
+    assert leftovers(ckpts) == []
+    assert load_checkpoint(ckpts / "latest").runtime.episode_index > 0
+
+
+def test_cli_disk_full_warn_trains_to_the_end(small_fs: Path, tmp_path: Path) -> None:
+    """With on_error: warn the run finishes (exit 0), warns per failed checkpoint, latest valid."""
+    res = _train_on(small_fs, tmp_path, "warn")
+    assert res.returncode == 0, res.stderr
+    assert "Finished at episode 600/600" in res.stdout
+    assert re.search(r"Checkpoint for episode \d+ failed: .*No space left on device", res.stderr)
+    ckpts = next((small_fs / "outputs" / "full").iterdir()) / "checkpoints"
+    assert leftovers(ckpts) == []
+    verify_checkpoint(ckpts / "latest")

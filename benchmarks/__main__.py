@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
     for path in paths:
         bench.write_json(report, path)
         print(f"results: {path}")
+    if args.markdown:
+        Path(args.markdown).write_text(bench.format_markdown(report), encoding="utf-8")
     missed = [f for f in report.figures if f.passed is False]
     return 1 if report.errors or (args.strict and missed) else 0
 

@@ -97,6 +97,16 @@ def test_only_runs_the_named_benchmark(tmp_path: Path) -> None:
     assert ids == {"5"}
 
 
+def test_markdown_table_has_a_row_per_figure(tmp_path: Path) -> None:
+    """--markdown writes the machine line and one table row per figure."""
+    out, md = tmp_path / "r.json", tmp_path / "t.md"
+    bench.main(["--size", "tiny", "--only", "encode", "--dir", str(tmp_path),
+                "--json", str(out), "--markdown", str(md)])
+    rows = [ln for ln in md.read_text().splitlines() if ln.startswith("| 5 |")]
+    assert md.read_text().startswith("Machine: ")
+    assert len(rows) == len(json.loads(out.read_text())["figures"])
+
+
 def test_memory_entries_must_be_positive() -> None:
     """--memory-entries 0 is refused with a message naming the option."""
     with pytest.raises(SystemExit, match=r"^--memory-entries must be >= 1, got 0; "):

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -301,6 +302,8 @@ class LoopRun:
     total_s: float
     marks: list[float]
     hook_s: list[float]
+    loop_cpu_s: float = 0.0
+    cpu_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -328,6 +331,7 @@ async def cpu_loop(
         # Setting up (a writer's open, a priming checkpoint) is not part of the run;
         # leaving the block (draining the last checkpoint) is.
         t0 = perf()
+        c0 = time.thread_time()
         for ep in range(1, episodes + 1):
             _burn(burn_n)
             for _ in range(entries_per_episode):
@@ -343,7 +347,8 @@ async def cpu_loop(
             marks.append(now)
             if budget_s is not None and now > budget_s:
                 break
-    return LoopRun(total_s=perf() - t0, marks=marks, hook_s=hook_s)
+    return LoopRun(total_s=perf() - t0, marks=marks, hook_s=hook_s,
+                   loop_cpu_s=time.thread_time() - c0)
 
 
 def checkpointing_off(_dir: Path, _log: MemoryLog) -> AbstractAsyncContextManager[None]:
@@ -448,13 +453,24 @@ def run_loop(
     log = fill_memory(memory, pool)
     with _scratch(base, "loop") as path:
         gc.collect()
+        # CPU of this process (loop + any writer thread) and of waited-for children
+        # (the writer process, reaped when the writer closes).
+        before = _cpu_seconds()
         with switch_interval(interval):
-            return anyio.run(
+            run = anyio.run(
                 lambda: cpu_loop(
                     episodes, log, pool, burn_n, variant(path, log),
                     entries_per_episode=cfg.entries_per_episode, budget_s=budget_s,
                 )
             )
+        run.cpu_s = _cpu_seconds() - before
+        return run
+
+
+def _cpu_seconds() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _ms(seconds: float) -> float:
@@ -529,6 +545,21 @@ def bench_overhead(
         f"{cfg.episodes} episodes x {cfg.episode_cpu_s * 1e3:g} ms CPU; off "
         f"{median([r.total_s for r in runs['off']]):.2f} s; {median(written):.0f} written",
     ))
+    loop_cpu = median([c.loop_cpu_s / o.loop_cpu_s - 1
+                       for c, o in zip(runs["ckpt"], runs["off"], strict=True)]) * 100
+    extra_cpu = [(c.cpu_s - o.cpu_s) / max(1, c.extra["written"])
+                 for c, o in zip(runs["ckpt"], runs["off"], strict=True)]
+    busy = median([(c.cpu_s - o.cpu_s) / c.total_s
+                   for c, o in zip(runs["ckpt"], runs["off"], strict=True)]) * 100
+    report.figures += [
+        Figure("2.loop_cpu", "overhead in the loop thread's own CPU time", round(loop_cpu, 2),
+               "%", "", None, "the loop's share of the cost; the rest is CPU the writer "
+               "takes from a loaded machine"),
+        Figure("2.writer_cpu", "checkpointing CPU per written checkpoint (all processes)",
+               _ms(median(extra_cpu)), "ms", "", None,
+               f"{busy:.0f} % of one core while checkpointing every episode (includes starting "
+               "the writer process)"),
+    ]
     for name, variant in (baselines or {}).items():
         log(f"  overhead: baseline {name}")
         vals = []
@@ -569,7 +600,8 @@ def bench_overhead(
         "process, never in submit()",
     ))
     report.raw["overhead"] = {
-        name: [{"total_s": r.total_s, "episodes": len(r.marks),
+        name: [{"total_s": r.total_s, "episodes": len(r.marks), "loop_cpu_s": r.loop_cpu_s,
+                "cpu_s": r.cpu_s,
                 "submit_p99_ms": _ms(percentile(r.hook_s, 99)), **r.extra} for r in rs]
         for name, rs in runs.items()
     }
@@ -633,7 +665,37 @@ def bench_stall_freshness(
                _ms(median(prime["large"])), "ms", "", None,
                "untimed priming write before the steady state"),
     ]
+    floor = _copy_fsync_floor(base, fill_memory(cfg.large_memory, pool).to_jsonl(), cfg.repeats)
+    report.figures.append(Figure(
+        "3.floor", f"disk floor: copy + fsync of the {cfg.large_memory:,}-entry memory file",
+        _ms(floor), "ms", "", None,
+        "what every incremental checkpoint at that size must do on a filesystem without "
+        "reflinks (ext4); a coalesced submit waits up to two of these",
+    ))
+    raw["floor_s"] = floor
     report.raw["stall_freshness"] = raw
+
+
+def _copy_fsync_floor(base: Path, data: bytes, repeats: int) -> float:
+    """Median seconds to copy_file_range ``data``'s file into a new file and fsync it."""
+    out = []
+    with _scratch(base, "floor") as path:
+        src = path / "src"
+        src.write_bytes(data)
+        for i in range(max(1, repeats)):
+            dst = path / f"dst{i}"
+            with open(src, "rb") as fin, open(dst, "wb") as fout:
+                t = time.perf_counter()
+                done = 0
+                while done < len(data):
+                    n = os.copy_file_range(fin.fileno(), fout.fileno(), len(data) - done)
+                    if n == 0:
+                        break
+                    done += n
+                os.fsync(fout.fileno())
+                out.append(time.perf_counter() - t)
+            dst.unlink()
+    return median(out)
 
 
 # -- target 3: the GIL-trap options ---------------------------------------------------
@@ -950,6 +1012,24 @@ def print_report(report: Report, console: Any = None) -> None:
         console.print(f"[bold red]benchmark {name} failed[/]: {escape(err)}")
 
 
+def format_markdown(report: Report) -> str:
+    """The machine line and the table as Markdown (for docs/PERFORMANCE.md, README)."""
+    m = report.machine
+    lines = [
+        f"Machine: {m['cores']} cores, {m['python']}, {m['kernel']}; target dir on "
+        f"{m['fs_type']}; load average {m['loadavg_start'][0]} at start, "
+        f"{m.get('loadavg_end', ['?'])[0]} at end; run {report.started}, {report.seconds:.0f} s.",
+        "",
+        "| # | figure | value | target | result | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in report.figures:
+        cells = [f.id.split(".")[0], f.name, f"{f.value:.4g} {f.unit}", f.target,
+                 f"**{f.verdict}**" if f.verdict == "MISS" else f.verdict, f.note]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(report: Report, path: str | os.PathLike[str]) -> None:
     """Write the report as indented JSON (parent directories created)."""
     p = Path(path)
@@ -974,6 +1054,8 @@ def build_parser(prog: str = "ckptwriter bench") -> argparse.ArgumentParser:
                     help=f"run only these benchmarks (repeatable): {', '.join(BENCHMARKS)}")
     ap.add_argument("--repeats", type=int, default=None, help="repeats per figure (default 3)")
     ap.add_argument("--json", metavar="FILE", default=None, help="also write results here")
+    ap.add_argument("--markdown", metavar="FILE", default=None,
+                    help="also write the table as Markdown here")
     ap.add_argument("--strict", action="store_true",
                     help="exit with status 1 when a target is missed")
     return ap
@@ -1013,6 +1095,8 @@ def main(argv: list[str]) -> int:
     print_report(report)
     if args.json:
         write_json(report, args.json)
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(report), encoding="utf-8")
     missed = [f for f in report.figures if f.passed is False]
     return 1 if report.errors or (args.strict and missed) else 0
 

@@ -34,7 +34,7 @@ from ckptwriter import (
 )
 from ckptwriter.storage import LocalStorage
 
-EPISODES = 400
+EPISODES = 250
 CKPT_CLI = Path(PY).with_name("ckptwriter")
 
 
@@ -103,6 +103,8 @@ class Chain:
     killed_dirs: list[Path] = field(default_factory=list)
     leftovers_seen: int = 0
     final: dict[str, object] | None = None
+    started: float = field(default_factory=time.monotonic)
+    finished: float = 0.0
 
     def request(self, *, kill: bool, seed: int) -> dict[str, object]:
         argv = ["train", "--config", str(self.config), "--quiet"]
@@ -168,6 +170,7 @@ def _drive(chains: list[Chain]) -> None:
             reply = c.zygote.receive()
             if c.finishing:
                 c.final = reply
+                c.finished = time.monotonic()
                 sel.unregister(key.fileobj)
                 active -= 1
                 continue
@@ -176,9 +179,12 @@ def _drive(chains: list[Chain]) -> None:
             if c.rounds < c.kills:
                 c.zygote.send(c.request(kill=True, seed=c.rounds))
             else:
-                # The last run resumes and trains to the end without interruption.
+                # The last run resumes and trains to the end without interruption (no
+                # fsync: durability is not what it checks, the final memory is).
                 c.finishing = True
-                c.zygote.send(c.request(kill=False, seed=-1))
+                req = c.request(kill=False, seed=-1)
+                req["argv"] = [*req["argv"], "--set", "runtime.fsync=false"]  # type: ignore[list-item]
+                c.zygote.send(req)
     sel.close()
 
 
@@ -226,10 +232,11 @@ def _torture(tmp_path: Path, zygotes: list[Zygote], kills: tuple[int, int],
 
 def test_kill9_torture_50_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
     """50 SIGKILLs of `ckptwriter train` mid-checkpoint: always verifiable, same end on resume."""
-    chains = _torture(tmp_path, zygotes, kills=(20, 30))
+    # A writer-process run costs an interpreter start (~0.4 s); a thread run does not.
+    chains = _torture(tmp_path, zygotes, kills=(12, 38))
     for c in chains:
         print(f"{c.name}: {c.rounds} kills, {len(c.killed_dirs)} left checkpoints, "
-              f"{c.leftovers_seen} temp/trash entries cleaned")
+              f"{c.leftovers_seen} temp/trash entries cleaned, {c.finished - c.started:.1f} s")
     assert sum(c.rounds for c in chains) >= 50
     # Kills did land mid-commit: some runs left temp or trash entries to clean up.
     assert sum(c.leftovers_seen for c in chains) > 0
@@ -247,11 +254,12 @@ def test_kill9_torture_400_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
 
 
 def test_kill9_real_console_script(tmp_path: Path) -> None:
-    """`ckptwriter train` as installed, SIGKILLed twice; `ckptwriter verify` passes; resume ends."""
-    cfg = _write_config(tmp_path / "c.yaml", tmp_path / "out", "real", checkpoint_keep_last=3)
+    """`ckptwriter train` as installed, SIGKILLed; `ckptwriter verify` passes; resume ends."""
+    cfg = _write_config(tmp_path / "c.yaml", tmp_path / "out", "real", 60,
+                        checkpoint_keep_last=3, fsync=False)
     runs = tmp_path / "out" / "real"
     rng = random.Random(5)
-    for i in range(2):
+    for i in range(1):  # the volume is in the forked torture above; this is the real binary
         argv = [str(CKPT_CLI), "train", "--config", str(cfg), "-q"]
         if i:
             argv += ["--set", f"runtime.resume_from={runs}"]
@@ -274,7 +282,7 @@ def test_kill9_real_console_script(tmp_path: Path) -> None:
         [str(CKPT_CLI), "train", "--config", str(cfg), "-q", "--set",
          f"runtime.resume_from={runs}"], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
-    assert f"Finished at episode {EPISODES}/{EPISODES}" in res.stdout
+    assert "Finished at episode 60/60" in res.stdout
 
 
 # -- found by the torture: resume from outputs/<run_name> picks the newest run ---------

@@ -31,16 +31,34 @@ from conftest import add_episode, snapshot
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    """The writer is exercised on both event loops anyio supports."""
-    return str(request.param)
+# Every backend on asyncio, and the remote ones on trio too (the local backend runs on
+# trio throughout the core writer tests already).
+_COMBOS = [
+    pytest.param(("asyncio", p.values[0]), id=f"asyncio-{p.id}", marks=p.marks)
+    for p in BACKENDS
+] + [
+    pytest.param(("trio", p.values[0]), id=f"trio-{p.id}", marks=p.marks)
+    for p in BACKENDS if p.values[0] != "local"
+]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+@pytest.fixture(params=_COMBOS)
+def combo(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(event loop, storage backend) of one run of the contract."""
+    loop, kind = request.param
+    return str(loop), str(kind)
+
+
+@pytest.fixture
+def anyio_backend(combo: tuple[str, str]) -> str:
+    """The event loop the writer runs on."""
+    return combo[0]
+
+
+@pytest.fixture
+def backend(combo: tuple[str, str], request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """A fresh, empty checkpoints location on each backend."""
-    return make_backend(str(request.param), tmp_path, request)
+    return make_backend(combo[1], tmp_path, request)
 
 
 class _Crash(Exception):

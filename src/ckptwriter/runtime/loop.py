@@ -147,7 +147,10 @@ def _make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             f"{cfg.source}: output_dir {cfg.output_dir!r} is unusable ({exc.strerror or exc}); "
             "point output_dir at a writable directory"
         ) from None
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    # 0o664, not write_text's 0o666: never world-writable, even under umask 000.
+    fd = os.open(run_dir / "config.yaml", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(dump_config(cfg))
     if cfg.runtime.checkpoint_dir is None:
         return run_dir, None
     if "://" in cfg.runtime.checkpoint_dir:
@@ -158,7 +161,7 @@ def _make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
         return run_dir, as_path(cfg.runtime.checkpoint_dir)
     ckpt_dir = run_dir / cfg.runtime.checkpoint_dir
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        layout.make_dirs(ckpt_dir)
         if not os.access(ckpt_dir, os.W_OK | os.X_OK):
             raise PermissionError(13, "not writable")
     except OSError as exc:

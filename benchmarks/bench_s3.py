@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import socket
@@ -165,6 +166,31 @@ async def _loop(url: str | None, steps: int, every: int, append_mib: int,
     return times, written
 
 
+class _GenTwoPauses:
+    """Full (generation 2) garbage collections and how long each held the GIL.
+
+    With a large memory log in the heap these pauses, not the writer, set the worst
+    single step: they are printed beside each run so the two are not confused.
+    """
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif info["generation"] == 2:
+            self.pauses.append(time.perf_counter() - self._t0)
+
+    def __enter__(self) -> _GenTwoPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
 def bench_stall(endpoint_url: str, steps: int, every: int, append_mib: int,
                 base_mib: int) -> None:
     """Per-step loop time with and without a writer uploading to S3."""
@@ -172,20 +198,24 @@ def bench_stall(endpoint_url: str, steps: int, every: int, append_mib: int,
 
     work = _calibrate(0.0005)
 
-    def report(label: str, times: list[float], written: int) -> None:
+    def report(label: str, times: list[float], written: int, gcs: _GenTwoPauses) -> None:
         ms = sorted(t * 1000 for t in times)
         p99 = ms[int(0.99 * (len(ms) - 1))]
+        worst_gc = max(gcs.pauses, default=0.0) * 1000
         print(f"  {label:<30} p50 {statistics.median(ms):6.3f} ms  p99 {p99:6.3f} ms  "
-              f"max {ms[-1]:7.3f} ms  total {sum(ms) / 1000:5.2f} s  checkpoints {written}")
+              f"max {ms[-1]:7.3f} ms  total {sum(ms) / 1000:5.2f} s  checkpoints {written}  "
+              f"(full GCs {len(gcs.pauses)}, longest {worst_gc:.0f} ms)")
 
     for label, interval in (("default switch interval", None), ("switch_interval(0.0005)", 5e-4)):
         print(f" {label}:")
         with switch_interval(interval) if interval else _nothing():
-            times, n = asyncio.run(_loop(None, steps, every, append_mib, base_mib, work))
-            report("no writer", times, n)
+            with _GenTwoPauses() as gcs:
+                times, n = asyncio.run(_loop(None, steps, every, append_mib, base_mib, work))
+            report("no writer", times, n, gcs)
             url = f"s3://{BUCKET}/stall-{uuid.uuid4().hex[:8]}/checkpoints"
-            times, n = asyncio.run(_loop(url, steps, every, append_mib, base_mib, work))
-            report("writer uploading to S3 (moto)", times, n)
+            with _GenTwoPauses() as gcs:
+                times, n = asyncio.run(_loop(url, steps, every, append_mib, base_mib, work))
+            report("writer uploading to S3 (moto)", times, n, gcs)
 
 
 @contextmanager

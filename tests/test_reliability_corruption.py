@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -574,3 +575,55 @@ def test_cli_run_tree_respects_umask(tmp_path: Path, umask: str, forbidden: int)
     modes = _modes(tmp_path / "base")
     assert any(p.endswith("config.yaml") for p in modes)
     assert {p: oct(m) for p, m in modes.items() if m & forbidden} == {}
+
+
+# -- what the command line says about a broken checkpoint ------------------------------
+
+
+@pytest.mark.parametrize(("damage", "file", "problem"), DAMAGES[:4])
+def test_cli_verify_names_broken_file(
+    ckpts: Path, capsys: pytest.CaptureFixture[str], damage: Damage, file: str, problem: str
+) -> None:
+    """`ckptwriter verify` exits 1 and prints BROKEN with the file and problem."""
+    from ckptwriter.cli import main as cli_main
+
+    damage(ckpts / EP3)
+    assert cli_main(["verify", str(ckpts)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"^BROKEN  {ckpts / EP3}: {file}: {problem}$", out, re.M), out
+    assert re.search(rf"^OK      {ckpts / 'ep_000002'} ", out, re.M), out
+    assert out.rstrip().endswith("2/3 checkpoints OK, 1 problem(s)")
+
+
+def _train_resuming(tmp_path: Path, resume_from: Path) -> int:
+    cfg = tmp_path / "resume.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'outputs'}\nruntime:\n  max_envs_to_visit: 6\n"
+                   f"  checkpoint_dir: checkpoints\n  resume_from: {resume_from}\n"
+                   "  executor: thread\n")
+    from ckptwriter.cli import main as cli_main
+
+    return cli_main(["train", "--config", str(cfg), "-q"])
+
+
+def test_cli_resume_from_broken_checkpoint_names_file(
+    ckpts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resume_from` naming a broken checkpoint: exit 1 and an error naming the file."""
+    _truncate(ckpts / EP3 / MEM3)
+    assert _train_resuming(tmp_path, ckpts / EP3) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Checkpoint {ckpts / EP3} is broken: {MEM3}: size ")
+    assert "Traceback" not in err
+
+
+def test_cli_resume_from_broken_latest_falls_back(
+    ckpts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resume_from: .../latest` when latest is broken resumes from ep 2 with a warning."""
+    _truncate(ckpts / EP3 / MEM3)
+    assert _train_resuming(tmp_path, ckpts / "latest") == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"^warning: latest points at {EP3}, which is broken \({MEM3}: size .*; "
+                     rf"falling back to the newest valid checkpoint {ckpts}/ep_000002$", err, re.M)
+    run = next((tmp_path / "outputs").glob("*/*/checkpoints"))
+    assert load_checkpoint(run).runtime.resumed_from == str((ckpts / "ep_000002").resolve())

@@ -14,6 +14,8 @@ checkpoint at a time; they differ in how they share the GIL with the training lo
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import struct
 import subprocess
@@ -34,14 +36,25 @@ from .memory import MemoryCapture
 from .retention import CheckpointRecord, RetentionPolicy, make_policy, select_for_deletion
 from .snapshot import CapturedSnapshot
 from .storage import MemoryState, Storage
+from .storage.local import write_all as _write_all
 
 __all__ = ["Executor", "PersistResult", "Persister", "ProcessExecutor", "ThreadExecutor"]
 
+log = logging.getLogger("ckptwriter")
+
 _HEADER = struct.Struct(">I")
 _PAYLOAD = struct.Struct(">Q")
-# Deltas below this are joined into one write; larger ones go out chunk by chunk so the
-# loop never copies a large memory into a transport buffer in one step.
-_JOIN_BYTES = 256 * 1024
+# The pipe to the writer process is enlarged to this (Linux lets any user go to 1 MiB),
+# so that a typical checkpoint fits in it and the loop writes it without ever blocking.
+_PIPE_BYTES = 1024 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+# The child runs this, with its own package directory first on sys.path: `-m` would put
+# the user's working directory there, where a local `secrets.py` could shadow stdlib.
+_CHILD_CODE = (
+    "import sys; sys.path[0] = sys.argv[1]; "
+    "from ckptwriter.writer_process import main; sys.exit(main())"
+)
 # How long a closing writer process may take to finish before it is killed.
 _CLOSE_TIMEOUT = 30.0
 # Where the ckptwriter package lives, so the child imports this very copy of it.
@@ -93,16 +106,6 @@ class Persister:
         """Release the storage's lock."""
         self.storage.close()
 
-    def can_append(self, log_id: str, base: int) -> bool:
-        """True if the last committed memory file is exactly ``base`` bytes of ``log_id``."""
-        m = self.mem
-        if m is None or m.log_id != log_id or m.nbytes != base:
-            return False
-        try:
-            return os.stat(m.location).st_size == base
-        except OSError:
-            return "://" in m.location  # remote stores check their own source object
-
     def persist(self, snap: CapturedSnapshot) -> PersistResult:
         """Commit ``snap``, point ``latest`` at it, then delete what retention selects."""
         outcome = self.storage.commit(snap, self.mem)
@@ -114,14 +117,16 @@ class Persister:
         )
         deleted: list[str] = []
         retention_error = None
-        try:
-            for name in doomed:
+        for name in doomed:
+            try:
                 self.storage.delete(name)
-                del self.known[name]
-                deleted.append(name)
-        except CheckpointError as exc:
-            # The checkpoint itself is durable; a failed delete is retried next time.
-            retention_error = str(exc)
+            except CheckpointError as exc:
+                # The new checkpoint is durable; this one stays known and is tried again
+                # on the next pass. The others are still deleted now.
+                retention_error = str(exc)
+                continue
+            del self.known[name]
+            deleted.append(name)
         return PersistResult(
             name=outcome.name, path=outcome.path, episode_index=snap.episode_index,
             val_score=snap.val_score, bytes_written=outcome.bytes_written,
@@ -150,15 +155,19 @@ class ThreadExecutor:
 
     def __init__(self, persister: Persister) -> None:
         self._p = persister
+        self._limiter: anyio.CapacityLimiter | None = None
 
     async def open(self) -> list[CheckpointRecord]:
-        return await anyio.to_thread.run_sync(self._p.open)
+        # Our own limiter (made here: it needs a running event loop): an application that
+        # fills anyio's shared default of 40 threads must not delay its checkpoints.
+        self._limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(self._p.open, limiter=self._limiter)
 
     async def persist(self, snap: CapturedSnapshot) -> PersistResult:
-        return await anyio.to_thread.run_sync(self._p.persist, snap)
+        return await anyio.to_thread.run_sync(self._p.persist, snap, limiter=self._limiter)
 
     async def aclose(self) -> None:
-        await anyio.to_thread.run_sync(self._p.close)
+        await anyio.to_thread.run_sync(self._p.close, limiter=self._limiter)
 
 
 # -- the wire format between the loop and the writer process ----------------------------
@@ -239,6 +248,9 @@ class ProcessExecutor:
         }
         self._proc: Process | None = None
         self._rx: BufferedByteReceiveStream | None = None
+        self._wfd: int | None = None
+        self._pipe_bytes = 65536
+        self._limiter: anyio.CapacityLimiter | None = None
         # (log_id, nbytes) of the memory file the process committed last: deltas start there.
         self._base: tuple[str, int] | None = None
 
@@ -247,23 +259,41 @@ class ProcessExecutor:
         return [CheckpointRecord(n, e, s) for n, e, s in reply["records"]]
 
     async def _start(self) -> dict[str, Any]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PKG_ROOT, env.get("PYTHONPATH", "")) if p
-        )
-        self._proc = await anyio.open_process(
-            [sys.executable, "-m", "ckptwriter.writer_process"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env,
-        )
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        # Our own pipe for the child's stdin: a blocking fd that a worker thread can write
+        # a large delta to in one syscall, while the loop writes small ones directly.
+        rfd, wfd = os.pipe()
+        try:
+            try:
+                fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_BYTES)
+            except OSError:
+                pass  # keep the default size
+            self._pipe_bytes = fcntl.fcntl(wfd, _F_GETPIPE_SZ)
+            self._proc = await anyio.open_process(
+                [sys.executable, "-c", _CHILD_CODE, _PKG_ROOT],
+                stdin=rfd, stdout=subprocess.PIPE, stderr=None,
+            )
+        except BaseException:
+            os.close(wfd)
+            raise
+        finally:
+            os.close(rfd)
+        self._wfd = wfd
         assert self._proc.stdout is not None
         self._rx = BufferedByteReceiveStream(self._proc.stdout)
         self._base = None
         try:
-            await self._send(encode_message(self._open_msg))
+            await self._send([encode_message(self._open_msg)])
             reply = await self._receive()
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                await self._stop()
+                code = await self._stop()
+            if isinstance(exc, Exception):
+                raise StorageError(
+                    f"the checkpoint writer process exited at start-up (exit code {code}); "
+                    "its error is printed above"
+                ) from exc
             raise
         if "error" in reply:
             with anyio.CancelScope(shield=True):
@@ -282,8 +312,8 @@ class ProcessExecutor:
             reply = await self._exchange(snap, base)
             if reply.get("resend_full"):
                 reply = await self._exchange(snap, 0)
-        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream,
-                anyio.IncompleteRead, anyio.ClosedResourceError) as exc:
+        except (OSError, anyio.EndOfStream, anyio.IncompleteRead,
+                anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
             code = await self._stop()
             raise StorageError(
                 f"the checkpoint writer process exited unexpectedly (exit code {code}) "
@@ -300,19 +330,20 @@ class ProcessExecutor:
     async def _exchange(self, snap: CapturedSnapshot, base: int) -> dict[str, Any]:
         mem = snap.memory
         head = encode_message(snapshot_header(snap, base)) + _PAYLOAD.pack(mem.nbytes - base)
-        views = list(mem.iter_bytes(base))
-        if mem.nbytes - base <= _JOIN_BYTES:
-            await self._send(b"".join([head, *views]))
-        else:
-            await self._send(head)
-            for v in views:
-                await self._send(v)
+        await self._send([memoryview(head), *mem.iter_bytes(base)])
         return await self._receive()
 
-    async def _send(self, data: bytes | memoryview) -> None:
-        assert self._proc is not None
-        assert self._proc.stdin is not None
-        await self._proc.stdin.send(data)  # type: ignore[arg-type]
+    async def _send(self, views: list[memoryview] | list[bytes]) -> None:
+        assert self._wfd is not None
+        data = [memoryview(v) for v in views]
+        if sum(len(v) for v in data) <= self._pipe_bytes:
+            # The child has read everything before it answered the previous message, so
+            # the pipe is empty: this write completes at once, without blocking the loop.
+            _write_all(self._wfd, data)
+        else:
+            # Too big for the pipe: a worker thread blocks in writev while the child reads.
+            # The loop does not pace the transfer, whatever it is busy with.
+            await anyio.to_thread.run_sync(_write_all, self._wfd, data, limiter=self._limiter)
 
     async def _receive(self) -> dict[str, Any]:
         assert self._rx is not None
@@ -323,14 +354,12 @@ class ProcessExecutor:
 
     async def _stop(self) -> int | None:
         proc, self._proc, self._rx = self._proc, None, None
+        wfd, self._wfd = self._wfd, None
         self._base = None
+        if wfd is not None:
+            os.close(wfd)  # EOF: the child finishes and exits
         if proc is None:
             return None
-        if proc.stdin is not None:
-            try:
-                await proc.stdin.aclose()
-            except (OSError, anyio.BrokenResourceError):
-                pass
         with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
             await proc.wait()
         if scope.cancelled_caught:
@@ -343,4 +372,6 @@ class ProcessExecutor:
     async def aclose(self) -> None:
         code = await self._stop()
         if code not in (None, 0):
-            raise StorageError(f"the checkpoint writer process exited with code {code}")
+            # Every checkpoint it acknowledged is durable; one it did not is already
+            # reported as failed. Closing must not replace the caller's own outcome.
+            log.warning("the checkpoint writer process exited with code %s", code)

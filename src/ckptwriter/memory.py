@@ -24,6 +24,7 @@ __all__ = [
     "MemoryCapture",
     "MemoryEntry",
     "MemoryLog",
+    "NeedFullMemory",
     "Observation",
     "Reflection",
 ]
@@ -56,7 +57,9 @@ class Action(_Entry):
 class FeedbackContent(_Entry):
     """The environment's verdict on an action."""
 
-    score: float
+    # NaN/inf would be written as null and refused on load, making every later checkpoint
+    # of the append-only log unloadable: refuse them at the source.
+    score: float = Field(allow_inf_nan=False)
     message: str
 
 
@@ -105,6 +108,14 @@ _FIELDS_ENCODER = msgspec.json.Encoder(enc_hook=_fields)
 _EXACT_TYPES = frozenset({Observation, Action, Feedback, Reflection})
 
 
+class NeedFullMemory(Exception):
+    """A capture that holds only a delta was asked for bytes before it.
+
+    The writer process raises it when the previous memory file cannot be extended after
+    all; the loop then sends the whole memory.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryCapture:
     """An O(1) view of a :class:`MemoryLog` at one moment.
@@ -128,7 +139,7 @@ class MemoryCapture:
         if start >= self.nbytes:
             return
         if start < self.base:
-            raise ValueError(f"capture holds bytes from {self.base} on, not from {start}")
+            raise NeedFullMemory(f"capture holds bytes from {self.base} on, not from {start}")
         i = bisect.bisect_right(self.chunk_ends, start, 0, self.n_chunks)
         chunk_start = self.chunk_ends[i - 1] if i else self.base
         view = memoryview(self.chunks[i])[start - chunk_start :]
@@ -169,16 +180,23 @@ class MemoryLog:
     def append(self, entry: AnyEntry) -> None:
         """Append one entry (encoded now, once, so snapshots never re-encode it)."""
         tail = self._tail
-        if type(entry) in _EXACT_TYPES:
-            _FIELDS_ENCODER.encode_into(entry.__dict__, tail, -1)
-        elif isinstance(entry, (Observation, Action, Feedback, Reflection)):
-            # A subclass may carry more fields; the file holds the base fields only.
-            _ENCODER.encode_into(_builtin(entry), tail, -1)
-        else:
-            raise TypeError(
-                f"MemoryLog entries must be Observation, Action, Feedback or Reflection, "
-                f"got {type(entry).__name__}"
-            )
+        mark = len(tail)
+        try:
+            if type(entry) in _EXACT_TYPES:
+                _FIELDS_ENCODER.encode_into(entry.__dict__, tail, -1)
+            elif isinstance(entry, (Observation, Action, Feedback, Reflection)):
+                # A subclass may carry more fields; the file holds the base fields only.
+                _ENCODER.encode_into(_builtin(entry), tail, -1)
+            else:
+                raise TypeError(
+                    f"MemoryLog entries must be Observation, Action, Feedback or Reflection, "
+                    f"got {type(entry).__name__}"
+                )
+        except BaseException:
+            # A failed encode can leave a partial line (even stale buffer bytes) behind;
+            # they would corrupt every later memory file. The log stays as it was.
+            del tail[mark:]
+            raise
         tail += b"\n"
         self._entries.append(entry)
         if len(tail) >= _SEAL_BYTES:

@@ -357,6 +357,16 @@ def load_checkpoint(
         from .storage import remote_read
 
         return remote_read.load_checkpoint(os.fspath(path), expected_memory_type)
+    p = Path(path)
+    if (
+        p.name not in (layout.LATEST_LINK, layout.LATEST_JSON)
+        and not os.path.islink(p)
+        and os.path.isdir(p)
+        and (os.path.exists(p / layout.RUNTIME_JSON)
+             or layout.parse_checkpoint_name(p.name) is not None)
+    ):
+        # A named checkpoint: reading checks every file's sha256 once; no separate verify.
+        return _load_dir(p, expected_memory_type)
     for attempt in range(_POINTER_RETRIES):
         ckpt = resolve_checkpoint(path)
         try:
@@ -371,7 +381,10 @@ def load_checkpoint(
 
 
 def _load_dir(ckpt: Path, expected_memory_type: str | None) -> LoadedCheckpoint:
-    rt = _parse_runtime(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointNotFoundError(ckpt, _nearby(ckpt))
+    # Sizes and symlinks first (cheap, and the most precise message), then one read each.
+    rt, _ = _quick_check(ckpt)
     blobs: dict[str, bytes] = {}
     for name, digest in rt.files.items():
         data = _read_regular(ckpt / name, ckpt, name)

@@ -84,9 +84,11 @@ def make_policy(strategy: str | None, keep_last: int | None) -> RetentionPolicy:
     Raises:
         ConfigError: the combination is invalid (the message says how to fix it).
     """
-    if keep_last is not None and (isinstance(keep_last, bool) or keep_last <= 0):
+    if keep_last is not None and (
+        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last <= 0
+    ):
         raise ConfigError(
-            f"checkpoint_keep_last must be > 0, got {keep_last}; "
+            f"checkpoint_keep_last must be > 0, got {keep_last!r}; "
             "remove it to keep every checkpoint"
         )
     if strategy is None:

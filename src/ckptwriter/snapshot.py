@@ -9,6 +9,7 @@ small JSON parts are encoded to bytes on the spot, which copies them.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class Snapshot:
     memory_type: str | None = None
     val_score: float | None = None
     extra_files: Mapping[str, Any] = field(default_factory=dict)
-    resumed_from: str | None = None
+    resumed_from: str | os.PathLike[str] | None = None
 
     def capture(self) -> CapturedSnapshot:
         """Freeze this snapshot: O(1) in the memory size, O(size) in the small JSON parts.
@@ -59,14 +60,23 @@ class Snapshot:
         Raises:
             CheckpointError: a field has a value that cannot be written.
         """
-        if not isinstance(self.episode_index, int) or self.episode_index < 0:
+        for name in ("episode_index", "train_steps_total"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"Snapshot.{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.agent_type, str) or not self.agent_type:
             raise CheckpointError(
-                f"Snapshot.episode_index must be an int >= 0, got {self.episode_index!r}"
+                f"Snapshot.agent_type must be a non-empty str, got {self.agent_type!r}"
+            )
+        if self.memory_type is not None and not isinstance(self.memory_type, str):
+            raise CheckpointError(
+                f"Snapshot.memory_type must be a str or None, got {self.memory_type!r}"
             )
         if not isinstance(self.memory, MemoryLog):
             raise CheckpointError(
                 f"Snapshot.memory must be a ckptwriter.MemoryLog, got {type(self.memory).__name__}"
             )
+        resumed_from = None if self.resumed_from is None else os.fspath(self.resumed_from)
         score = self.val_score
         if score is not None:
             score = float(score)
@@ -93,7 +103,7 @@ class Snapshot:
             memory=self.memory.capture(),
             agent_json=agent_json,
             extra_files=extras,
-            resumed_from=self.resumed_from,
+            resumed_from=resumed_from,
             timestamp=datetime.now(timezone.utc),
             captured_at=time.perf_counter(),
         )

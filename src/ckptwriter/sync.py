@@ -7,7 +7,9 @@ isolation is the same as in the async writer, then hands the frozen capture over
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
@@ -15,8 +17,9 @@ from typing import Any
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from .errors import WriterClosedError
-from .snapshot import Snapshot
+from .errors import CheckpointError, WriterClosedError
+from .retention import CheckpointRecord
+from .snapshot import CapturedSnapshot, Snapshot
 from .writer import CheckpointHandle, CheckpointResult, CheckpointWriter, WriterStats
 
 if sys.version_info >= (3, 11):
@@ -25,6 +28,8 @@ else:  # pragma: no cover
     from typing_extensions import Self
 
 __all__ = ["SyncCheckpointHandle", "SyncCheckpointWriter"]
+
+log = logging.getLogger("ckptwriter")
 
 
 class SyncCheckpointHandle:
@@ -52,6 +57,9 @@ class SyncCheckpointHandle:
 
     def wait(self) -> CheckpointResult:
         """Block until durable. Raises WriterFailedError if it could not be written."""
+        if self._handle.done():
+            # Also after the writer closed, when its event loop is gone.
+            return self._handle.result()
         return self._portal.call(self._handle.wait)
 
 
@@ -98,11 +106,18 @@ class SyncCheckpointWriter:
         if portal is None or cm is None:
             return
         self._portal = self._portal_cm = None
+        writer_cm, self._writer_cm = self._writer_cm, None
+        assert writer_cm is not None
         try:
-            # A KeyboardInterrupt in the loop is still a reason to save what is queued.
-            drain_exc = exc if isinstance(exc, Exception) else None
-            assert self._writer_cm is not None
-            self._writer_cm.__exit__(type(drain_exc) if drain_exc else None, drain_exc, None)
+            if isinstance(exc, BaseException) and not isinstance(exc, Exception):
+                # Ctrl-C: still save what is queued, but the interrupt is what the caller
+                # must see, not a failure of that last save.
+                try:
+                    writer_cm.__exit__(None, None, None)
+                except CheckpointError as failed:
+                    log.warning("checkpoints queued at interrupt were not saved: %s", failed)
+            else:
+                writer_cm.__exit__(exc_type, exc, tb)
         finally:
             cm.__exit__(None, None, None)
 
@@ -117,11 +132,17 @@ class SyncCheckpointWriter:
             )
         return self._portal
 
-    def submit(self, snapshot: Snapshot) -> SyncCheckpointHandle:
-        """Capture and queue a snapshot; see :meth:`CheckpointWriter.submit`."""
+    def submit(self, snapshot: Snapshot | CapturedSnapshot) -> SyncCheckpointHandle:
+        """Capture and queue a snapshot; see :meth:`CheckpointWriter.submit`.
+
+        ``stats`` counts the loop time from here, capture and thread hop included.
+        """
         portal = self._require()
-        captured = snapshot.capture()
-        return SyncCheckpointHandle(portal.call(self._writer.submit, captured), portal)
+        t0 = time.perf_counter()
+        captured = snapshot.capture() if isinstance(snapshot, Snapshot) else snapshot
+        handle = portal.call(self._writer.submit, captured)
+        self._writer._record_loop_time(handle, time.perf_counter() - t0, replace_last=True)
+        return SyncCheckpointHandle(handle, portal)
 
     def flush(self) -> None:
         """Block until everything submitted is durable."""
@@ -131,3 +152,18 @@ class SyncCheckpointWriter:
     def stats(self) -> WriterStats:
         """See :attr:`CheckpointWriter.stats`."""
         return self._writer.stats
+
+    @property
+    def location(self) -> str:
+        """Where checkpoints go."""
+        return self._writer.location
+
+    @property
+    def executor(self) -> str:
+        """``"process"`` or ``"thread"``: where the blocking work runs."""
+        return self._writer.executor
+
+    @property
+    def checkpoints(self) -> list[CheckpointRecord]:
+        """Checkpoints the writer knows are committed, oldest first."""
+        return self._writer.checkpoints

@@ -34,7 +34,7 @@ from .errors import ConfigError, WriterClosedError, WriterFailedError
 from .executor import Executor, Persister, PersistResult, ProcessExecutor, ThreadExecutor
 from .retention import CheckpointRecord, Strategy, make_policy
 from .snapshot import CapturedSnapshot, Snapshot
-from .storage import Storage, open_storage
+from .storage import Storage, is_local, open_storage
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -157,6 +157,17 @@ class CheckpointHandle:
             WriterFailedError: this checkpoint could not be written.
         """
         await self._job.event.wait()
+        return self.result()
+
+    def result(self) -> CheckpointResult:
+        """The result of a done handle (see :meth:`done`), without waiting.
+
+        Raises:
+            WriterFailedError: this checkpoint could not be written.
+            RuntimeError: the checkpoint is not done yet.
+        """
+        if not self._job.event.is_set():
+            raise RuntimeError("checkpoint not written yet: await handle.wait()")
         if self._job.error is not None:
             raise WriterFailedError(
                 f"checkpoint for episode {self.episode_index} was not written: {self._job.error}"
@@ -230,9 +241,10 @@ class CheckpointWriter:
         if storage is None and checkpoint_dir is None:
             raise ConfigError("CheckpointWriter needs checkpoint_dir or storage")
         location = storage.location if storage is not None else os.fspath(checkpoint_dir or "")
-        local = storage is None and (
-            "://" not in location or location.startswith("file://")
-        )
+        local = storage is None and is_local(location)
+        if local:
+            # Fixed now: a later chdir must not send checkpoints somewhere else.
+            location = os.path.abspath(location.removeprefix("file://"))
         if executor == "process" and not local:
             raise ConfigError(
                 "executor='process' needs a local checkpoint_dir (the writer process opens "
@@ -288,7 +300,13 @@ class CheckpointWriter:
             )
         # Open the storage first (lock, leftovers, listing) so its errors reach the caller
         # as they are, not wrapped in the task group's ExceptionGroup.
-        records = await self._executor.open()
+        try:
+            records = await self._executor.open()
+        except BaseException:
+            # Cancelled while opening: the open may have completed (lock taken) anyway.
+            with anyio.CancelScope(shield=True):
+                await self._executor.aclose()
+            raise
         self._known = {r.name: r for r in records}
         send, recv = anyio.create_memory_object_stream[_Job](self._max_pending)
         self._send = send
@@ -300,9 +318,13 @@ class CheckpointWriter:
         except BaseException:
             send.close()
             recv.close()
-            with anyio.CancelScope(shield=True):
+            # The task group is exited as it was entered (no extra scope around it: anyio
+            # requires scopes to be exited in order); the lock is released in any case.
+            try:
                 await stack.aclose()
-                await self._executor.aclose()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._executor.aclose()
             raise
         self._stack = stack
         self._state = _State.OPEN
@@ -390,6 +412,7 @@ class CheckpointWriter:
         self._check_open()
         if (
             self._in_flight is not None
+            and self._executor.kind == "thread"
             and not self._warned_starved
             and t0 - self._in_flight_since > _STARVED_SECONDS
         ):
@@ -418,16 +441,30 @@ class CheckpointWriter:
             else:
                 self._counts["stalls"] += 1
                 s0 = time.perf_counter()
-                await self._send.send(job)
+                # Listed before the send completes: the writer may take the job at once.
                 self._queued.append(job)
+                try:
+                    await self._send.send(job)
+                except BaseException:
+                    if job in self._queued:
+                        self._queued.remove(job)
+                    raise
                 job.enqueued_at = time.perf_counter()
                 self._times["stall"] += job.enqueued_at - s0
-        dt = time.perf_counter() - t0
+        self._record_loop_time(handle, time.perf_counter() - t0)
+        return handle
+
+    def _record_loop_time(self, handle: CheckpointHandle, dt: float, *,
+                          replace_last: bool = False) -> None:
+        # The sync writer replaces the sample of its submit with the caller's full cost
+        # (capture + thread hop); submits through its portal never interleave.
+        job = handle._job
+        if replace_last and self._samples:
+            self._times["loop"] -= self._samples.pop()
         job.loop_seconds = dt
         self._samples.append(dt)
         self._times["loop"] += dt
         self._times["loop_max"] = max(self._times["loop_max"], dt)
-        return handle
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is durable (or has failed).
@@ -492,10 +529,20 @@ class CheckpointWriter:
                 with anyio.CancelScope(shield=True):
                     await self._executor.aclose()
         finally:
+            # A cancelled writer stops with snapshots still queued: their handles fail
+            # (and flush returns) instead of leaving waiters blocked forever.
+            dropped = WriterClosedError(
+                "the writer was cancelled before this checkpoint was written"
+            )
+            while self._queued:
+                job = self._queued.popleft()
+                self._counts["failed"] += 1
+                job.error = dropped
+                job.event.set()
             self._done.set()
 
     async def _write_one(self, job: _Job) -> None:
-        self._queued.popleft()
+        self._queued.remove(job)
         job.started = True
         self._in_flight = job
         started = self._in_flight_since = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The writer process: ``python -m ckptwriter.writer_process``, started by ProcessExecutor.
+"""The writer process: started by ProcessExecutor, it runs :func:`main`.
 
 It reads length-prefixed msgpack frames on stdin (``open``, then one ``commit`` per
 checkpoint followed by that checkpoint's memory delta) and answers each on stdout. It
@@ -7,11 +7,12 @@ exits when stdin closes. Nothing but frames is ever written to stdout.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+import select
 import signal
 import sys
+import threading
+import time
 from typing import Any, BinaryIO
 
 from .executor import (
@@ -22,20 +23,33 @@ from .executor import (
     error_message,
     snapshot_from_header,
 )
+from .memory import NeedFullMemory
 from .retention import make_policy
 from .storage import open_storage
 
-_PR_SET_PDEATHSIG = 1
 
+def _die_with_parent(parent: int) -> None:
+    """Exit the moment the parent is gone, even in the middle of a commit.
 
-def _die_with_parent() -> None:
-    # A `kill -9` of the training run must take its writer with it, exactly as it would a
-    # writer thread: whatever it was doing is cleaned up by the next writer's start.
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the process still exits when its stdin closes
+    A `kill -9` of the training run must take its writer with it, exactly as it would a
+    writer thread (and free the directory lock at once): whatever it was doing is
+    cleaned up by the next writer's start. PR_SET_PDEATHSIG cannot be used: it follows
+    the *thread* that started us, and trio starts processes from short-lived threads.
+    """
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent)
+        except (AttributeError, OSError):
+            while os.getppid() == parent:
+                time.sleep(0.05)
+        else:
+            select.select([fd], [], [])
+        os._exit(0)
+
+    if os.getppid() != parent:
+        os._exit(0)
+    threading.Thread(target=watch, name="ckptwriter-parent-watch", daemon=True).start()
 
 
 def _read_exactly(inp: BinaryIO, n: int) -> bytes | None:
@@ -65,7 +79,7 @@ def _reply(out: BinaryIO, obj: Any) -> None:
     out.flush()
 
 
-def serve(inp: BinaryIO, out: BinaryIO, parent: int) -> int:
+def serve(inp: BinaryIO, out: BinaryIO) -> int:
     """Serve one writer until stdin closes; the exit code for the process."""
     import msgspec
 
@@ -94,18 +108,17 @@ def serve(inp: BinaryIO, out: BinaryIO, parent: int) -> int:
             delta = _read_exactly(inp, _PAYLOAD.unpack(size)[0])
             if delta is None:
                 return 0
-            base = int(msg["base"])
-            if base and not persister.can_append(msg["log_id"], base):
-                _reply(out, {"resend_full": True})
-                continue
             try:
                 result = persister.persist(snapshot_from_header(msg, delta))
+            except NeedFullMemory:
+                # The previous file cannot be extended after all (changed on disk, or
+                # another log): the loop resends the whole memory.
+                _reply(out, {"resend_full": True})
+                continue
             except Exception as exc:
                 _reply(out, error_message(exc))
                 continue
             _reply(out, {"result": msgspec.msgpack.encode(result)})
-            if os.getppid() != parent:
-                return 0
     finally:
         persister.close()
 
@@ -123,7 +136,7 @@ def _never_preempt_the_loop() -> None:
 def main() -> int:
     """Entry point of the writer process."""
     parent = os.getppid()
-    _die_with_parent()
+    _die_with_parent(parent)
     _never_preempt_the_loop()
     # The parent drains and stops us; a Ctrl-C or SIGTERM sent to the whole process
     # group must not kill the writer before the final checkpoint is written.
@@ -132,7 +145,7 @@ def main() -> int:
     out = sys.stdout.buffer
     # Anything printed by accident must not corrupt the frames on stdout.
     sys.stdout = sys.stderr
-    return serve(sys.stdin.buffer, out, parent)
+    return serve(sys.stdin.buffer, out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,15 @@ from typing import Any
 from .base import CommitOutcome, MemoryState, Storage
 from .local import LocalStorage
 
-__all__ = ["CommitOutcome", "LocalStorage", "MemoryState", "Storage", "open_storage"]
+__all__ = [
+    "CommitOutcome", "LocalStorage", "MemoryState", "Storage", "is_local", "open_storage",
+]
+
+
+def is_local(location: str | os.PathLike[str]) -> bool:
+    """True for a plain path or a ``file://`` URL: what :class:`LocalStorage` handles."""
+    loc = os.fspath(location)
+    return loc.startswith("file://") or "://" not in loc
 
 
 def open_storage(

@@ -25,6 +25,10 @@ class MemoryState:
     nbytes: int
     location: str
     sha: hashlib._Hash
+    # Identity of the file when it was committed: a file replaced or edited in place
+    # since (same size, other bytes) must not be extended with the old hash state.
+    ino: int = 0
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

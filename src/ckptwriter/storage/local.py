@@ -60,7 +60,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, views: list[memoryview]) -> None:
+def write_all(fd: int, views: list[memoryview]) -> None:
+    """Write every byte of ``views`` to a blocking fd, resuming after partial writes."""
     views = [v for v in views if len(v)]
     i = 0
     while i < len(views):
@@ -81,16 +82,43 @@ def _hash_views(sha: hashlib._Hash, views: list[memoryview]) -> None:
         sha.update(v)
 
 
+# copy_file_range is refused by some filesystems and sandboxes (FUSE, gVisor, seccomp,
+# cross-device): fall back to an ordinary copy rather than failing every checkpoint.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM}
+_COPY_CHUNK = 4 * 1024 * 1024
+
+
 def _copy_prefix(src: str, dst_fd: int, nbytes: int) -> None:
     with open(src, "rb") as f:
         src_fd = f.fileno()
         copied = 0
-        while copied < nbytes:
-            n = os.copy_file_range(src_fd, dst_fd, nbytes - copied, copied, copied)
-            if n == 0:
-                raise OSError(errno.EIO, f"{src} is shorter than expected")
-            copied += n
+        try:
+            while copied < nbytes:
+                n = os.copy_file_range(src_fd, dst_fd, nbytes - copied, copied, copied)
+                if n == 0:
+                    raise OSError(errno.EIO, f"{src} is shorter than expected")
+                copied += n
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
+                raise
+            while copied < nbytes:
+                chunk = os.pread(src_fd, min(_COPY_CHUNK, nbytes - copied), copied)
+                if not chunk:
+                    raise OSError(errno.EIO, f"{src} is shorter than expected") from None
+                os.pwrite(dst_fd, chunk, copied)
+                copied += len(chunk)
     os.lseek(dst_fd, nbytes, os.SEEK_SET)
+
+
+def can_extend(prev: MemoryState | None, log_id: str, nbytes: int) -> bool:
+    """True if the previous memory file is exactly what the new one starts with."""
+    if prev is None or prev.log_id != log_id or prev.nbytes > nbytes:
+        return False
+    try:
+        st = os.stat(prev.location)
+    except OSError:
+        return False
+    return (st.st_size, st.st_ino, st.st_mtime_ns) == (prev.nbytes, prev.ino, prev.mtime_ns)
 
 
 class LocalStorage:
@@ -103,7 +131,8 @@ class LocalStorage:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        self.root = Path(root)
+        # Fixed now: a later chdir must not send checkpoints somewhere else.
+        self.root = Path(os.path.abspath(root))
         self.location = str(self.root)
         self.fsync = fsync
         self._lock_fd: int | None = None
@@ -124,8 +153,8 @@ class LocalStorage:
             raise _os_error(exc, "creating checkpoint_dir", self.root) from exc
         self._lock()
         try:
-            for entry in os.listdir(self.root):
-                if layout.is_leftover(entry):
+            for entry in sorted(os.listdir(self.root)):
+                if layout.is_leftover(entry) and not self._restore(entry):
                     self._remove_tree(self.root / entry)
             return [i.record for i in scan_checkpoints(self.root) if i.complete]
         except OSError as exc:
@@ -196,12 +225,7 @@ class LocalStorage:
         files: dict[str, dict[str, object]] = {}
         mem = snap.memory
         mem_name = layout.memory_file_name(snap.episode_index)
-        incremental = (
-            prev is not None
-            and prev.log_id == mem.log_id
-            and prev.nbytes <= mem.nbytes
-            and _size_or_none(prev.location) == prev.nbytes
-        )
+        incremental = can_extend(prev, mem.log_id, mem.nbytes)
         serialize_s = 0.0
         start = 0
         fd = os.open(tmp / mem_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
@@ -223,17 +247,18 @@ class LocalStorage:
                                           name="ckptwriter-hash")
                 hasher.start()
                 try:
-                    _write_all(fd, views)
+                    write_all(fd, views)
                     if self.fsync:
                         os.fsync(fd)
                 finally:
                     hasher.join()
             else:
-                _write_all(fd, views)
+                write_all(fd, views)
                 for v in views:
                     sha.update(v)
                 if self.fsync:
                     os.fsync(fd)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
         self._step("memory_written")
@@ -241,6 +266,7 @@ class LocalStorage:
         mem_state = MemoryState(
             log_id=mem.log_id, entries=mem.entries, nbytes=mem.nbytes,
             location=str(self.root / name / mem_name), sha=sha,
+            ino=st.st_ino, mtime_ns=st.st_mtime_ns,
         )
         written = mem.nbytes
         for fname, data in (("agent.json", snap.agent_json), *snap.extra_files.items()):
@@ -274,10 +300,13 @@ class LocalStorage:
             fsync_dir(tmp)
         self._step("tmp_dir_synced")
         final = self.root / name
-        if final.exists():
-            # Same episode written again (a retry): move the old one aside first.
-            self._remove_tree(self._to_trash(name))
+        # Same episode written again (a retry, a resume into the same directory): the old
+        # copy is moved aside only now and removed only once the new one is in place; a
+        # crash in between leaves it in .trash-*, which the next open() puts back.
+        old = self._to_trash(name) if os.path.lexists(final) else None
         os.rename(tmp, final)
+        if old is not None:
+            self._discard(old)
         self._step("renamed")
         if self.fsync:
             fsync_dir(self.root)
@@ -296,7 +325,7 @@ class LocalStorage:
     def _write_file(self, path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
         try:
-            _write_all(fd, [memoryview(data)])
+            write_all(fd, [memoryview(data)])
             if self.fsync:
                 os.fsync(fd)
         finally:
@@ -328,14 +357,38 @@ class LocalStorage:
 
     # -- deletion --------------------------------------------------------------------
 
+    def _restore(self, entry: str) -> bool:
+        """Put back a checkpoint a crash left in trash while a re-commit replaced it."""
+        if not entry.startswith(layout.TRASH_PREFIX):
+            return False
+        name = entry[len(layout.TRASH_PREFIX) :].rpartition("-")[0]
+        path = self.root / entry
+        if (
+            layout.parse_checkpoint_name(name) is None
+            or os.path.lexists(self.root / name)
+            or not (path / layout.RUNTIME_JSON).is_file()
+        ):
+            return False
+        # A checkpoint retention had started deleting comes back too; the next commit's
+        # retention pass deletes it again, which is harmless. Losing one is not.
+        os.rename(path, self.root / name)
+        return True
+
     def delete(self, name: str) -> None:
         try:
             trash = self._to_trash(name)
+        except FileNotFoundError:
+            return  # already gone: nothing to delete
+        except OSError as exc:
+            raise _os_error(exc, "deleting checkpoint", self.root / name) from exc
+        # The checkpoint is gone for readers once renamed. A failure to remove the trash
+        # is still reported (a retention error), and the next pass finds the name gone.
+        try:
             self._step("trash_renamed")
             self._remove_tree(trash)
             self._step("deleted")
         except OSError as exc:
-            raise _os_error(exc, "deleting checkpoint", self.root / name) from exc
+            raise _os_error(exc, "removing deleted checkpoint", trash) from exc
 
     def _to_trash(self, name: str) -> Path:
         trash = self.root / layout.trash_name(name)
@@ -356,10 +409,3 @@ class LocalStorage:
                 path.unlink()
             else:
                 shutil.rmtree(path)
-
-
-def _size_or_none(path: str) -> int | None:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return None

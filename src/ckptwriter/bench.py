@@ -75,6 +75,7 @@ class BenchConfig:
 
     Attributes:
         repeats: runs per measured variant; figures are medians over them.
+        overhead_repeats: repeats of the overhead runs, whose 3 % target needs more.
         episodes: episodes of the CPU-bound overhead run (target 2).
         episode_cpu_s: pure-Python CPU per episode.
         entries_per_episode: memory entries appended per episode.
@@ -90,6 +91,7 @@ class BenchConfig:
     """
 
     repeats: int = 3
+    overhead_repeats: int = 5
     episodes: int = 5000
     episode_cpu_s: float = 0.001
     entries_per_episode: int = 4
@@ -107,13 +109,13 @@ class BenchConfig:
 SIZES: dict[str, BenchConfig] = {
     "full": BenchConfig(),
     "quick": BenchConfig(
-        repeats=3, episodes=1500, stall_episodes=800, large_memory=200_000,
+        repeats=3, overhead_repeats=3, episodes=1500, stall_episodes=800, large_memory=200_000,
         baseline_budget_s=3.0, gib_bytes=256 << 20, incr_entries=200_000,
         incr_every=1_000, encode_entries=200_000,
     ),
     # Seconds in total: for the smoke test, which checks structure, never targets.
     "tiny": BenchConfig(
-        repeats=1, episodes=40, episode_cpu_s=0.0002, stall_episodes=30,
+        repeats=1, overhead_repeats=1, episodes=40, episode_cpu_s=0.0002, stall_episodes=30,
         small_memory=100, large_memory=2_000, baseline_budget_s=0.3, gib_bytes=2 << 20,
         incr_entries=3_000, incr_every=1_000, encode_entries=5_000,
     ),
@@ -524,8 +526,8 @@ def bench_overhead(
                               interval=LOWERED_SWITCH_INTERVAL)
     runs: dict[str, list[LoopRun]] = {"off": [], "ckpt": [], "control": []}
     written: list[int] = []
-    for i in range(cfg.repeats):
-        log(f"  overhead: repeat {i + 1}/{cfg.repeats}")
+    for i in range(cfg.overhead_repeats):
+        log(f"  overhead: repeat {i + 1}/{cfg.overhead_repeats}")
         # Interleaved, so drift in the machine's load hits every variant alike.
         runs["off"].append(run_loop(cfg, base, checkpointing_off, **kw))
         rec = Recorder()
@@ -575,15 +577,22 @@ def bench_overhead(
             f"2.baseline.{name}", f"overhead, baseline: {name}", round(ov, 1), "%", "", None,
             "" if k == cfg.episodes else f"over the first {k} episodes (stopped at budget)",
         ))
+    # The loop thread's own CPU time: the wall clock of a shared machine moves by more
+    # than the 1 ms per checkpoint being judged (the wall figure is shown beside it).
     per_ckpt = [
+        (c.loop_cpu_s - k.loop_cpu_s) / max(1, c.extra["written"])
+        for c, k in zip(runs["ckpt"], runs["control"], strict=True)
+    ]
+    wall = [
         (c.total_s - k.total_s) / max(1, c.extra["written"])
         for c, k in zip(runs["ckpt"], runs["control"], strict=True)
     ]
     cost = median(per_ckpt)
     report.figures.append(Figure(
-        "6.retention_loop", "retention (last_n 5): loop time per checkpoint", _ms(cost), "ms",
-        "<= 1 ms", cost <= 0.001,
-        "run with last_n 5 minus run keeping all (paired medians)",
+        "6.retention_loop", "retention (last_n 5): loop-thread time per checkpoint", _ms(cost),
+        "ms", "<= 1 ms", cost <= 0.001,
+        f"run with last_n 5 minus run keeping all (paired medians); wall clock "
+        f"{_ms(median(wall))} ms",
     ))
     p99_on = median([percentile(r.hook_s, 99) for r in runs["ckpt"]])
     p99_ctrl = median([percentile(r.hook_s, 99) for r in runs["control"]])
@@ -1074,7 +1083,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.repeats is not None:
         if args.repeats < 1:
             raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
-        cfg = replace(cfg, repeats=args.repeats)
+        cfg = replace(cfg, repeats=args.repeats, overhead_repeats=args.repeats)
     return cfg
 
 

@@ -1057,7 +1057,7 @@ def build_parser(prog: str = "ckptwriter bench") -> argparse.ArgumentParser:
     ap.add_argument("--dir", metavar="PATH", default=None,
                     help="directory on the disk to measure (default: a temp dir in the "
                          "current directory)")
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, about a minute")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, a couple of minutes")
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--only", metavar="NAME", action="append", choices=BENCHMARKS,
                     help=f"run only these benchmarks (repeatable): {', '.join(BENCHMARKS)}")

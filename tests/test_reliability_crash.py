@@ -316,3 +316,43 @@ async def _kill_writer_then_flush(root: Path, log: MemoryLog) -> None:
         log.extend(episode_entries(2))
         await w.submit(snapshot(2, log))
         await w.flush()
+
+
+# -- leftovers from a deletion that died half-way --------------------------------------
+
+
+def _half_deleted_trash(root: Path, name: str) -> Path:
+    """Rename a checkpoint to trash and remove part of it, as a killed rmtree leaves it."""
+    trash = root / f".trash-{name}-0badc0de"
+    os.rename(root / name, trash)
+    next(trash.glob("memory_*.jsonl")).unlink()  # rmtree got this far, runtime.json stays
+    return trash
+
+
+@pytest.mark.anyio
+async def test_half_deleted_trash_is_removed_not_restored(tmp_path: Path) -> None:
+    """A .trash-* whose removal was cut short is removed on start, never put back incomplete."""
+    root = tmp_path / "c"
+    from _fault_util import write_episodes
+
+    await write_episodes(root, range(1, 3), executor="thread")
+    _half_deleted_trash(root, "ep_000001")
+    async with CheckpointWriter(root, executor="thread"):
+        pass
+    assert leftovers(root) == []
+    _assert_no_incomplete(root)
+    assert [i.name for i in list_checkpoints(root)] == ["ep_000002"]
+
+
+@pytest.mark.anyio
+async def test_complete_trash_of_a_recommit_is_restored(tmp_path: Path) -> None:
+    """A whole checkpoint moved aside by a re-commit that then died is put back on start."""
+    root = tmp_path / "c"
+    from _fault_util import write_episodes
+
+    await write_episodes(root, range(1, 3), executor="thread")
+    os.rename(root / "ep_000002", root / ".trash-ep_000002-0badc0de")
+    async with CheckpointWriter(root, executor="thread"):
+        pass
+    assert leftovers(root) == []
+    _assert_reader_sees(root, 2)

@@ -154,6 +154,9 @@ def _check_after_kill(chain: Chain, reply: dict[str, object]) -> None:
     chain.leftovers_seen += len(leftovers(ckpts))
     _reopen(ckpts)
     assert leftovers(ckpts) == []
+    # ... and the start that removed them left every ep_* complete (a half-removed
+    # trash directory must not come back as a checkpoint).
+    assert [(i.name, i.problem) for i in list_checkpoints(ckpts) if not i.complete] == []
 
 
 def _drive(chains: list[Chain]) -> None:

@@ -363,11 +363,16 @@ class LocalStorage:
             return False
         name = entry[len(layout.TRASH_PREFIX) :].rpartition("-")[0]
         path = self.root / entry
-        if (
-            layout.parse_checkpoint_name(name) is None
-            or os.path.lexists(self.root / name)
-            or not (path / layout.RUNTIME_JSON).is_file()
-        ):
+        if layout.parse_checkpoint_name(name) is None or os.path.lexists(self.root / name):
+            return False
+        from ..errors import CheckpointError
+        from ..resume import verify_checkpoint
+
+        try:
+            # Only a whole checkpoint comes back: a trash dir whose rmtree was killed
+            # half-way still has runtime.json but not all its files (found by the torture).
+            verify_checkpoint(path)
+        except CheckpointError:
             return False
         # A checkpoint retention had started deleting comes back too; the next commit's
         # retention pass deletes it again, which is harmless. Losing one is not.

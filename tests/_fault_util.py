@@ -151,7 +151,7 @@ class SlowStorage(LocalStorage):
 
 def leftovers(root: Path) -> list[str]:
     """Temp and trash entries in a checkpoints directory."""
-    return sorted(n for n in os.listdir(root) if n.startswith((".tmp-", ".trash-")))
+    return sorted(n for n in os.listdir(root) if n.startswith((".tmp-", ".trash-", ".replaced-")))
 
 
 def tree_digest(root: Path) -> dict[str, tuple[int, str, int]]:

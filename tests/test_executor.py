@@ -158,3 +158,14 @@ async def test_sigint_to_the_group_spares_the_writer(tmp_path: Path) -> None:
     assert proc.wait(timeout=30) == 0
     proc.stdout.close()
     assert load_checkpoint(tmp_path / "latest").runtime.episode_index == 2
+
+
+async def test_lock_names_the_training_process(tmp_path: Path) -> None:
+    """The lock error names the process a user would stop, not its writer process."""
+    from ckptwriter import DirectoryLockedError
+
+    async with CheckpointWriter(tmp_path) as w:
+        assert w.executor == "process"
+        with pytest.raises(DirectoryLockedError, match=rf"\(pid {os.getpid()} on "):
+            async with CheckpointWriter(tmp_path, executor="thread"):
+                pass

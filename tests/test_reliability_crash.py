@@ -351,8 +351,22 @@ async def test_complete_trash_of_a_recommit_is_restored(tmp_path: Path) -> None:
     from _fault_util import write_episodes
 
     await write_episodes(root, range(1, 3), executor="thread")
-    os.rename(root / "ep_000002", root / ".trash-ep_000002-0badc0de")
+    os.rename(root / "ep_000002", root / ".replaced-ep_000002-0badc0de")
     async with CheckpointWriter(root, executor="thread"):
         pass
     assert leftovers(root) == []
     _assert_reader_sees(root, 2)
+
+
+@pytest.mark.anyio
+async def test_whole_trash_of_a_retention_delete_stays_deleted(tmp_path: Path) -> None:
+    """A checkpoint retention had renamed to trash is not resurrected by the next start."""
+    root = tmp_path / "c"
+    from _fault_util import write_episodes
+
+    await write_episodes(root, range(1, 3), executor="thread")
+    os.rename(root / "ep_000001", root / ".trash-ep_000001-0badc0de")
+    async with CheckpointWriter(root, executor="thread"):
+        pass
+    assert leftovers(root) == []
+    assert [i.name for i in list_checkpoints(root)] == ["ep_000002"]

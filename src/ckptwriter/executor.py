@@ -110,8 +110,9 @@ class Persister:
         """Commit ``snap``, point ``latest`` at it, then delete what retention selects."""
         outcome = self.storage.commit(snap, self.mem)
         self.mem = outcome.memory
-        self.storage.set_latest(outcome)
+        # Known before the pointer moves: if that fails, retention still sees it later.
         self.known[outcome.name] = outcome.record
+        self.storage.set_latest(outcome)
         doomed = select_for_deletion(
             list(self.known.values()), self.policy, protected=self.protect | {outcome.name}
         )

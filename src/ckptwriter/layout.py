@@ -26,6 +26,9 @@ LATEST_JSON = "latest.json"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+# A checkpoint moved aside while the same episode is committed again: unlike trash, it is
+# put back if a crash left its name empty.
+REPLACED_PREFIX = ".replaced-"
 FORMAT_VERSION = 1
 
 _NAME_RE = re.compile(r"^ep_(\d{6,})$")
@@ -58,9 +61,14 @@ def trash_name(name: str) -> str:
     return f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
 
 
+def replaced_name(name: str) -> str:
+    """A unique name a checkpoint is moved to while it is being replaced."""
+    return f"{REPLACED_PREFIX}{name}-{secrets.token_hex(4)}"
+
+
 def is_leftover(name: str) -> bool:
-    """True for temp and trash entries a crashed writer may leave behind."""
-    return name.startswith((TMP_PREFIX, TRASH_PREFIX))
+    """True for temp, trash and replaced entries a crashed writer may leave behind."""
+    return name.startswith((TMP_PREFIX, TRASH_PREFIX, REPLACED_PREFIX))
 
 
 # Never world-writable, whatever the umask: the umask still narrows it further.

@@ -89,7 +89,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
     try:
         storage = open_storage(opening["location"], fsync=bool(opening["fsync"]))
         if isinstance(storage, LocalStorage):
-            storage.owner = f"pid {os.getppid()} (its writer process: pid {os.getpid()})"
+            storage.owner = f"pid {os.getppid()}"  # the training run, not this helper
         persister = Persister(
             storage, make_policy(opening["strategy"], opening["keep_last"]), opening["protect"]
         )

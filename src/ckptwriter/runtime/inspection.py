@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -103,13 +104,19 @@ def _run_of(ckpt_dir: Path) -> Path | None:
     return parent if (parent / "config.yaml").is_file() else None
 
 
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", name) if t]
+
+
 def _runs_under(p: Path, depth: int) -> list[Path]:
     if _is_run_dir(p):
         return [p]
     if depth == 0:
         return []
     try:
-        subs = sorted(e for e in os.listdir(p) if not e.startswith("."))
+        # Natural order: a run started in the same second as another is `_HHMMSS_10`,
+        # which must come after `_HHMMSS_9`.
+        subs = sorted((e for e in os.listdir(p) if not e.startswith(".")), key=_natural)
     except OSError:
         return []
     out: list[Path] = []

@@ -135,6 +135,9 @@ class LocalStorage:
         self.root = Path(os.path.abspath(root))
         self.location = str(self.root)
         self.fsync = fsync
+        # Named in DirectoryLockedError: the process a user would stop. The writer
+        # process sets it to its training process.
+        self.owner = f"pid {os.getpid()}"
         self._lock_fd: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -184,7 +187,7 @@ class LocalStorage:
                 "use another checkpoint_dir."
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        os.pwrite(fd, f"{self.owner} on {os.uname().nodename}\n".encode(), 0)
         self._lock_fd = fd
 
     def close(self) -> None:
@@ -302,8 +305,11 @@ class LocalStorage:
         final = self.root / name
         # Same episode written again (a retry, a resume into the same directory): the old
         # copy is moved aside only now and removed only once the new one is in place; a
-        # crash in between leaves it in .trash-*, which the next open() puts back.
-        old = self._to_trash(name) if os.path.lexists(final) else None
+        # crash in between leaves it in .replaced-*, which the next open() puts back.
+        old = None
+        if os.path.lexists(final):
+            old = self.root / layout.replaced_name(name)
+            os.rename(final, old)
         os.rename(tmp, final)
         if old is not None:
             self._discard(old)
@@ -358,10 +364,14 @@ class LocalStorage:
     # -- deletion --------------------------------------------------------------------
 
     def _restore(self, entry: str) -> bool:
-        """Put back a checkpoint a crash left in trash while a re-commit replaced it."""
-        if not entry.startswith(layout.TRASH_PREFIX):
+        """Put back a checkpoint a crash left aside while a re-commit replaced it.
+
+        Only ``.replaced-*``: ``.trash-*`` holds what retention deletes, which stays
+        deleted (and may be half removed).
+        """
+        if not entry.startswith(layout.REPLACED_PREFIX):
             return False
-        name = entry[len(layout.TRASH_PREFIX) :].rpartition("-")[0]
+        name = entry[len(layout.REPLACED_PREFIX) :].rpartition("-")[0]
         path = self.root / entry
         if layout.parse_checkpoint_name(name) is None or os.path.lexists(self.root / name):
             return False
@@ -374,8 +384,6 @@ class LocalStorage:
             verify_checkpoint(path)
         except CheckpointError:
             return False
-        # A checkpoint retention had started deleting comes back too; the next commit's
-        # retention pass deletes it again, which is harmless. Losing one is not.
         os.rename(path, self.root / name)
         return True
 

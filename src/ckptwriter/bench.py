@@ -75,7 +75,8 @@ class BenchConfig:
 
     Attributes:
         repeats: runs per measured variant; figures are medians over them.
-        overhead_repeats: repeats of the overhead runs, whose 3 % target needs more.
+        loop_repeats: repeats of the overhead and stall runs: their targets (3 %, a
+            ratio of two p99s below 1 ms) need more samples on a shared machine.
         episodes: episodes of the CPU-bound overhead run (target 2).
         episode_cpu_s: pure-Python CPU per episode.
         entries_per_episode: memory entries appended per episode.
@@ -91,7 +92,7 @@ class BenchConfig:
     """
 
     repeats: int = 3
-    overhead_repeats: int = 5
+    loop_repeats: int = 5
     episodes: int = 5000
     episode_cpu_s: float = 0.001
     entries_per_episode: int = 4
@@ -109,13 +110,13 @@ class BenchConfig:
 SIZES: dict[str, BenchConfig] = {
     "full": BenchConfig(),
     "quick": BenchConfig(
-        repeats=3, overhead_repeats=3, episodes=1500, stall_episodes=800, large_memory=200_000,
+        repeats=3, loop_repeats=3, episodes=1500, stall_episodes=800, large_memory=200_000,
         baseline_budget_s=3.0, gib_bytes=256 << 20, incr_entries=200_000,
         incr_every=1_000, encode_entries=200_000,
     ),
     # Seconds in total: for the smoke test, which checks structure, never targets.
     "tiny": BenchConfig(
-        repeats=1, overhead_repeats=1, episodes=40, episode_cpu_s=0.0002, stall_episodes=30,
+        repeats=1, loop_repeats=1, episodes=40, episode_cpu_s=0.0002, stall_episodes=30,
         small_memory=100, large_memory=2_000, baseline_budget_s=0.3, gib_bytes=2 << 20,
         incr_entries=3_000, incr_every=1_000, encode_entries=5_000,
     ),
@@ -526,8 +527,8 @@ def bench_overhead(
                               interval=LOWERED_SWITCH_INTERVAL)
     runs: dict[str, list[LoopRun]] = {"off": [], "ckpt": [], "control": []}
     written: list[int] = []
-    for i in range(cfg.overhead_repeats):
-        log(f"  overhead: repeat {i + 1}/{cfg.overhead_repeats}")
+    for i in range(cfg.loop_repeats):
+        log(f"  overhead: repeat {i + 1}/{cfg.loop_repeats}")
         # Interleaved, so drift in the machine's load hits every variant alike.
         runs["off"].append(run_loop(cfg, base, checkpointing_off, **kw))
         rec = Recorder()
@@ -639,9 +640,10 @@ def bench_stall_freshness(
     fresh: dict[str, list[float]] = {"small": [], "large": []}
     prime: dict[str, list[float]] = {"small": [], "large": []}
     raw: dict[str, Any] = {"small": [], "large": []}
-    for i in range(cfg.repeats):
+    for i in range(cfg.loop_repeats):
         for side, n in sizes.items():
-            log(f"  stall/freshness: repeat {i + 1}/{cfg.repeats}, {side} memory ({n} entries)")
+            log(f"  stall/freshness: repeat {i + 1}/{cfg.loop_repeats}, {side} memory "
+                f"({n} entries)")
             rec = Recorder()
             run = run_loop(cfg, base, ckptwriter_variant(rec, prime=True), memory=n,
                            interval=LOWERED_SWITCH_INTERVAL, **kw)
@@ -1083,7 +1085,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.repeats is not None:
         if args.repeats < 1:
             raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
-        cfg = replace(cfg, repeats=args.repeats, overhead_repeats=args.repeats)
+        cfg = replace(cfg, repeats=args.repeats, loop_repeats=args.repeats)
     return cfg
 
 

@@ -265,11 +265,16 @@ async def test_everything_is_fsynced_before_latest_moves(
 
 
 def _kill_lock_owner(root: Path) -> int:
-    """SIGKILL the process holding the directory lock (the writer process), as OOM would."""
+    """SIGKILL the writer process (it holds the directory lock), as OOM would."""
     import signal
+    import subprocess
 
-    pid = int((root / ".lock").read_text().split()[1])
-    assert pid != os.getpid()
+    # The lock file names the training process (the one a user would stop); the writer
+    # process is its child.
+    assert int((root / ".lock").read_text().split()[1]) == os.getpid()
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "ckptwriter.writer_process"],
+                         capture_output=True, text=True, check=False).stdout
+    (pid,) = (int(p) for p in out.split())
     os.kill(pid, signal.SIGKILL)
     return pid
 

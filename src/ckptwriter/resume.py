@@ -188,7 +188,7 @@ def scan_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
     out: list[CheckpointInfo] = []
     try:
         names = os.listdir(base)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     for name in names:
         ep = layout.parse_checkpoint_name(name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -139,6 +140,43 @@ def _prepare(cfg: Config, search_dirs: tuple[str, ...] | None) -> _Plan:
     return _Plan(cfg, agent, memory, sequence, validation, first, target, steps, resumed)
 
 
+def _check_not_shared(cfg: Config, plan: _Plan) -> None:
+    """Refuse a checkpoint_dir that holds another history's checkpoints.
+
+    Retention ranks checkpoints by episode, so a run writing among a previous run's
+    higher episodes would see its own checkpoints deleted and ``latest`` move back.
+    Continuing a run in place (resuming from its own newest checkpoint) is fine.
+    """
+    d = cfg.runtime.checkpoint_dir
+    if d is None or "://" in d or not os.path.isabs(d):
+        return  # relative: inside this run's own, new, run directory
+    from ..resume import scan_checkpoints
+
+    existing = scan_checkpoints(d)
+    if not existing:
+        return
+    newest = existing[-1]
+    span = f"{existing[0].name} .. {newest.name}" if len(existing) > 1 else newest.name
+    resumed = plan.resumed
+    if resumed is not None and os.path.samefile(resumed.path.parent, d):
+        if newest.episode_index > plan.first_episode:
+            raise ConfigError(
+                f"{cfg.source}: runtime.checkpoint_dir {d} holds {newest.name}, later than "
+                f"the checkpoint you resume from ({resumed.path.name}): writing there would "
+                "mix two histories (retention would delete the new checkpoints and latest "
+                "would move back). Remove runtime.checkpoint_dir to write into the new run "
+                "directory, or resume from its latest"
+            )
+        return
+    raise ConfigError(
+        f"{cfg.source}: runtime.checkpoint_dir {d} already holds checkpoints of another run "
+        f"({span}); each run needs its own checkpoints directory, or retention would delete "
+        "this run's checkpoints and latest would move back. Remove runtime.checkpoint_dir "
+        "(each run then writes into its own run directory), point it at an empty directory, "
+        f"or continue that run with runtime.resume_from: {Path(d) / 'latest'}"
+    )
+
+
 def _make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     try:
         run_dir = layout.create_run_dir(cfg.output_dir, cfg.name)
@@ -147,6 +185,15 @@ def _make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
             f"{cfg.source}: output_dir {cfg.output_dir!r} is unusable ({exc.strerror or exc}); "
             "point output_dir at a writable directory"
         ) from None
+    try:
+        return _fill_run_dir(cfg, run_dir)
+    except BaseException:
+        # A run refused before its first episode leaves no empty run directory behind.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _fill_run_dir(cfg: Config, run_dir: Path) -> tuple[Path, Path | None]:
     # 0o664, not write_text's 0o666: never world-writable, even under umask 000.
     fd = os.open(run_dir / "config.yaml", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -199,6 +246,7 @@ async def run_training(
         WriterFailedError: a checkpoint failed to write (``on_error: raise``).
     """
     plan = _prepare(cfg, search_dirs)
+    _check_not_shared(cfg, plan)
     run_dir, ckpt_dir = _make_run_dir(cfg)
     log.info("Run directory: %s", run_dir)
     if plan.resumed is not None:

@@ -133,3 +133,29 @@ def test_list_checkpoints_marks_incomplete(run_dir: Path) -> None:
     assert infos[3].problem == "runtime.json: missing"
     assert infos[0].runtime is not None
     assert infos[0].runtime.val_score == 0.1
+
+
+def test_episode_index_must_match_the_directory(run_dir: Path) -> None:
+    """An edited episode_index cannot silently restart training from the wrong episode."""
+    rt = run_dir / "checkpoints" / "ep_000200" / "runtime.json"
+    rt.write_text(rt.read_text().replace('"episode_index": 200', '"episode_index": 0'))
+    with pytest.raises(CheckpointCorruptError,
+                       match=r"runtime\.json: episode_index is 0 but the directory is ep_000200"):
+        verify_checkpoint(rt.parent)
+
+
+def test_file_inside_a_checkpoint_names_its_directory(run_dir: Path) -> None:
+    """resume_from pointing at a file of a checkpoint says to pass the directory."""
+    f = run_dir / "checkpoints" / "ep_000200" / "runtime.json"
+    with pytest.raises(CheckpointNotFoundError,
+                       match=r"file inside checkpoint ep_000200: pass the checkpoint directory"):
+        resolve_checkpoint(f)
+
+
+def test_nearby_looks_beside_an_empty_run(run_dir: Path) -> None:
+    """A run directory without checkpoints points at its siblings' checkpoints."""
+    empty = run_dir.parent / "20240116_000000"
+    empty.mkdir()
+    with pytest.raises(CheckpointNotFoundError) as e:
+        resolve_checkpoint(empty)
+    assert any(p.endswith("ep_000300") for p in e.value.nearby)

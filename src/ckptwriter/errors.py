@@ -69,7 +69,7 @@ class CheckpointCorruptError(CheckpointError):
         self.problem = problem
         super().__init__(
             f"Checkpoint {self.checkpoint} is broken: {file}: {problem}. "
-            "Resume from another checkpoint (`ckptwriter ls` lists them) "
+            "Resume from another checkpoint (`ckptwriter verify DIR` checks them all) "
             "or from `latest`, which falls back to the newest valid one."
         )
 

@@ -113,6 +113,14 @@ def _parse_runtime(ckpt: Path) -> RuntimeManifest:
         )
     if layout.AGENT_JSON not in rt.files:
         raise CheckpointCorruptError(ckpt, layout.RUNTIME_JSON, "lists no checksum for agent.json")
+    named = layout.parse_checkpoint_name(ckpt.name)
+    if named is not None and named != rt.episode_index:
+        # runtime.json carries no checksum of its own: an edited episode_index would
+        # silently restart training from the wrong episode ("Training restarts from 0").
+        raise CheckpointCorruptError(
+            ckpt, layout.RUNTIME_JSON,
+            f"episode_index is {rt.episode_index} but the directory is {ckpt.name}",
+        )
     return rt
 
 
@@ -338,6 +346,12 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         for run in reversed(_run_dirs(p)):
             if any(i.complete for i in scan_checkpoints(run / "checkpoints")):
                 return _resolve_latest(run / "checkpoints", str(path))
+    if os.path.isfile(p) and os.path.isfile(p.parent / layout.RUNTIME_JSON):
+        raise CheckpointNotFoundError(
+            str(path), [str(p.parent)],
+            hint=f"That is a file inside checkpoint {p.parent.name}: "
+                 f"pass the checkpoint directory {p.parent} instead.",
+        )
     raise CheckpointNotFoundError(str(path), _nearby(p))
 
 
@@ -412,14 +426,22 @@ def _nearby(p: Path, limit: int = 10) -> list[str]:
     while not os.path.isdir(anc) and anc != anc.parent:
         anc = anc.parent
     found: list[tuple[float, str]] = []
-    for pattern in ("ep_*", "*/ep_*", "*/*/ep_*", "*/*/*/ep_*"):
-        try:
-            for c in anc.glob(pattern):
-                if c.is_dir() and (c / layout.RUNTIME_JSON).exists():
-                    found.append((c.stat().st_mtime, str(c)))
-        except OSError:
-            continue
+    # An existing but empty directory (a run that never saved) has its checkpoints in
+    # siblings: look up to two levels higher, never from the filesystem root.
+    for _ in range(3):
+        if anc == anc.parent:
+            break
+        for pattern in ("ep_*", "*/ep_*", "*/*/ep_*", "*/*/*/ep_*"):
+            try:
+                for c in anc.glob(pattern):
+                    if c.is_dir() and (c / layout.RUNTIME_JSON).exists():
+                        found.append((c.stat().st_mtime, str(c)))
+            except OSError:
+                continue
+            if found:
+                break
         if found:
             break
+        anc = anc.parent
     found.sort(reverse=True)
     return [s for _, s in found[:limit]]

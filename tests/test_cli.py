@@ -387,3 +387,11 @@ def test_failed_checkpoint_write_stops_training_with_exit_1(
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint for episode ")
     assert "Traceback" not in err
+
+
+def test_config_without_subcommand_means_train(tmp_path: Path) -> None:
+    """`python -m ckptwriter --config FILE` (the guide's multi-stage form) trains."""
+    cfg = tmp_path / "stage1.yaml"
+    cfg.write_text("runtime:\n  max_envs_to_visit: 3\n  executor: thread\n")
+    assert cli(["--config", str(cfg)], tmp_path) == 0
+    assert list((tmp_path / "outputs" / "stage1").glob("*/checkpoints/ep_000003"))

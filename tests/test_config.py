@@ -285,3 +285,19 @@ def test_dump_config_round_trips(tmp_path: Path) -> None:
     again = load_config(_write(tmp_path, dump_config(cfg), "resolved.yaml"))
     assert again.model_dump() == cfg.model_dump()
     assert yaml.safe_load(dump_config(cfg))["runtime"]["checkpoint_keep_last"] == 3
+
+
+def test_duplicate_top_level_key_is_an_error(tmp_path: Path) -> None:
+    """Two pasted `runtime:` blocks are refused instead of the first silently vanishing."""
+    p = tmp_path / "pasted.yaml"
+    p.write_text("runtime:\n  checkpoint_every_episodes: 50\nruntime:\n  max_envs_to_visit: 3\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 1: key 'runtime' appears twice; "
+                                          r"merge the two blocks into one$"):
+        load_config(p)
+
+
+def test_empty_runtime_section_means_defaults(tmp_path: Path) -> None:
+    """`runtime:` with every key commented out is an empty section, not an error."""
+    p = tmp_path / "empty_runtime.yaml"
+    p.write_text("runtime:\n  # checkpoint_dir: checkpoints\n")
+    assert load_config(p).runtime.checkpoint_dir == "checkpoints"

@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default ``sys.argv[1:]``).
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and (args_list[0] == "--config" or args_list[0].startswith("--config=")):
+        # The guide's `python -m src.main --config stage1.yaml`: training is the command.
+        args_list.insert(0, "train")
     if args_list and args_list[0] == "bench":
         # The benchmarks own their arguments; imported lazily so the CLI starts fast.
         bench = importlib.import_module("ckptwriter.bench")

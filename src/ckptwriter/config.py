@@ -191,6 +191,11 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
             f"{src}: the top level must be a mapping (e.g. `runtime:`), "
             f"found {_kind(data)}"
         )
+    for section in ("runtime", "agent", "environment", "validation"):
+        # `runtime:` with every key commented out is an empty section, as an empty file
+        # is an empty config.
+        if section in data and data[section] is None:
+            data[section] = {}
     set_keys = _apply_overrides(data, overrides)
     if data.get("run_name") is None:
         data["run_name"] = p.stem
@@ -227,11 +232,41 @@ def _flow_depth(text: str) -> int:
     return deepest
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice is an error rather than silently the last one.
+
+    Pasting two of the guide's snippets into one file gives two ``runtime:`` blocks; the
+    first would vanish without a word.
+    """
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # unhashable keys: the base loader reports them
+            if key in seen:
+                raise _DuplicateKey(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str, src: str) -> Any:
     if _flow_depth(text) > _MAX_DEPTH:
         raise ConfigError(f"{src}: the document is nested too deeply (limit {_MAX_DEPTH} levels)")
     try:
-        return yaml.safe_load(text)
+        # A SafeLoader subclass: plain data only, no Python tags.
+        return yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{src}{_mark(exc.problem_mark)}: {exc.problem}; merge the two blocks into one"
+        ) from None
     except yaml.constructor.ConstructorError as exc:
         tag = str(exc.problem or "")
         where = _mark(exc.problem_mark)

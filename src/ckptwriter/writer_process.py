@@ -124,16 +124,6 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
         persister.close()
 
 
-def _never_preempt_the_loop() -> None:
-    # SCHED_BATCH: waking up (a pipe read, an fsync done) never preempts the training loop;
-    # the writer keeps its fair CPU share. On a loaded 2-core VM this cut the loop's
-    # wall-clock overhead from ~+55 % to ~+5 % (docs/PERFORMANCE.md).
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass  # not Linux: default scheduling
-
-
 def _widen_stdin_pipe() -> None:
     # A 1 MiB pipe instead of 64 KiB: a large delta crosses in 16x fewer wake-ups
     # (measured 670 -> 1,600 MiB/s on the team VM; 1 MiB is the unprivileged maximum).
@@ -149,7 +139,6 @@ def main() -> int:
     """Entry point of the writer process."""
     parent = os.getppid()
     _die_with_parent(parent)
-    _never_preempt_the_loop()
     _widen_stdin_pipe()
     # The parent drains and stops us; a Ctrl-C or SIGTERM sent to the whole process
     # group must not kill the writer before the final checkpoint is written.

@@ -399,9 +399,20 @@ def _load_dir(ckpt: Path, expected_memory_type: str | None) -> LoadedCheckpoint:
         raise CheckpointNotFoundError(ckpt, _nearby(ckpt))
     # Sizes and symlinks first (cheap, and the most precise message), then one read each.
     rt, _ = _quick_check(ckpt)
+    raw = {name: _read_regular(ckpt / name, ckpt, name) for name in rt.files}
+    return checkpoint_from_files(ckpt, rt, raw, expected_memory_type)
+
+
+def checkpoint_from_files(
+    ckpt: Path, rt: RuntimeManifest, raw: dict[str, bytes], expected_memory_type: str | None
+) -> LoadedCheckpoint:
+    """Check each file's bytes against runtime.json and build the loaded checkpoint.
+
+    Shared by every backend: ``raw`` maps each name in ``rt.files`` to its bytes.
+    """
     blobs: dict[str, bytes] = {}
     for name, digest in rt.files.items():
-        data = _read_regular(ckpt / name, ckpt, name)
+        data = raw[name]
         if len(data) != digest.bytes or hashlib.sha256(data).hexdigest() != digest.sha256:
             raise CheckpointCorruptError(ckpt, name, "sha256 does not match runtime.json")
         blobs[name] = data

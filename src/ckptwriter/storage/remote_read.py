@@ -26,11 +26,9 @@ from ..errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointNotFoundError,
-    MemoryTypeMismatchError,
     UnsafePathError,
 )
-from ..manifest import AgentManifest, LatestPointer, RuntimeManifest
-from ..memory import MemoryLog
+from ..manifest import LatestPointer, RuntimeManifest
 
 # resume imports this module lazily (inside its functions), so no import cycle.
 from ..resume import CheckpointFallbackWarning, CheckpointInfo, LoadedCheckpoint
@@ -308,27 +306,10 @@ class _Reader:
         except FileNotFoundError as exc:
             missing = posixpath.basename(str(exc.filename or "")) or "a file"
             raise CheckpointCorruptError(ckpt_path, missing, "missing") from None
-        blobs: dict[str, bytes] = {}
-        for name, digest in rt.files.items():
-            data = raw[f"{ckpt}/{name}"]
-            if len(data) != digest.bytes or hashlib.sha256(data).hexdigest() != digest.sha256:
-                raise CheckpointCorruptError(ckpt_path, name, "sha256 does not match runtime.json")
-            blobs[name] = data
-        try:
-            agent = AgentManifest.model_validate_json(blobs.pop(layout.AGENT_JSON))
-        except ValidationError as exc:
-            problem = f"invalid ({exc.errors()[0]['msg']})"
-            raise CheckpointCorruptError(ckpt_path, layout.AGENT_JSON, problem) from None
-        if expected_memory_type is not None and agent.memory_type != expected_memory_type:
-            raise MemoryTypeMismatchError(ckpt_path, agent.memory_type, expected_memory_type)
-        mem_bytes = blobs.pop(rt.memory_snapshot_path)
-        try:
-            memory = MemoryLog.from_jsonl(mem_bytes, memory_type=agent.memory_type)
-        except ValueError as exc:
-            raise CheckpointCorruptError(ckpt_path, rt.memory_snapshot_path, str(exc)) from None
-        return LoadedCheckpoint(
-            path=ckpt_path, runtime=rt, agent=agent, memory=memory, extra_files=blobs
-        )
+        from ..resume import checkpoint_from_files
+
+        by_name = {name: raw[f"{ckpt}/{name}"] for name in rt.files}
+        return checkpoint_from_files(ckpt_path, rt, by_name, expected_memory_type)
 
 
 def _is_checkpoints_dir(children: list[str]) -> bool:

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from .. import layout
 from ..errors import CheckpointError, DirectoryLockedError
-from ..manifest import dump_json, format_timestamp
+from ..manifest import commit_documents
 from ..retention import CheckpointRecord
 from ..snapshot import CapturedSnapshot
 from .base import CommitOutcome, MemoryState
@@ -314,23 +314,7 @@ class RemoteStorage:
         self._step("objects_written")
         files[mem_name] = {"bytes": mem.nbytes, "sha256": sha.hexdigest()}
         s0 = time.perf_counter()
-        timestamp = format_timestamp(snap.timestamp)
-        runtime = dump_json({
-            "timestamp": timestamp,
-            "episode_index": snap.episode_index,
-            "train_steps_total": snap.train_steps_total,
-            "agent_type": snap.agent_type,
-            "memory_snapshot_path": mem_name,
-            "val_score": snap.val_score,
-            "format_version": layout.FORMAT_VERSION,
-            "memory_entries": mem.entries,
-            "resumed_from": snap.resumed_from,
-            "files": files,
-        })
-        latest_json = dump_json({
-            "checkpoint": name, "episode_index": snap.episode_index,
-            "timestamp": timestamp, "val_score": snap.val_score,
-        })
+        runtime, latest_json = commit_documents(snap, name, mem_name, files)
         serialize_s = time.perf_counter() - s0
         # The lock may have been lost while uploading: never commit over another writer.
         self._confirm_lock()

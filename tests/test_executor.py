@@ -169,3 +169,23 @@ async def test_lock_names_the_training_process(tmp_path: Path) -> None:
         with pytest.raises(DirectoryLockedError, match=rf"\(pid {os.getpid()} on "):
             async with CheckpointWriter(tmp_path, executor="thread"):
                 pass
+
+
+@pytest.mark.parametrize("mib", [pytest.param(12, id="full-12MiB")])
+async def test_large_delta_is_handed_over_as_a_file(tmp_path: Path, mib: int) -> None:
+    """A delta above the pipe hand-off size arrives intact, incrementally after, no temp left."""
+    from ckptwriter import Action
+
+    mem = MemoryLog()
+    big = "x" * 1000
+    for _ in range(mib * 1024):
+        mem.append(Action(content=big))
+    async with CheckpointWriter(tmp_path, fsync=False) as w:
+        r1 = await (await w.submit(snapshot(mem, 1))).wait()
+        add_episode(mem, 2)
+        r2 = await (await w.submit(snapshot(mem, 2))).wait()
+    assert (r1.incremental, r2.incremental) == (False, True)
+    assert r2.entries_serialized == 3
+    assert load_checkpoint(tmp_path / "ep_000001").memory.nbytes == r1.bytes_serialized
+    assert load_checkpoint(tmp_path / "latest").memory.to_jsonl() == mem.to_jsonl()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import subprocess
@@ -30,7 +31,7 @@ import msgspec
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from . import errors
+from . import errors, layout
 from .errors import CheckpointError, StorageError
 from .memory import MemoryCapture
 from .retention import CheckpointRecord, RetentionPolicy, make_policy, select_for_deletion
@@ -55,6 +56,11 @@ _CHILD_CODE = (
     "import sys; sys.path[0] = sys.argv[1]; "
     "from ckptwriter.writer_process import main; sys.exit(main())"
 )
+# A delta larger than this goes to the writer process in memory shared through a file
+# (a memfd: RAM, never written back to disk) rather than through the pipe: written by one
+# blocking writev in a worker thread and mapped by the child, it skips two copies and the
+# pipe's pacing, so a full write of a large memory costs about what a raw write does.
+_FILE_HANDOFF_BYTES = 8 * 1024 * 1024
 # How long a closing writer process may take to finish before it is killed.
 _CLOSE_TIMEOUT = 30.0
 # Where the ckptwriter package lives, so the child imports this very copy of it.
@@ -213,7 +219,7 @@ def snapshot_header(snap: CapturedSnapshot, base: int) -> dict[str, Any]:
     }
 
 
-def snapshot_from_header(h: dict[str, Any], delta: bytes) -> CapturedSnapshot:
+def snapshot_from_header(h: dict[str, Any], delta: bytes | mmap.mmap) -> CapturedSnapshot:
     """Rebuild, in the writer process, the snapshot a header and its delta describe."""
     nbytes, base = int(h["nbytes"]), int(h["base"])
     memory = MemoryCapture(
@@ -227,6 +233,23 @@ def snapshot_from_header(h: dict[str, Any], delta: bytes) -> CapturedSnapshot:
         resumed_from=h["resumed_from"], timestamp=datetime.fromisoformat(h["timestamp"]),
         captured_at=0.0,
     )
+
+
+def _shared_delta(views: list[memoryview], location: str) -> int:
+    """An fd holding the delta: a memfd, or an unlinked file beside the checkpoints."""
+    try:
+        fd = os.memfd_create("ckptwriter-delta", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        # No memfd (not Linux): an unlinked temp file; it vanishes with the last fd.
+        path = os.path.join(location, layout.temp_name("delta"))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.unlink(path)
+    try:
+        _write_all(fd, views)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class ProcessExecutor:
@@ -243,6 +266,7 @@ class ProcessExecutor:
                  keep_last: int | None, protect: Collection[str]) -> None:
         # Validate here too, so a bad policy fails before a process is started.
         make_policy(strategy, keep_last)
+        self._location = location
         self._open_msg = {
             "op": "open", "location": location, "fsync": fsync, "strategy": strategy,
             "keep_last": keep_last, "protect": sorted(protect),
@@ -330,9 +354,21 @@ class ProcessExecutor:
 
     async def _exchange(self, snap: CapturedSnapshot, base: int) -> dict[str, Any]:
         mem = snap.memory
-        head = encode_message(snapshot_header(snap, base)) + _PAYLOAD.pack(mem.nbytes - base)
-        await self._send([memoryview(head), *mem.iter_bytes(base)])
-        return await self._receive()
+        header = snapshot_header(snap, base)
+        if mem.nbytes - base <= _FILE_HANDOFF_BYTES:
+            head = encode_message(header) + _PAYLOAD.pack(mem.nbytes - base)
+            await self._send([memoryview(head), *mem.iter_bytes(base)])
+            return await self._receive()
+        views = list(mem.iter_bytes(base))
+        fd = await anyio.to_thread.run_sync(_shared_delta, views, self._location,
+                                            limiter=self._limiter)
+        try:
+            # The child opens it by this path, which stays valid while we hold the fd.
+            header["delta_file"] = f"/proc/{os.getpid()}/fd/{fd}"
+            await self._send([memoryview(encode_message(header) + _PAYLOAD.pack(0))])
+            return await self._receive()
+        finally:
+            os.close(fd)
 
     async def _send(self, views: list[memoryview] | list[bytes]) -> None:
         assert self._wfd is not None

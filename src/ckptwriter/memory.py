@@ -9,6 +9,7 @@ per-entry Python work off the training loop.
 from __future__ import annotations
 
 import bisect
+import mmap
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -127,7 +128,8 @@ class MemoryCapture:
     log_id: str
     entries: int
     nbytes: int
-    chunks: Sequence[bytes]
+    # bytes in the loop; the writer process may map a large delta from a file instead.
+    chunks: Sequence[bytes | mmap.mmap]
     chunk_ends: Sequence[int]
     n_chunks: int
     # Offset of the first chunk: a capture received by the writer process holds only the

@@ -7,6 +7,7 @@ exits when stdin closes. Nothing but frames is ever written to stdout.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import signal
@@ -106,10 +107,15 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
             size = _read_exactly(inp, _PAYLOAD.size)
             if size is None:
                 return 0
-            delta = _read_exactly(inp, _PAYLOAD.unpack(size)[0])
+            delta: bytes | mmap.mmap | None = _read_exactly(inp, _PAYLOAD.unpack(size)[0])
             if delta is None:
                 return 0
             try:
+                if "delta_file" in msg:
+                    # A large delta was handed over as a file: map it instead of reading
+                    # it through the pipe (the parent removes the file afterwards).
+                    with open(msg["delta_file"], "rb") as f:
+                        delta = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 result = persister.persist(snapshot_from_header(msg, delta))
             except NeedFullMemory:
                 # The previous file cannot be extended after all (changed on disk, or

@@ -267,7 +267,9 @@ async def run_training(
             # step of a commit. This loop is CPU-bound and rarely blocks, so at CPython's
             # default 5 ms switch interval every GIL hand-off to the writer can cost 5 ms
             # and a checkpoint lags by seconds (then backpressure stalls the loop). 0.5 ms
-            # keeps the writer prompt at no measurable cost to the loop. The library never
+            # keeps the writer prompt; it costs the loop about 10 % when checkpointing
+            # every episode with a thread (docs/PERFORMANCE.md), nothing measurable with
+            # the default writer process, which has its own GIL. The library never
             # changes this interpreter-wide setting itself; the runtime owns the process
             # and opts in for the duration of training.
             with switch_interval():

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -56,11 +57,13 @@ _CHILD_CODE = (
     "import sys; sys.path[0] = sys.argv[1]; "
     "from ckptwriter.writer_process import main; sys.exit(main())"
 )
-# A delta larger than this goes to the writer process in memory shared through a file
-# (a memfd: RAM, never written back to disk) rather than through the pipe: written by one
-# blocking writev in a worker thread and mapped by the child, it skips two copies and the
-# pipe's pacing, so a full write of a large memory costs about what a raw write does.
-_FILE_HANDOFF_BYTES = 8 * 1024 * 1024
+# A delta that does not fit the pipe goes to the writer process in memory shared through
+# a file (a memfd: RAM, never written back to disk), and the child maps it. The loop copies
+# it in itself, a slice per iteration: a memcpy never blocks, and a worker thread would
+# need the GIL, which a CPU-bound loop can starve it of for seconds.
+_HANDOFF_SLICE_BYTES = 8 * 1024 * 1024
+# Room for the header in the pipe beside the delta.
+_HEADER_ROOM = 64 * 1024
 # How long a closing writer process may take to finish before it is killed.
 _CLOSE_TIMEOUT = 30.0
 # Where the ckptwriter package lives, so the child imports this very copy of it.
@@ -235,21 +238,16 @@ def snapshot_from_header(h: dict[str, Any], delta: bytes | mmap.mmap) -> Capture
     )
 
 
-def _shared_delta(views: list[memoryview], location: str) -> int:
-    """An fd holding the delta: a memfd, or an unlinked file beside the checkpoints."""
+def _new_delta_fd(location: str) -> int:
+    """An empty fd for a large delta: a memfd, or an unlinked file beside the checkpoints."""
     try:
-        fd = os.memfd_create("ckptwriter-delta", os.MFD_CLOEXEC)
+        return os.memfd_create("ckptwriter-delta", os.MFD_CLOEXEC)
     except (AttributeError, OSError):
         # No memfd (not Linux): an unlinked temp file; it vanishes with the last fd.
         path = os.path.join(location, layout.temp_name("delta"))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.unlink(path)
-    try:
-        _write_all(fd, views)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return fd
 
 
 class ProcessExecutor:
@@ -275,7 +273,6 @@ class ProcessExecutor:
         self._rx: BufferedByteReceiveStream | None = None
         self._wfd: int | None = None
         self._pipe_bytes = 65536
-        self._limiter: anyio.CapacityLimiter | None = None
         # (log_id, nbytes) of the memory file the process committed last: deltas start there.
         self._base: tuple[str, int] | None = None
 
@@ -284,8 +281,6 @@ class ProcessExecutor:
         return [CheckpointRecord(n, e, s) for n, e, s in reply["records"]]
 
     async def _start(self) -> dict[str, Any]:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
         # Our own pipe for the child's stdin: a blocking fd that a worker thread can write
         # a large delta to in one syscall, while the loop writes small ones directly.
         rfd, wfd = os.pipe()
@@ -309,7 +304,7 @@ class ProcessExecutor:
         self._rx = BufferedByteReceiveStream(self._proc.stdout)
         self._base = None
         try:
-            await self._send([encode_message(self._open_msg)])
+            await self._send([memoryview(encode_message(self._open_msg))])
             reply = await self._receive()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -355,14 +350,22 @@ class ProcessExecutor:
     async def _exchange(self, snap: CapturedSnapshot, base: int) -> dict[str, Any]:
         mem = snap.memory
         header = snapshot_header(snap, base)
-        if mem.nbytes - base <= _FILE_HANDOFF_BYTES:
+        if mem.nbytes - base <= self._pipe_bytes - _HEADER_ROOM:
             head = encode_message(header) + _PAYLOAD.pack(mem.nbytes - base)
             await self._send([memoryview(head), *mem.iter_bytes(base)])
             return await self._receive()
-        views = list(mem.iter_bytes(base))
-        fd = await anyio.to_thread.run_sync(_shared_delta, views, self._location,
-                                            limiter=self._limiter)
+        fd = _new_delta_fd(self._location)
         try:
+            batch: list[memoryview] = []
+            size = 0
+            for view in mem.iter_bytes(base):
+                batch.append(view)
+                size += len(view)
+                if size >= _HANDOFF_SLICE_BYTES:
+                    _write_all(fd, batch)
+                    batch, size = [], 0
+                    await anyio.lowlevel.checkpoint()
+            _write_all(fd, batch)
             # The child opens it by this path, which stays valid while we hold the fd.
             header["delta_file"] = f"/proc/{os.getpid()}/fd/{fd}"
             await self._send([memoryview(encode_message(header) + _PAYLOAD.pack(0))])
@@ -370,17 +373,12 @@ class ProcessExecutor:
         finally:
             os.close(fd)
 
-    async def _send(self, views: list[memoryview] | list[bytes]) -> None:
+    async def _send(self, views: list[memoryview]) -> None:
         assert self._wfd is not None
-        data = [memoryview(v) for v in views]
-        if sum(len(v) for v in data) <= self._pipe_bytes:
-            # The child has read everything before it answered the previous message, so
-            # the pipe is empty: this write completes at once, without blocking the loop.
-            _write_all(self._wfd, data)
-        else:
-            # Too big for the pipe: a worker thread blocks in writev while the child reads.
-            # The loop does not pace the transfer, whatever it is busy with.
-            await anyio.to_thread.run_sync(_write_all, self._wfd, data, limiter=self._limiter)
+        # Only messages that fit the pipe are sent (larger deltas go through a memfd), and
+        # the child has read everything before it answered the previous message, so the
+        # pipe is empty: this write completes at once, without blocking the loop.
+        _write_all(self._wfd, views)
 
     async def _receive(self) -> dict[str, Any]:
         assert self._rx is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -395,3 +396,16 @@ def test_config_without_subcommand_means_train(tmp_path: Path) -> None:
     cfg.write_text("runtime:\n  max_envs_to_visit: 3\n  executor: thread\n")
     assert cli(["--config", str(cfg)], tmp_path) == 0
     assert list((tmp_path / "outputs" / "stage1").glob("*/checkpoints/ep_000003"))
+
+
+def test_verify_warns_when_latest_json_disagrees(tmp_path: Path) -> None:
+    """verify names a latest.json that disagrees with the latest symlink, without failing."""
+    ck = train(config(tmp_path, max_envs_to_visit=20, checkpoint_every_episodes=10)).checkpoint_dir
+    assert ck is not None
+    (ck / "latest.json").write_text(
+        (ck / "latest.json").read_text().replace("ep_000020", "ep_000010"))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli(["verify", str(ck)], tmp_path)
+    assert code == 0
+    assert "latest.json: names ep_000010 but latest points at ep_000020" in buf.getvalue()

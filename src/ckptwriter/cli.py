@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -225,6 +226,28 @@ def _show(path: str, out: Console) -> int:
     return 0
 
 
+def _latest_json_problem(root: Path) -> str | None:
+    """What is wrong with latest.json beside a latest symlink (readers use the symlink)."""
+    from pydantic import ValidationError
+
+    from .manifest import LatestPointer
+
+    link = root / layout.LATEST_LINK
+    if "://" in os.fspath(root) or not os.path.islink(link):
+        return None  # without the symlink, latest.json is the pointer and checked above
+    target = os.readlink(link)
+    try:
+        ptr = LatestPointer.model_validate_json((root / layout.LATEST_JSON).read_bytes())
+    except FileNotFoundError:
+        return "missing (readers use the latest symlink; the next checkpoint writes it)"
+    except (OSError, ValidationError):
+        return "invalid (readers use the latest symlink; the next checkpoint rewrites it)"
+    if ptr.checkpoint != target:
+        return (f"names {ptr.checkpoint} but latest points at {target} (a crash between "
+                "the two updates: readers use the symlink; the next checkpoint repairs it)")
+    return None
+
+
 def _verify(path: str, out: Console) -> int:
     from .resume import verify_checkpoint
     from .runtime.inspection import find_checkpoint_dirs, latest_name
@@ -247,6 +270,10 @@ def _verify(path: str, out: Console) -> int:
                 out.print(f"BROKEN  {cdir.path / layout.LATEST_LINK}: points at {latest}, "
                           "which does not exist", markup=False)
                 broken += 1
+            pointer_problem = _latest_json_problem(cdir.path)
+            if pointer_problem is not None:
+                out.print(f"WARN    {cdir.path / layout.LATEST_JSON}: {pointer_problem}",
+                          markup=False)
     for ckpt in targets:
         try:
             rt = verify_checkpoint(ckpt)

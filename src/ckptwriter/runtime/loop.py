@@ -177,6 +177,18 @@ def _check_not_shared(cfg: Config, plan: _Plan) -> None:
     )
 
 
+def _effective(cfg: Config, plan: _Plan) -> Config:
+    """The config with the defaults this run applied filled in, as config.yaml records it."""
+    rt = cfg.runtime
+    strategy = rt.checkpoint_strategy
+    if strategy is None and rt.checkpoint_dir is not None:
+        strategy = "all" if rt.checkpoint_keep_last is None else "last_n"
+    runtime = rt.model_copy(update={
+        "max_envs_to_visit": plan.target_episode, "checkpoint_strategy": strategy,
+    })
+    return cfg.model_copy(update={"runtime": runtime})
+
+
 def _make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     try:
         run_dir = layout.create_run_dir(cfg.output_dir, cfg.name)
@@ -247,7 +259,7 @@ async def run_training(
     """
     plan = _prepare(cfg, search_dirs)
     _check_not_shared(cfg, plan)
-    run_dir, ckpt_dir = _make_run_dir(cfg)
+    run_dir, ckpt_dir = _make_run_dir(_effective(cfg, plan))
     log.info("Run directory: %s", run_dir)
     if plan.resumed is not None:
         log.info("Resuming from episode %d (checkpoint %s)",

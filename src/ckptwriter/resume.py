@@ -98,6 +98,11 @@ def _read_regular(path: Path, checkpoint: Path, name: str) -> bytes:
 
 def _parse_runtime(ckpt: Path) -> RuntimeManifest:
     data = _read_regular(ckpt / layout.RUNTIME_JSON, ckpt, layout.RUNTIME_JSON)
+    return runtime_from_bytes(ckpt, data)
+
+
+def runtime_from_bytes(ckpt: Path, data: bytes) -> RuntimeManifest:
+    """Validate a checkpoint's runtime.json (shared by every backend's reader)."""
     try:
         rt = RuntimeManifest.model_validate_json(data)
     except ValidationError as exc:

@@ -142,25 +142,9 @@ class _Reader:
     # -- one checkpoint ----------------------------------------------------------------
 
     def parse_runtime(self, ckpt: str, data: bytes) -> RuntimeManifest:
-        shown = self.path(ckpt)
-        try:
-            rt = RuntimeManifest.model_validate_json(data)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "document"
-            msg = f"invalid ({where}: {err['msg']})"
-            if err["loc"] and err["loc"][0] in {"memory_snapshot_path", "files"}:
-                raise UnsafePathError(shown, layout.RUNTIME_JSON, msg) from None
-            raise CheckpointCorruptError(shown, layout.RUNTIME_JSON, msg) from None
-        if rt.memory_snapshot_path not in rt.files:
-            raise CheckpointCorruptError(
-                shown, layout.RUNTIME_JSON, f"lists no checksum for {rt.memory_snapshot_path}"
-            )
-        if layout.AGENT_JSON not in rt.files:
-            raise CheckpointCorruptError(
-                shown, layout.RUNTIME_JSON, "lists no checksum for agent.json"
-            )
-        return rt
+        from ..resume import runtime_from_bytes
+
+        return runtime_from_bytes(self.path(ckpt), data)
 
     def read_marker(self, ckpt: str) -> bytes | None:
         try:

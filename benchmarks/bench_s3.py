@@ -34,6 +34,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ckptwriter.bench import burn_cpu, calibrate_burn
+
 BUCKET = "ckptwriter-bench"
 
 
@@ -113,25 +115,6 @@ def bench_throughput(url: str, memory_mib: int, append_mib: int, checkpoints: in
         storage.close()
 
 
-def _calibrate(seconds: float) -> int:
-    """Iterations of the busy loop that take about ``seconds`` on this machine."""
-    n = 10_000
-    while True:
-        t0 = time.perf_counter()
-        _work(n)
-        dt = time.perf_counter() - t0
-        if dt > 0.05:
-            return max(1, int(n * seconds / dt))
-        n *= 2
-
-
-def _work(n: int) -> int:
-    x = 0
-    for i in range(n):
-        x += i
-    return x
-
-
 async def _loop(url: str | None, steps: int, every: int, append_mib: int,
                 base_mib: int, work: int) -> tuple[list[float], int]:
     from ckptwriter import CheckpointWriter, MemoryLog, Snapshot
@@ -150,7 +133,7 @@ async def _loop(url: str | None, steps: int, every: int, append_mib: int,
             t0 = time.perf_counter()
             # A fixed amount of pure-Python work: a writer that takes the GIL or a
             # core away from the loop makes it take longer.
-            _work(work)
+            burn_cpu(work)
             if writer is not None and step and step % every == 0:
                 handles.append(await writer.submit(Snapshot(step, step, "Bench", memory)))
             await asyncio.sleep(0)
@@ -196,7 +179,7 @@ def bench_stall(endpoint_url: str, steps: int, every: int, append_mib: int,
     """Per-step loop time with and without a writer uploading to S3."""
     from ckptwriter import switch_interval
 
-    work = _calibrate(0.0005)
+    work = calibrate_burn(0.0005)
 
     def report(label: str, times: list[float], written: int, gcs: _GenTwoPauses) -> None:
         ms = sorted(t * 1000 for t in times)

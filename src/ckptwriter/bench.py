@@ -50,6 +50,8 @@ __all__ = [
     "LoopRun",
     "Report",
     "Variant",
+    "burn_cpu",
+    "calibrate_burn",
     "cpu_loop",
     "machine_info",
     "main",
@@ -255,7 +257,7 @@ def fill_memory(n_entries: int, pool: Sequence[AnyEntry]) -> MemoryLog:
     return log
 
 
-def _burn(n: int) -> int:
+def burn_cpu(n: int) -> int:
     # Pure-Python arithmetic: holds the GIL the whole time, like an agent's step logic.
     x = 0
     for i in range(n):
@@ -268,7 +270,7 @@ def calibrate_burn(seconds: float) -> int:
     n = 20_000
     while True:
         t = time.perf_counter()
-        _burn(n)
+        burn_cpu(n)
         dt = time.perf_counter() - t
         if dt > 0.02:
             break
@@ -276,7 +278,7 @@ def calibrate_burn(seconds: float) -> int:
     per_iter = []
     for _ in range(5):
         t = time.perf_counter()
-        _burn(n)
+        burn_cpu(n)
         per_iter.append((time.perf_counter() - t) / n)
     return max(1, round(seconds / median(per_iter)))
 
@@ -336,7 +338,7 @@ async def cpu_loop(
         t0 = perf()
         c0 = time.thread_time()
         for ep in range(1, episodes + 1):
-            _burn(burn_n)
+            burn_cpu(burn_n)
             for _ in range(entries_per_episode):
                 log.append(pool[pos])
                 pos = (pos + 1) % k

@@ -436,7 +436,6 @@ class CheckpointWriter:
                 handle._job = target
                 target.handle = handle
                 target.snap = job.snap
-                job = target
                 self._counts["coalesced"] += 1
             else:
                 self._counts["stalls"] += 1

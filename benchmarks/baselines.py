@@ -11,11 +11,11 @@ from pathlib import Path
 
 import anyio
 
-from ckptwriter.bench import EpisodeHook, Variant
-from ckptwriter.memory import MemoryLog
+from ckptwriter import MemoryLog
+
+from .loop import EpisodeHook, Variant
 
 __all__ = ["BASELINES", "naive_sync", "thread_rewrite"]
-
 
 
 def _dump_all(log: MemoryLog, upto: int) -> bytes:

@@ -4,9 +4,10 @@ Starts moto's S3 server as a separate process on 127.0.0.1 (so its CPU work does
 compete with this process for the GIL), points s3fs at it with ``AWS_ENDPOINT_URL``,
 and measures:
 
-1. throughput: a full upload of a large memory file (concurrent multipart parts), then
-   incremental checkpoints that copy the unchanged prefix server-side (UploadPartCopy)
-   and upload only what was appended;
+1. throughput: a full checkpoint of a large memory file (concurrent multipart parts),
+   then incremental checkpoints that copy the unchanged prefix server-side
+   (UploadPartCopy) and upload only what was appended, each through a
+   ``CheckpointWriter`` and timed from capture to durable;
 2. loop stall: an asyncio loop doing a fixed ~0.5 ms of pure-Python work per step
    (calibrated), submitting a
    checkpoint every N steps, compared with the same loop without a writer, at the
@@ -15,7 +16,7 @@ and measures:
 moto keeps objects in memory and hashes every part in Python: absolute numbers are a
 floor set by the emulator, not by S3. Compare runs on one machine, not across.
 
-Usage: ``python benchmarks/bench_s3.py [--memory-mib 64] [--append-mib 1] [--checkpoints 6]``
+Usage: ``python -m benchmarks.bench_s3 [--memory-mib 64] [--append-mib 1] [--checkpoints 6]``
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ckptwriter.bench import burn_cpu, calibrate_burn
+from .workload import burn_cpu, calibrate_burn
 
 BUCKET = "ckptwriter-bench"
 
@@ -86,33 +87,29 @@ def _grow(memory: object, nbytes: int) -> None:
 
 
 def bench_throughput(url: str, memory_mib: int, append_mib: int, checkpoints: int) -> None:
-    """Full and incremental commits straight through the storage backend."""
-    from ckptwriter import MemoryLog, Snapshot
-    from ckptwriter.storage.remote import RemoteStorage
+    """Full and incremental checkpoints, each awaited before the memory grows again."""
+    asyncio.run(_throughput(url, memory_mib, append_mib, checkpoints))
 
-    storage = RemoteStorage(url)
-    storage.open()
+
+async def _throughput(url: str, memory_mib: int, append_mib: int, checkpoints: int) -> None:
+    from ckptwriter import CheckpointWriter, MemoryLog, Snapshot
+
     memory = MemoryLog()
     _grow(memory, memory_mib * 2**20)
-    prev = None
-    try:
+    async with CheckpointWriter(url, strategy="all", on_backlog="block") as writer:
         for ep in range(1, checkpoints + 1):
             if ep > 1:
                 _grow(memory, append_mib * 2**20)
-            snap = Snapshot(ep, ep, "BenchAgent", memory).capture()
-            t0 = time.perf_counter()
-            out = storage.commit(snap, prev)
-            storage.set_latest(out)
-            dt = time.perf_counter() - t0
-            prev = out.memory
+            handle = await writer.submit(Snapshot(ep, ep, "BenchAgent", memory))
+            out = await handle.wait()
+            # Capture to durable: the upload, the commit marker and the pointer.
+            dt = out.latency_seconds
             kind = "incremental" if out.incremental else "full"
             mib = out.bytes_serialized / 2**20
             print(f"  ep {ep}: {kind:<11} file {memory.nbytes / 2**20:7.1f} MiB, "
                   f"uploaded {mib:6.1f} MiB in {dt * 1000:7.1f} ms "
                   f"({mib / dt:6.1f} MiB/s uploaded, {memory.nbytes / 2**20 / dt:6.1f} MiB/s "
                   "of checkpoint)")
-    finally:
-        storage.close()
 
 
 async def _loop(url: str | None, steps: int, every: int, append_mib: int,

@@ -30,10 +30,10 @@ from ckptwriter import (
     Observation,
     Reflection,
     Snapshot,
+    layout,
 )
-from ckptwriter.snapshot import CapturedSnapshot
-from ckptwriter.storage import LocalStorage, MemoryState
-from ckptwriter.storage.base import CommitOutcome
+from ckptwriter.storage import LocalStorage
+from ckptwriter.storage.base import PendingCheckpoint
 
 PY = sys.executable
 HERE = Path(__file__).resolve()
@@ -113,10 +113,10 @@ class FaultStorage(LocalStorage):
         self.steps_seen: list[str] = []
         self._episode: int | None = None
 
-    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
-        # set_latest and delete follow commit in the same worker call: they belong to it.
-        self._episode = snap.episode_index
-        return super().commit(snap, prev)
+    def begin(self, name: str) -> PendingCheckpoint:
+        # replace_pointer and delete follow in the same worker call: they belong to it.
+        self._episode = layout.parse_checkpoint_name(name)
+        return super().begin(name)
 
     def _step(self, name: str) -> None:
         self.steps_seen.append(name)
@@ -141,9 +141,9 @@ class SlowStorage(LocalStorage):
         super().__init__(root, fsync=False)
         self.delay = delay
 
-    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
+    def begin(self, name: str) -> PendingCheckpoint:
         time.sleep(self.delay)
-        return super().commit(snap, prev)
+        return super().begin(name)
 
 
 # -- inspection ------------------------------------------------------------------------

@@ -43,3 +43,11 @@ def snapshot(memory: MemoryLog, ep: int, val_score: float | None = None, **kw: A
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run anyio-marked tests on both asyncio and trio."""
     return str(request.param)
+
+
+def open_dir(storage: Any) -> list[Any]:
+    """Open a backend as a writer does (lock, leftovers) and list what is committed."""
+    from ckptwriter.commit import CommitPipeline
+    from ckptwriter.retention import KeepAll
+
+    return CommitPipeline(storage, KeepAll()).open()

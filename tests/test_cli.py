@@ -254,6 +254,22 @@ def test_du_per_checkpoint_and_run(tmp_path: Path, capsys: pytest.CaptureFixture
     assert out.rstrip().endswith("total")
 
 
+def test_du_does_not_follow_a_symlinked_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A symlinked ep_* to a large tree outside adds 0 B: du counts what is in the run."""
+    ck = _ckpts(_run(tmp_path))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(b"\0" * (3 * 2**20))
+    (ck / "ep_000900").symlink_to(outside, target_is_directory=True)
+    assert cli(["du", str(ck.parent)], tmp_path) == 0
+    out = capsys.readouterr().out
+    [line] = [ln for ln in out.splitlines() if ln.endswith("ep_000900")]
+    assert line.split()[:2] == ["0", "B"]
+    assert "MiB" not in out
+
+
 def test_size_and_age_formats() -> None:
     """Sizes print like du -h and ages in the largest whole unit."""
     assert (format_size(512), format_size(2048), format_size(3 * 1024**3)) == (

@@ -14,6 +14,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from _s3_util import BACKENDS, make_backend, s3_endpoint  # noqa: F401 -- fixture
 from ckptwriter import CheckpointWriter, ConfigError, MemoryLog, load_checkpoint
 from ckptwriter.storage import LocalStorage
 from conftest import add_episode, snapshot
@@ -49,6 +50,28 @@ async def test_executor_choice(tmp_path: Path, kwargs: dict[str, str], kind: str
         r = await (await w.submit(snapshot(mem, 1))).wait()
     assert r.entries_serialized == 3
     assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_auto_runs_the_writer_process_wherever_another_process_sees_the_store(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    """Local disk and S3 get the writer process; memory:// (one per process) a thread."""
+    backend = make_backend(kind, tmp_path, request)
+    mem = MemoryLog()
+    add_episode(mem, 1)
+    async with CheckpointWriter(backend.url) as w:
+        assert w.executor == ("thread" if kind == "memory" else "process")
+        result = await (await w.submit(snapshot(mem, 1))).wait()
+        assert [r.name for r in w.checkpoints] == ["ep_000001"]
+    assert result.path == f"{backend.url}/ep_000001"
+    assert load_checkpoint(backend.url).memory.to_jsonl() == mem.to_jsonl()
+
+
+async def test_process_executor_refuses_an_in_process_store() -> None:
+    """memory:// lives in this process: a writer process would write into its own copy."""
+    with pytest.raises(ConfigError, match=r"^executor='process' cannot write to memory://x"):
+        CheckpointWriter("memory://x/ck", executor="process")
 
 
 async def test_storage_object_uses_a_thread(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -20,9 +21,7 @@ from ckptwriter import (
     SyncCheckpointWriter,
 )
 from ckptwriter.errors import WriterFailedError
-from ckptwriter.retention import CheckpointRecord
-from ckptwriter.snapshot import CapturedSnapshot
-from ckptwriter.storage import CommitOutcome, LocalStorage, MemoryState
+from ckptwriter.storage import LocalStorage, PendingCheckpoint
 from conftest import add_episode, snapshot
 
 
@@ -43,9 +42,9 @@ class _SlowCommit(LocalStorage):
 class _SlowOpen(LocalStorage):
     """Opening takes 0.3 s (a big directory to scan, a slow network filesystem)."""
 
-    def open(self) -> list[CheckpointRecord]:
+    def open(self, is_whole: Callable[[str], bool]) -> None:
         time.sleep(0.3)
-        return super().open()
+        super().open(is_whole)
 
 
 @pytest.mark.anyio
@@ -88,12 +87,12 @@ class _FirstCommitFails(LocalStorage):
 
     commits = 0
 
-    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
+    def begin(self, name: str) -> PendingCheckpoint:
         self.commits += 1
         if self.commits == 1:
             time.sleep(0.02)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return super().commit(snap, prev)
+        return super().begin(name)
 
 
 @pytest.mark.anyio
@@ -119,7 +118,7 @@ async def test_blocked_submit_after_a_failure_raises_writer_failed_not_index_err
 class _AlwaysFails(LocalStorage):
     """Every commit fails (a full disk)."""
 
-    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
+    def begin(self, name: str) -> PendingCheckpoint:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 

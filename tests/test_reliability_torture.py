@@ -33,6 +33,7 @@ from ckptwriter import (
     verify_checkpoint,
 )
 from ckptwriter.storage import LocalStorage
+from conftest import open_dir
 
 EPISODES = 250
 CKPT_CLI = Path(PY).with_name("ckptwriter")
@@ -121,7 +122,7 @@ def _reopen(ckpts: Path) -> None:
     while True:
         storage = LocalStorage(ckpts)
         try:
-            storage.open()
+            open_dir(storage)
         except DirectoryLockedError:
             # The killed run's writer process is being reaped (PDEATHSIG): a moment.
             assert time.monotonic() < deadline, "lock never released after SIGKILL"

@@ -7,7 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ckptwriter import ConfigError
-from ckptwriter.retention import CheckpointRecord, make_policy, select_for_deletion
+from ckptwriter.retention import (
+    DEFAULT_TOP_K,
+    CheckpointRecord,
+    KeepTopKByScore,
+    make_policy,
+    select_for_deletion,
+)
 
 
 def _simulate(strategy: str, keep: int, episodes: list[int],
@@ -48,7 +54,6 @@ def test_top_k_val_guide_timeline() -> None:
         pytest.param("last_n", -1, r"^checkpoint_keep_last must be > 0", id="negative"),
         pytest.param("last_n", None, r"^checkpoint_strategy last_n needs checkpoint_keep_last",
                      id="last-n-without-keep"),
-        pytest.param("top_k_val", None, r"^checkpoint_strategy top_k_val needs", id="top-k"),
         pytest.param("best", 3, r"^unknown checkpoint_strategy 'best'", id="unknown"),
         pytest.param("all", 5, r"^checkpoint_strategy all keeps every checkpoint",
                      id="all-with-keep"),
@@ -65,6 +70,12 @@ def test_defaults_follow_keep_last() -> None:
     """No keep_last keeps all; keep_last alone means last_n."""
     assert type(make_policy(None, None)).__name__ == "KeepAll"
     assert type(make_policy(None, 5)).__name__ == "KeepLastN"
+
+
+def test_top_k_val_without_keep_last_keeps_the_default_k() -> None:
+    """top_k_val without keep_last keeps DEFAULT_TOP_K (3), as the YAML always has."""
+    assert make_policy("top_k_val", None) == KeepTopKByScore(DEFAULT_TOP_K)
+    assert DEFAULT_TOP_K == 3
 
 
 records = st.lists(

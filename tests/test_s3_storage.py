@@ -33,10 +33,12 @@ from ckptwriter import (
     resolve_checkpoint,
     verify_checkpoint,
 )
-from ckptwriter.storage import open_storage
+from ckptwriter.commit import CommitPipeline
+from ckptwriter.retention import KeepAll
+from ckptwriter.storage import open_backend
 from ckptwriter.storage.remote import RemoteStorage
-from ckptwriter.storage.remote_read import URLPath
-from conftest import add_episode, snapshot
+from ckptwriter.storage.urlpath import URLPath
+from conftest import add_episode, open_dir, snapshot
 
 MIB = 2**20
 
@@ -119,7 +121,7 @@ def test_missing_credentials_name_the_variables(monkeypatch: pytest.MonkeyPatch)
         match=rf"^Unable to locate credentials while opening s3://{BUCKET}/nocreds: "
               r"no usable credentials were found: set AWS_ACCESS_KEY_ID",
     ):
-        storage.open()
+        open_dir(storage)
 
 
 @pytest.mark.s3
@@ -128,11 +130,11 @@ def test_storage_options_reach_s3fs(s3: Backend, monkeypatch: pytest.MonkeyPatch
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var)
-    storage = open_storage(
-        s3.url, skip_instance_cache=True, key="testing", secret="testing",
-        client_kwargs={"endpoint_url": endpoint},
-    )
-    assert storage.open() == []
+    storage = open_backend(s3.url, storage_options={
+        "skip_instance_cache": True, "key": "testing", "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint},
+    })
+    assert open_dir(storage) == []
     storage.close()
 
 
@@ -214,14 +216,14 @@ def test_live_lock_of_another_writer_names_it(remote: Backend) -> None:
         match=r"^Checkpoint directory .* is locked by another writer \(pid 7 on trainer-3; "
               r"the lock expires in (49|50) s",
     ):
-        RemoteStorage(remote.url).open()
+        open_dir(RemoteStorage(remote.url))
 
 
 def test_expired_lock_is_taken_over(remote: Backend) -> None:
     """The lock of a writer that stopped heartbeating is taken over after its expiry."""
     remote.write_raw(".lock", lock_body("pid 7 on crashed-host", -1))
     storage = RemoteStorage(remote.url)
-    storage.open()
+    open_dir(storage)
     try:
         assert json.loads(remote.read_raw(".lock"))["owner"] != "pid 7 on crashed-host"
     finally:
@@ -231,7 +233,7 @@ def test_expired_lock_is_taken_over(remote: Backend) -> None:
 def test_heartbeat_extends_the_lock(remote: Backend) -> None:
     """A live writer pushes its lock's expiry forward while it runs."""
     storage = RemoteStorage(remote.url, lock_ttl=0.3)
-    storage.open()
+    open_dir(storage)
     try:
         first = json.loads(remote.read_raw(".lock"))["expires_at"]
         deadline = time.monotonic() + 10
@@ -245,11 +247,12 @@ def test_heartbeat_extends_the_lock(remote: Backend) -> None:
 def test_writer_that_lost_its_lock_stops_committing(remote: Backend) -> None:
     """If another writer takes the lock over, this one refuses to commit."""
     storage = RemoteStorage(remote.url)
-    storage.open()
+    pipeline = CommitPipeline(storage, KeepAll())
+    pipeline.open()
     try:
         remote.write_raw(".lock", lock_body("pid 9 on usurper", 60))
         with pytest.raises(DirectoryLockedError, match=r"^This writer lost the lock on "):
-            storage.commit(snapshot(MemoryLog(), 1).capture(), None)
+            pipeline.persist(snapshot(MemoryLog(), 1).capture())
     finally:
         storage.close()
     assert json.loads(remote.read_raw(".lock"))["owner"] == "pid 9 on usurper"
@@ -265,7 +268,7 @@ def test_two_writers_starting_at_once_exactly_one_wins(remote: Backend) -> None:
     def start(storage: RemoteStorage) -> None:
         barrier.wait()
         try:
-            storage.open()
+            open_dir(storage)
             outcomes.append("opened")
         except DirectoryLockedError:
             outcomes.append("locked")
@@ -283,7 +286,7 @@ def test_two_writers_starting_at_once_exactly_one_wins(remote: Backend) -> None:
 def test_close_releases_the_lock(remote: Backend) -> None:
     """A writer removes its lock object when it closes."""
     storage = RemoteStorage(remote.url)
-    storage.open()
+    open_dir(storage)
     storage.close()
     assert ".lock" not in remote.names()
 
@@ -377,22 +380,24 @@ def test_file_url_reads_local_checkpoints(tmp_path: Path) -> None:
 _CRASHING_CHILD = textwrap.dedent("""
     import os, sys
     from ckptwriter import MemoryLog, Observation, Snapshot
+    from ckptwriter.commit import CommitPipeline
+    from ckptwriter.retention import KeepAll
     from ckptwriter.storage.remote import RemoteStorage
 
     class DiesBeforeMarker(RemoteStorage):
         def _step(self, name):
-            if name == "objects_written" and self.dying:
+            if name == "files_written" and self.dying:
                 os._exit(3)
 
     storage = DiesBeforeMarker(sys.argv[1], lock_ttl=0.5)
     storage.dying = False
-    storage.open()
+    pipeline = CommitPipeline(storage, KeepAll())
+    pipeline.open()
     memory = MemoryLog([Observation(content="first")])
-    out = storage.commit(Snapshot(1, 1, "A", memory).capture(), None)
-    storage.set_latest(out)
+    pipeline.persist(Snapshot(1, 1, "A", memory).capture())
     storage.dying = True
     memory.append(Observation(content="second"))
-    storage.commit(Snapshot(2, 2, "A", memory).capture(), out.memory)
+    pipeline.persist(Snapshot(2, 2, "A", memory).capture())
 """)
 
 
@@ -409,7 +414,7 @@ def test_killed_writer_leaves_nothing_a_successor_keeps(s3: Backend) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
-            assert [r.name for r in successor.open()] == ["ep_000001"]
+            assert [r.name for r in open_dir(successor)] == ["ep_000001"]
             break
         except DirectoryLockedError:
             assert time.monotonic() < deadline, "the dead writer's lock never expired"

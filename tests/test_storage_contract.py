@@ -24,9 +24,10 @@ from ckptwriter import (
     resolve_checkpoint,
     verify_checkpoint,
 )
-from ckptwriter.storage import LocalStorage, Storage
+from ckptwriter.storage import Backend as Storage
+from ckptwriter.storage import LocalStorage
 from ckptwriter.storage.remote import RemoteStorage
-from conftest import add_episode, snapshot
+from conftest import add_episode, open_dir, snapshot
 
 pytestmark = pytest.mark.anyio
 
@@ -212,7 +213,7 @@ async def crash_second_commit(backend: Backend, local_step: str, remote_step: st
 
 async def test_crash_before_the_marker_leaves_no_checkpoint(backend: Backend) -> None:
     """Dying after every object but the commit marker: the checkpoint does not exist."""
-    await crash_second_commit(backend, "runtime_written", "objects_written")
+    await crash_second_commit(backend, "runtime_written", "files_written")
     assert complete_names(backend.url) == ["ep_000001"]
     assert Path(resolve_checkpoint(backend.url)).name == "ep_000001"
 
@@ -229,7 +230,7 @@ async def test_crash_during_delete_hides_the_checkpoint(backend: Backend) -> Non
     await write_episodes(backend.url, [1, 2])
     step = "trash_renamed" if backend.fs is None else "marker_deleted"
     storage = crashing_storage(backend, step)
-    storage.open()
+    open_dir(storage)
     try:
         with pytest.raises(_Crash):
             storage.delete("ep_000001")

@@ -29,6 +29,7 @@ from ckptwriter import (
     switch_interval,
 )
 from ckptwriter.errors import CheckpointError
+from ckptwriter.layout import parse_checkpoint_name
 from ckptwriter.storage import LocalStorage
 from conftest import add_episode, snapshot
 
@@ -42,9 +43,9 @@ class SlowStorage(LocalStorage):
         super().__init__(root, fsync=False)
         self.delay = delay
 
-    def commit(self, snap: Any, prev: Any) -> Any:
+    def begin(self, name: str) -> Any:
         time.sleep(self.delay)
-        return super().commit(snap, prev)
+        return super().begin(name)
 
 
 class FailingStorage(LocalStorage):
@@ -54,10 +55,10 @@ class FailingStorage(LocalStorage):
         super().__init__(root, fsync=False)
         self.fail = fail
 
-    def commit(self, snap: Any, prev: Any) -> Any:
-        if snap.episode_index in self.fail:
+    def begin(self, name: str) -> Any:
+        if parse_checkpoint_name(name) in self.fail:
             raise StorageError(f"No space left on device while writing {self.root}")
-        return super().commit(snap, prev)
+        return super().begin(name)
 
 
 async def test_layout_after_each_checkpoint(tmp_path: Path) -> None:
@@ -365,3 +366,15 @@ async def test_starved_writer_is_reported_once(
             for ep in range(2, 5):
                 await w.submit(snapshot(mem, ep))
     assert caplog.text.count("ckptwriter.switch_interval()") == 1
+
+
+async def test_submit_counts_loop_time_from_started_at(tmp_path: Path) -> None:
+    """submit(started_at=...) counts the caller's earlier cost as loop time, once."""
+    mem = MemoryLog()
+    async with CheckpointWriter(tmp_path, fsync=False, executor="thread") as w:
+        h = await w.submit(snapshot(mem, 1), started_at=time.perf_counter() - 0.5)
+        result = await h.wait()
+    s = w.stats
+    assert result.loop_seconds >= 0.5
+    assert s.loop_seconds_samples == (result.loop_seconds,)
+    assert s.loop_seconds_total == s.loop_seconds_max == result.loop_seconds

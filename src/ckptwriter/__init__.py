@@ -16,6 +16,9 @@ from .errors import StorageError as StorageError
 from .errors import UnsafePathError as UnsafePathError
 from .errors import WriterClosedError as WriterClosedError
 from .errors import WriterFailedError as WriterFailedError
+from .gil import switch_interval as switch_interval
+from .handles import CheckpointHandle as CheckpointHandle
+from .handles import CheckpointResult as CheckpointResult
 from .memory import Action as Action
 from .memory import Feedback as Feedback
 from .memory import FeedbackContent as FeedbackContent
@@ -23,21 +26,18 @@ from .memory import MemoryEntry as MemoryEntry
 from .memory import MemoryLog as MemoryLog
 from .memory import Observation as Observation
 from .memory import Reflection as Reflection
-from .resume import CheckpointFallbackWarning as CheckpointFallbackWarning
-from .resume import CheckpointInfo as CheckpointInfo
-from .resume import LoadedCheckpoint as LoadedCheckpoint
-from .resume import list_checkpoints as list_checkpoints
-from .resume import load_checkpoint as load_checkpoint
-from .resume import resolve_checkpoint as resolve_checkpoint
-from .resume import verify_checkpoint as verify_checkpoint
+from .reader import CheckpointFallbackWarning as CheckpointFallbackWarning
+from .reader import CheckpointInfo as CheckpointInfo
+from .reader import LoadedCheckpoint as LoadedCheckpoint
+from .reader import list_checkpoints as list_checkpoints
+from .reader import load_checkpoint as load_checkpoint
+from .reader import resolve_checkpoint as resolve_checkpoint
+from .reader import verify_checkpoint as verify_checkpoint
 from .snapshot import Snapshot as Snapshot
+from .stats import WriterStats as WriterStats
 from .sync import SyncCheckpointHandle as SyncCheckpointHandle
 from .sync import SyncCheckpointWriter as SyncCheckpointWriter
-from .writer import CheckpointHandle as CheckpointHandle
-from .writer import CheckpointResult as CheckpointResult
 from .writer import CheckpointWriter as CheckpointWriter
-from .writer import WriterStats as WriterStats
-from .writer import switch_interval as switch_interval
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,6 @@ import contextlib
 import importlib
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,7 +24,7 @@ from rich.table import Table
 
 from . import layout
 from .errors import CheckpointCorruptError, CheckpointError, ConfigError
-from .resume import CheckpointFallbackWarning
+from .reader import CheckpointFallbackWarning
 
 __all__ = ["main"]
 
@@ -59,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("path", metavar="PATH")
-    sub.add_parser("bench", help="run the writer benchmarks (see `ckptwriter bench --help`)",
-                   add_help=False)
+    sub.add_parser("bench", add_help=False, help="measure submit() stall, freshness and "
+                   "throughput on your disk (see `ckptwriter bench --help`)")
     return parser
 
 
@@ -75,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The guide's `python -m src.main --config stage1.yaml`: training is the command.
         args_list.insert(0, "train")
     if args_list and args_list[0] == "bench":
-        # The benchmarks own their arguments; imported lazily so the CLI starts fast.
+        # The benchmark owns its arguments; imported lazily so the CLI starts fast.
         bench = importlib.import_module("ckptwriter.bench")
         return int(bench.main(args_list[1:]))
     try:
@@ -208,7 +207,7 @@ def _ls(path: str, out: Console) -> int:
 
 
 def _show(path: str, out: Console) -> int:
-    from .resume import load_checkpoint
+    from .reader import load_checkpoint
 
     ck = load_checkpoint(path)
     out.print(f"Checkpoint {ck.path}", markup=False)
@@ -226,53 +225,31 @@ def _show(path: str, out: Console) -> int:
     return 0
 
 
-def _latest_json_problem(root: Path) -> str | None:
-    """What is wrong with latest.json beside a latest symlink (readers use the symlink)."""
-    from pydantic import ValidationError
-
-    from .manifest import LatestPointer
-
-    link = root / layout.LATEST_LINK
-    if "://" in os.fspath(root) or not os.path.islink(link):
-        return None  # without the symlink, latest.json is the pointer and checked above
-    target = os.readlink(link)
-    try:
-        ptr = LatestPointer.model_validate_json((root / layout.LATEST_JSON).read_bytes())
-    except FileNotFoundError:
-        return "missing (readers use the latest symlink; the next checkpoint writes it)"
-    except (OSError, ValidationError):
-        return "invalid (readers use the latest symlink; the next checkpoint rewrites it)"
-    if ptr.checkpoint != target:
-        return (f"names {ptr.checkpoint} but latest points at {target} (a crash between "
-                "the two updates: readers use the symlink; the next checkpoint repairs it)")
-    return None
-
-
 def _verify(path: str, out: Console) -> int:
-    from .resume import verify_checkpoint
-    from .runtime.inspection import find_checkpoint_dirs, latest_name
-    from .storage.remote_read import as_path
+    from .reader import latest_status, verify_checkpoint
+    from .runtime.inspection import checkpoint_at, find_checkpoint_dirs
 
-    p = as_path(path)  # a URL stays a URL (storage/remote_read.py)
-    single = (p / layout.RUNTIME_JSON).exists() or layout.parse_checkpoint_name(p.name) is not None
+    single = checkpoint_at(path)  # a URL stays a URL (a URLPath)
     targets: list[Path] = []
     broken = 0
-    if single:
-        targets.append(p)
+    if single is not None:
+        targets.append(single)
     else:
         for cdir in find_checkpoint_dirs(path):
             names = []
             for info in cdir.checkpoints():
                 targets.append(info.path)
                 names.append(info.name)
-            latest = latest_name(cdir.path)
-            if latest is not None and latest not in names:
-                out.print(f"BROKEN  {cdir.path / layout.LATEST_LINK}: points at {latest}, "
+            latest = latest_status(cdir.path)
+            if latest.name is not None and latest.name not in names:
+                out.print(f"BROKEN  {cdir.path / layout.LATEST_LINK}: points at {latest.name}, "
                           "which does not exist", markup=False)
                 broken += 1
-            pointer_problem = _latest_json_problem(cdir.path)
-            if pointer_problem is not None:
-                out.print(f"WARN    {cdir.path / layout.LATEST_JSON}: {pointer_problem}",
+            elif latest.problem is not None:
+                out.print(f"BROKEN  {cdir.path}: {latest.problem}", markup=False)
+                broken += 1
+            if latest.json_problem is not None:
+                out.print(f"WARN    {cdir.path / layout.LATEST_JSON}: {latest.json_problem}",
                           markup=False)
     for ckpt in targets:
         try:

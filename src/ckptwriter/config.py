@@ -4,21 +4,34 @@ Every guide snippet holds only a ``runtime:`` section; everything else has defau
 each snippet runs as it is. :func:`load_config` is the one place a file is read: plain
 ``yaml.safe_load``, size and shape limits, then the models (``extra="forbid"``, strict
 types) and the guide's rules, all reported as :class:`ConfigError` before any episode.
+
+Data flow: :mod:`.config_yaml` turns the file and ``--set`` overrides into plain data;
+the models here validate it, :mod:`.config_errors` words what they reject, and the
+guide's rules below check what the types cannot.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError
 
+from .config_errors import explain_validation_error
+from .config_yaml import (
+    apply_overrides,
+    check_shape,
+    describe_kind,
+    parse_overrides,
+    parse_yaml,
+    read_config_file,
+)
 from .errors import ConfigError
-from .retention import make_policy
+from .options import DEFAULTS, ExecutorKind, OnBacklog, OnError, WriterOptions
+from .retention import DEFAULT_TOP_K, Strategy
 
 __all__ = [
     "DEFAULT_MAX_ENVS_TO_VISIT",
@@ -36,16 +49,7 @@ __all__ = [
 # A guide snippet without max_envs_to_visit must still finish quickly: the guide calls
 # runs under 100 episodes "quick experiments".
 DEFAULT_MAX_ENVS_TO_VISIT = 100
-# top_k_val without checkpoint_keep_last (the guide's "Validation scores not tracked" fix
-# sets no K): keep 3, the guide's own top-k example and its "minimum: 3" advice.
-DEFAULT_TOP_K = 3
 BUILTIN_DATASET = "built-in"
-
-# A configuration is a few hundred bytes; these limits only stop hostile or broken
-# files (alias bombs, megabytes of nesting) before they cost memory or a deep traceback.
-_MAX_FILE_BYTES = 1024 * 1024
-_MAX_DEPTH = 32
-_MAX_NODES = 100_000
 
 
 class _Section(BaseModel):
@@ -67,19 +71,33 @@ class RuntimeConfig(_Section):
     )
     checkpoint_every_episodes: PositiveInt | None = None
     checkpoint_keep_last: int | None = None
-    checkpoint_strategy: Literal["all", "last_n", "top_k_val"] | None = None
+    checkpoint_strategy: Strategy | None = None
     checkpoint_on_start: bool = False
     resume_from: str | None = None
     validation_freq: PositiveInt | None = None
     run_validation_at_start: bool = False
-    max_pending: PositiveInt = 2
-    on_backlog: Literal["block", "coalesce"] = "block"
-    on_error: Literal["raise", "warn"] = "raise"
-    fsync: bool = True
-    executor: Literal["auto", "thread", "process"] = Field(
-        default="auto",
+    # The writer's own types and defaults (WriterOptions), so YAML and library agree.
+    max_pending: PositiveInt = DEFAULTS.max_pending
+    on_backlog: OnBacklog = DEFAULTS.on_backlog
+    on_error: OnError = DEFAULTS.on_error
+    fsync: bool = DEFAULTS.fsync
+    executor: ExecutorKind = Field(
+        default=DEFAULTS.executor,
         description="where checkpoint writes run: a writer process (auto on POSIX) or a thread",
     )
+
+    def writer_options(self) -> WriterOptions:
+        """The writer options this section sets: the one YAML-to-writer mapping.
+
+        Raises:
+            ConfigError: ``checkpoint_strategy``/``checkpoint_keep_last`` do not combine
+                into a retention policy (retention's message, unprefixed).
+        """
+        return WriterOptions(
+            strategy=self.checkpoint_strategy, keep_last=self.checkpoint_keep_last,
+            max_pending=self.max_pending, on_backlog=self.on_backlog, fsync=self.fsync,
+            on_error=self.on_error, executor=self.executor,
+        )
 
     def episodes_for(self, start_episode: int) -> int:
         """The last episode of a run starting after ``start_episode`` (0 unless resumed)."""
@@ -156,47 +174,21 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     """
     src = str(path)
     p = Path(path)
-    try:
-        size = p.stat().st_size
-    except FileNotFoundError:
-        raise ConfigError(f"Config file not found: {src}") from None
-    except OSError as exc:
-        raise ConfigError(f"Config file {src} cannot be read: {exc.strerror}") from None
-    if p.is_dir():
-        raise ConfigError(f"Config file {src} is a directory; pass a YAML file")
-    if size > _MAX_FILE_BYTES:
-        raise ConfigError(
-            f"{src}: {size} bytes is too large for a config file (limit {_MAX_FILE_BYTES})"
-        )
-    try:
-        with open(p, "rb") as f:
-            # stat() says 0 bytes for /dev/zero or a pipe: bound the read itself too.
-            raw = f.read(_MAX_FILE_BYTES + 1)
-        if len(raw) > _MAX_FILE_BYTES:
-            raise ConfigError(
-                f"{src}: more than {_MAX_FILE_BYTES} bytes is too large for a config file"
-            )
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{src}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"Config file {src} cannot be read: {exc.strerror}") from None
-    data = _parse_yaml(text, src)
+    text = read_config_file(path)
+    data = parse_yaml(text, src)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{src}: the top level must be a mapping (e.g. `runtime:`), "
-            f"found {_kind(data)}"
+            f"found {describe_kind(data)}"
         )
     for section in ("runtime", "agent", "environment", "validation"):
         # `runtime:` with every key commented out is an empty section, as an empty file
         # is an empty config.
         if section in data and data[section] is None:
             data[section] = {}
-    set_keys = _apply_overrides(data, overrides)
+    set_keys = apply_overrides(data, overrides)
     if data.get("run_name") is None:
         data["run_name"] = p.stem
     return build_config(data, source=src, set_keys=set_keys)
@@ -210,204 +202,15 @@ def build_config(
     Raises:
         ConfigError: see :func:`load_config`.
     """
-    _check_shape(data, source)
+    check_shape(data, source)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, source, set_keys or {})) from None
+        raise ConfigError(
+            explain_validation_error(exc, source, set_keys or {}, root=Config)
+        ) from None
     cfg._source = source
     return _check_rules(cfg)
-
-
-def _flow_depth(text: str) -> int:
-    # Deep flow nesting ("[[[[...") makes the parser recurse until RecursionError, which
-    # is slow to unwind; count brackets first (brackets in quoted text only over-count).
-    depth = deepest = 0
-    for ch in text:
-        if ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-class _DuplicateKey(yaml.constructor.ConstructorError):
-    pass
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load, but a key given twice is an error rather than silently the last one.
-
-    Pasting two of the guide's snippets into one file gives two ``runtime:`` blocks; the
-    first would vanish without a word.
-    """
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, (str, int, float, bool, type(None))):
-                continue  # unhashable keys: the base loader reports them
-            if key in seen:
-                raise _DuplicateKey(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def _parse_yaml(text: str, src: str) -> Any:
-    if _flow_depth(text) > _MAX_DEPTH:
-        raise ConfigError(f"{src}: the document is nested too deeply (limit {_MAX_DEPTH} levels)")
-    try:
-        # A SafeLoader subclass: plain data only, no Python tags.
-        return yaml.load(text, Loader=_StrictLoader)
-    except _DuplicateKey as exc:
-        raise ConfigError(
-            f"{src}{_mark(exc.problem_mark)}: {exc.problem}; merge the two blocks into one"
-        ) from None
-    except yaml.constructor.ConstructorError as exc:
-        tag = str(exc.problem or "")
-        where = _mark(exc.problem_mark)
-        if "python/" in tag or "!!python" in text:
-            raise ConfigError(
-                f"{src}{where}: Python tags (!!python/...) are not allowed; "
-                "a config file holds plain YAML data only"
-            ) from None
-        raise ConfigError(f"{src}{where}: unsupported YAML: {tag}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{src}{_mark(mark)}: invalid YAML: {problem}") from None
-    except RecursionError:
-        raise ConfigError(
-            f"{src}: the document is nested too deeply (limit {_MAX_DEPTH} levels)"
-        ) from None
-
-
-def _mark(mark: Any) -> str:
-    if mark is None:
-        return ""
-    return f" line {mark.line + 1}, column {mark.column + 1}"
-
-
-def _kind(value: Any) -> str:
-    return {list: "a list", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean"}.get(type(value), type(value).__name__)
-
-
-def _check_shape(data: Any, src: str) -> None:
-    # Walks shared (aliased) nodes once per reference, so an alias bomb hits the node
-    # limit after _MAX_NODES steps instead of expanding.
-    stack: list[tuple[Any, int]] = [(data, 0)]
-    nodes = 0
-    while stack:
-        node, depth = stack.pop()
-        nodes += 1
-        if nodes > _MAX_NODES:
-            raise ConfigError(
-                f"{src}: the document is too large (more than {_MAX_NODES} values; "
-                "YAML aliases count once per use)"
-            )
-        if depth > _MAX_DEPTH:
-            raise ConfigError(f"{src}: the document is nested too deeply (limit {_MAX_DEPTH})")
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if not isinstance(k, str):
-                    raise ConfigError(f"{src}: key {k!r} is not a string; quote it")
-                stack.append((v, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
-
-
-# -- overrides -------------------------------------------------------------------------
-
-
-def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any, str]]:
-    """Split ``KEY=VALUE`` strings into (key path, YAML value, original text).
-
-    Raises:
-        ConfigError: an override is not ``KEY=VALUE`` or its value is not plain YAML.
-    """
-    out: list[tuple[list[str], Any, str]] = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            raise ConfigError(
-                f"--set {item!r}: expected KEY=VALUE, e.g. --set runtime.max_envs_to_visit=200"
-            )
-        out.append((parts, _parse_yaml(value, f"--set {item}"), item))
-    return out
-
-
-def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, str]:
-    set_keys: dict[str, str] = {}
-    for parts, value, item in parse_overrides(overrides):
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: i + 1])
-                raise ConfigError(f"--set {item!r}: {where} is not a section")
-            node = child
-        node[parts[-1]] = value
-        set_keys[".".join(parts)] = item
-    return set_keys
-
-
-# -- error messages --------------------------------------------------------------------
-
-
-def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
-
-
-def _valid_keys(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
-def _explain(exc: ValidationError, src: str, set_keys: Mapping[str, str]) -> str:
-    lines: list[str] = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        dotted = ".".join(loc)
-        via = [v for k, v in set_keys.items() if k == dotted or k.startswith(dotted + ".")]
-        origin = f"--set {via[0]}" if via else src
-        if err["type"] == "extra_forbidden":
-            lines.append(_unknown_key(loc, origin))
-            continue
-        got = err.get("input")
-        shown = "nothing" if err["type"] == "missing" else repr(got)
-        lines.append(f"{origin}: {dotted}: {err['msg']} (got {shown})")
-    return "\n".join(lines)
-
-
-def _unknown_key(loc: list[str], origin: str) -> str:
-    key = loc[-1]
-    msg = f"Unknown key '{'.'.join(loc)}' in {origin}"
-    parent = _model_at(loc[:-1])
-    candidates = _valid_keys(parent) if parent else []
-    # A truncated key ("max_env") is best matched by the key it starts; else by similarity.
-    close = [c for c in candidates if c.startswith(key)][:1] or difflib.get_close_matches(
-        key, candidates, n=1, cutoff=0.6)
-    if close:
-        return f"{msg}; did you mean {close[0]}?"
-    if not loc[:-1] and key in RuntimeConfig.model_fields:
-        return f"{msg}; did you mean runtime.{key}? (it belongs under `runtime:`)"
-    if candidates:
-        return f"{msg}; valid keys here: {', '.join(candidates)}"
-    return msg
 
 
 # -- the guide's rules -----------------------------------------------------------------
@@ -463,14 +266,15 @@ def _check_rules(cfg: Config) -> Config:
             f"validation.validation_dataset is null; set it to {BUILTIN_DATASET} or a JSONL file"
         )
     keep_last = rt.checkpoint_keep_last
-    if rt.checkpoint_strategy == "top_k_val" and keep_last is None:
-        keep_last = DEFAULT_TOP_K
     try:
-        # The retention module owns the strategy rules (keep_last > 0, last_n needs N).
-        make_policy(rt.checkpoint_strategy, keep_last)
+        # The writer's options own the strategy rules (keep_last > 0, last_n needs N).
+        rt.writer_options()
     except ConfigError as exc:
         why = "Old checkpoints not deleted: " if keep_last is not None and keep_last <= 0 else ""
         raise fail(f"{why}runtime.{exc}") from None
+    if rt.checkpoint_strategy == "top_k_val" and keep_last is None:
+        # Recorded in config.yaml: the K the writer applies (retention's default).
+        keep_last = DEFAULT_TOP_K
     if keep_last != rt.checkpoint_keep_last:
         cfg = cfg.model_copy(
             update={"runtime": rt.model_copy(update={"checkpoint_keep_last": keep_last})}

@@ -17,6 +17,7 @@ __all__ = [
     "create_run_dir",
     "memory_file_name",
     "parse_checkpoint_name",
+    "run_sort_key",
 ]
 
 RUNTIME_JSON = "runtime.json"
@@ -33,6 +34,7 @@ FORMAT_VERSION = 1
 
 _NAME_RE = re.compile(r"^ep_(\d{6,})$")
 RUN_DIR_RE = re.compile(r"^\d{8}_\d{6}(?:_\d+)?$")
+_DIGITS_RE = re.compile(r"([0-9]+)")
 
 
 def checkpoint_name(episode_index: int) -> str:
@@ -44,6 +46,19 @@ def parse_checkpoint_name(name: str) -> int | None:
     """The episode index of a checkpoint directory name, or None if it is not one."""
     m = _NAME_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def run_sort_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """The one order of run directories (and of the names above them): natural order.
+
+    Runs started in the same second are ``<stamp>``, ``<stamp>_1`` ... ``<stamp>_10``; by
+    plain string order ``_10`` would sort before ``_2`` and resume would pick an older run
+    as the newest. Digit runs compare as numbers, everything else as text.
+    """
+    return tuple(
+        (0, int(part)) if part[0] in "0123456789" else (1, part)
+        for part in _DIGITS_RE.split(name) if part
+    )
 
 
 def memory_file_name(episode_index: int) -> str:

@@ -7,17 +7,13 @@ so ``grep episode_index runtime.json`` prints one line as the guide shows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
 from .layout import FORMAT_VERSION
-
-if TYPE_CHECKING:
-    from .snapshot import CapturedSnapshot
 
 __all__ = ["AgentManifest", "FileDigest", "LatestPointer", "RuntimeManifest", "dump_json"]
 
@@ -32,30 +28,6 @@ def dump_json(obj: Any) -> bytes:
 def format_timestamp(ts: datetime) -> str:
     """ISO-8601 in UTC with microseconds and a ``Z``: ``2024-01-15T10:30:45.123456Z``."""
     return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def commit_documents(
-    snap: CapturedSnapshot, name: str, mem_name: str, files: Mapping[str, object]
-) -> tuple[bytes, bytes]:
-    """``runtime.json`` and ``latest.json`` of a checkpoint, as every backend writes them."""
-    timestamp = format_timestamp(snap.timestamp)
-    runtime = dump_json({
-        "timestamp": timestamp,
-        "episode_index": snap.episode_index,
-        "train_steps_total": snap.train_steps_total,
-        "agent_type": snap.agent_type,
-        "memory_snapshot_path": mem_name,
-        "val_score": snap.val_score,
-        "format_version": FORMAT_VERSION,
-        "memory_entries": snap.memory.entries,
-        "resumed_from": snap.resumed_from,
-        "files": files,
-    })
-    latest = dump_json({
-        "checkpoint": name, "episode_index": snap.episode_index,
-        "timestamp": timestamp, "val_score": snap.val_score,
-    })
-    return runtime, latest
 
 
 def check_plain_name(value: str) -> str:

@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 from .errors import ConfigError
 
 __all__ = [
+    "DEFAULT_TOP_K",
     "CheckpointRecord",
     "KeepAll",
     "KeepLastN",
@@ -25,6 +26,11 @@ __all__ = [
 ]
 
 Strategy = Literal["all", "last_n", "top_k_val"]
+
+# K for top_k_val without keep_last. The guide's "Validation scores not tracked" fix sets
+# top_k_val and no K, and must run as written; 3 is its own top-k example and its
+# "Minimum: 3" advice. The library and the YAML both get it from here.
+DEFAULT_TOP_K = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,8 @@ class KeepTopKByScore:
 def make_policy(strategy: str | None, keep_last: int | None) -> RetentionPolicy:
     """Build the policy the guide describes from its two settings.
 
-    ``strategy`` defaults to ``all`` without ``keep_last`` and to ``last_n`` with it.
+    ``strategy`` defaults to ``all`` without ``keep_last`` and to ``last_n`` with it;
+    ``top_k_val`` without ``keep_last`` keeps the :data:`DEFAULT_TOP_K` best.
 
     Raises:
         ConfigError: the combination is invalid (the message says how to fix it).
@@ -110,12 +117,7 @@ def make_policy(strategy: str | None, keep_last: int | None) -> RetentionPolicy:
             )
         return KeepLastN(keep_last)
     if strategy == "top_k_val":
-        if keep_last is None:
-            raise ConfigError(
-                "checkpoint_strategy top_k_val needs checkpoint_keep_last (K, how many of "
-                "the best to keep), e.g. checkpoint_keep_last: 3"
-            )
-        return KeepTopKByScore(keep_last)
+        return KeepTopKByScore(DEFAULT_TOP_K if keep_last is None else keep_last)
     raise ConfigError(
         f"unknown checkpoint_strategy {strategy!r}; expected one of: all, last_n, top_k_val"
     )

@@ -22,7 +22,7 @@ from .errors import CheckpointError
 from .manifest import dump_json
 from .memory import MemoryCapture, MemoryLog
 
-__all__ = ["CapturedSnapshot", "Snapshot"]
+__all__ = ["CapturedSnapshot", "Snapshot", "SnapshotMeta"]
 
 _ENCODER = msgspec.json.Encoder(order="deterministic")
 _RESERVED = frozenset({"runtime.json", "agent.json"})
@@ -94,19 +94,18 @@ class Snapshot:
                 f"Snapshot for episode {self.episode_index} is not JSON-able: {exc}. "
                 "Pass bytes in extra_files for state that is not JSON."
             ) from exc
-        return CapturedSnapshot(
+        meta = SnapshotMeta(
             episode_index=self.episode_index,
             train_steps_total=int(self.train_steps_total),
             agent_type=self.agent_type,
             memory_type=memory_type,
             val_score=score,
-            memory=self.memory.capture(),
             agent_json=agent_json,
             extra_files=extras,
             resumed_from=resumed_from,
             timestamp=datetime.now(timezone.utc),
-            captured_at=time.perf_counter(),
         )
+        return CapturedSnapshot(meta, self.memory.capture(), time.perf_counter())
 
 
 def _encode_extra(name: str, obj: Any) -> bytes:
@@ -121,18 +120,68 @@ def _encode_extra(name: str, obj: Any) -> bytes:
     return _ENCODER.encode(obj)
 
 
-@dataclass(frozen=True, slots=True)
-class CapturedSnapshot:
-    """A snapshot frozen at submit time; what the background writer persists."""
+class SnapshotMeta(msgspec.Struct, frozen=True):
+    """Everything of a captured snapshot but its memory: small, already encoded parts.
+
+    It crosses to the writer process as it is (one msgpack encode), beside the memory
+    bytes appended since that process's previous commit.
+    """
 
     episode_index: int
     train_steps_total: int
     agent_type: str
     memory_type: str
     val_score: float | None
-    memory: MemoryCapture
     agent_json: bytes
     extra_files: dict[str, bytes]
     resumed_from: str | None
     timestamp: datetime
-    captured_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedSnapshot:
+    """A snapshot frozen at submit time; what the background writer persists."""
+
+    meta: SnapshotMeta
+    memory: MemoryCapture
+    # perf_counter() at capture, for submit-to-durable latency (0.0 in the writer process).
+    captured_at: float = 0.0
+
+    @property
+    def episode_index(self) -> int:
+        """The episode the snapshot was taken after."""
+        return self.meta.episode_index
+
+    @property
+    def val_score(self) -> float | None:
+        """The validation score, if any."""
+        return self.meta.val_score
+
+    # -- legacy accessors (removed at the cut-over) --
+    @property
+    def train_steps_total(self) -> int:
+        return self.meta.train_steps_total
+
+    @property
+    def agent_type(self) -> str:
+        return self.meta.agent_type
+
+    @property
+    def memory_type(self) -> str:
+        return self.meta.memory_type
+
+    @property
+    def agent_json(self) -> bytes:
+        return self.meta.agent_json
+
+    @property
+    def extra_files(self) -> dict[str, bytes]:
+        return self.meta.extra_files
+
+    @property
+    def resumed_from(self) -> str | None:
+        return self.meta.resumed_from
+
+    @property
+    def timestamp(self) -> datetime:
+        return self.meta.timestamp

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Collection, Mapping
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,9 +20,13 @@ from typing import Any
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .errors import CheckpointError, WriterClosedError
-from .retention import CheckpointRecord
+from .handles import CheckpointHandle, CheckpointResult
+from .options import DEFAULTS, ExecutorKind, OnBacklog, OnError
+from .retention import CheckpointRecord, Strategy
 from .snapshot import CapturedSnapshot, Snapshot
-from .writer import CheckpointHandle, CheckpointResult, CheckpointWriter, WriterStats
+from .stats import WriterStats
+from .storage import Backend
+from .writer import CheckpointWriter
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -66,6 +72,14 @@ class SyncCheckpointHandle:
 class SyncCheckpointWriter:
     """:class:`CheckpointWriter` for synchronous code; same arguments, used with ``with``.
 
+    Args:
+        checkpoint_dir, strategy, keep_last, max_pending, on_backlog, fsync, on_error,
+        protect, storage, executor, storage_options: as for :class:`CheckpointWriter`,
+        with the same defaults (:class:`~ckptwriter.options.WriterOptions`' own).
+
+    Raises:
+        ConfigError: an invalid option or strategy/keep_last combination.
+
     Example::
 
         with SyncCheckpointWriter("checkpoints", keep_last=5) as writer:
@@ -74,8 +88,26 @@ class SyncCheckpointWriter:
                 writer.submit(Snapshot(ep, steps, "MyAgent", memory))
     """
 
-    def __init__(self, checkpoint_dir: str | Path | None = None, **kwargs: Any) -> None:
-        self._writer = CheckpointWriter(checkpoint_dir, **kwargs)
+    def __init__(
+        self,
+        checkpoint_dir: str | Path | None = None,
+        *,
+        strategy: Strategy | None = DEFAULTS.strategy,
+        keep_last: int | None = DEFAULTS.keep_last,
+        max_pending: int = DEFAULTS.max_pending,
+        on_backlog: OnBacklog = DEFAULTS.on_backlog,
+        fsync: bool = DEFAULTS.fsync,
+        on_error: OnError = DEFAULTS.on_error,
+        protect: Collection[str] = DEFAULTS.protect,
+        storage: Backend | None = None,
+        executor: ExecutorKind = DEFAULTS.executor,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._writer = CheckpointWriter(
+            checkpoint_dir, strategy=strategy, keep_last=keep_last, max_pending=max_pending,
+            on_backlog=on_backlog, fsync=fsync, on_error=on_error, protect=protect,
+            storage=storage, executor=executor, storage_options=storage_options,
+        )
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
         self._writer_cm: AbstractContextManager[CheckpointWriter] | None = None
@@ -140,8 +172,9 @@ class SyncCheckpointWriter:
         portal = self._require()
         t0 = time.perf_counter()
         captured = snapshot.capture() if isinstance(snapshot, Snapshot) else snapshot
-        handle = portal.call(self._writer.submit, captured)
-        self._writer._record_loop_time(handle, time.perf_counter() - t0, replace_last=True)
+        # The writer counts from t0, so its stats include this capture and the hop to
+        # its thread (everything but the return hop, which nothing can count there).
+        handle = portal.call(partial(self._writer.submit, captured, started_at=t0))
         return SyncCheckpointHandle(handle, portal)
 
     def flush(self) -> None:

@@ -1,6 +1,6 @@
-"""The writer process: started by ProcessExecutor, it runs :func:`main`.
+"""The writer process (child side): started by ProcessExecutor, it runs :func:`main`.
 
-It reads length-prefixed msgpack frames on stdin (``open``, then one ``commit`` per
+It reads frames on stdin (``wire.OpenRequest``, then one ``wire.CommitRequest`` per
 checkpoint followed by that checkpoint's memory delta) and answers each on stdout. It
 exits when stdin closes. Nothing but frames is ever written to stdout.
 """
@@ -14,19 +14,21 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, BinaryIO
+from typing import BinaryIO, TypeVar
 
-from .executor import (
-    _HEADER,
-    _PAYLOAD,
-    Persister,
-    encode_message,
-    error_message,
-    snapshot_from_header,
-)
-from .memory import NeedFullMemory
-from .retention import make_policy
-from .storage import LocalStorage, open_storage
+import msgspec
+
+from . import wire
+from .commit import CommitPipeline
+from .memory import MemoryCapture, NeedFullMemory
+from .options import WriterOptions
+from .snapshot import CapturedSnapshot
+from .storage import open_backend
+from .storage.local import LocalStorage
+
+_T = TypeVar("_T")
+_OPEN = wire.decoder(wire.OpenRequest)
+_COMMIT = wire.decoder(wire.CommitRequest)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -60,96 +62,86 @@ def _read_exactly(inp: BinaryIO, n: int) -> bytes | None:
     return data
 
 
-def _read_message(inp: BinaryIO) -> dict[str, Any] | None:
-    import msgspec
-
-    head = _read_exactly(inp, _HEADER.size)
+def _read_frame(inp: BinaryIO, dec: msgspec.msgpack.Decoder[_T]) -> _T | None:
+    head = _read_exactly(inp, wire.FRAME.size)
     if head is None:
         return None
-    (n,) = _HEADER.unpack(head)
-    body = _read_exactly(inp, n)
-    if body is None:
-        return None
-    msg = msgspec.msgpack.decode(body)
-    assert isinstance(msg, dict)
-    return msg
+    body = _read_exactly(inp, wire.FRAME.unpack(head)[0])
+    return None if body is None else wire.decode(dec, body)
 
 
-def _reply(out: BinaryIO, obj: Any) -> None:
-    out.write(encode_message(obj))
+def _reply(out: BinaryIO, msg: msgspec.Struct) -> None:
+    out.write(wire.encode(msg))
     out.flush()
+
+
+def _snapshot(req: wire.CommitRequest, delta: bytes | mmap.mmap) -> CapturedSnapshot:
+    """The snapshot a request and its delta describe (the delta starts at ``base``)."""
+    memory = MemoryCapture(
+        log_id=req.log_id, entries=req.entries, nbytes=req.nbytes,
+        chunks=[delta], chunk_ends=[req.nbytes], n_chunks=1 if len(delta) else 0,
+        base=req.base,
+    )
+    return CapturedSnapshot(req.meta, memory)
+
+
+def _open(req: wire.OpenRequest) -> CommitPipeline:
+    options = WriterOptions.from_wire(req.options)
+    backend = open_backend(req.location, fsync=options.fsync,
+                           storage_options=dict(options.storage_options))
+    if isinstance(backend, LocalStorage):
+        backend.owner = f"pid {req.owner_pid}"  # the training run, not this helper
+    return CommitPipeline(backend, options.policy, options.protect)
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> int:
     """Serve one writer until stdin closes; the exit code for the process."""
-    import msgspec
-
-    opening = _read_message(inp)
-    if opening is None or opening.get("op") != "open":
+    opening = _read_frame(inp, _OPEN)
+    if opening is None:
         return 2
     try:
-        storage = open_storage(opening["location"], fsync=bool(opening["fsync"]))
-        if isinstance(storage, LocalStorage):
-            storage.owner = f"pid {os.getppid()}"  # the training run, not this helper
-        persister = Persister(
-            storage, make_policy(opening["strategy"], opening["keep_last"]), opening["protect"]
-        )
-        records = persister.open()
+        pipeline = _open(opening)
+        records = pipeline.open()
     except Exception as exc:
-        _reply(out, error_message(exc))
+        _reply(out, wire.OpenReply(error=wire.WireError.of(exc)))
         return 0
-    _reply(out, {"records": [(r.name, r.episode_index, r.val_score) for r in records]})
+    _reply(out, wire.OpenReply([(r.name, r.episode_index, r.val_score) for r in records]))
     try:
         while True:
-            msg = _read_message(inp)
-            if msg is None:
+            req = _read_frame(inp, _COMMIT)
+            if req is None:
                 return 0
-            size = _read_exactly(inp, _PAYLOAD.size)
-            if size is None:
-                return 0
-            delta: bytes | mmap.mmap | None = _read_exactly(inp, _PAYLOAD.unpack(size)[0])
+            delta: bytes | mmap.mmap | None = _read_exactly(inp, req.payload)
             if delta is None:
                 return 0
             try:
-                if "delta_file" in msg:
+                if req.delta_file is not None:
                     # A large delta was handed over as a file: map it instead of reading
-                    # it through the pipe (the parent removes the file afterwards).
-                    with open(msg["delta_file"], "rb") as f:
+                    # it through the pipe (the parent closes it afterwards).
+                    with open(req.delta_file, "rb") as f:
                         delta = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                result = persister.persist(snapshot_from_header(msg, delta))
+                report = pipeline.persist(_snapshot(req, delta))
             except NeedFullMemory:
                 # The previous file cannot be extended after all (changed on disk, or
                 # another log): the loop resends the whole memory.
-                _reply(out, {"resend_full": True})
+                _reply(out, wire.CommitReply(resend_full=True))
                 continue
             except Exception as exc:
-                _reply(out, error_message(exc))
+                _reply(out, wire.CommitReply(error=wire.WireError.of(exc)))
                 continue
-            _reply(out, {"result": msgspec.msgpack.encode(result)})
+            _reply(out, wire.CommitReply(report=report))
     finally:
-        persister.close()
-
-
-def _widen_stdin_pipe() -> None:
-    # A 1 MiB pipe instead of 64 KiB: a large delta crosses in 16x fewer wake-ups
-    # (measured 670 -> 1,600 MiB/s on the team VM; 1 MiB is the unprivileged maximum).
-    try:
-        import fcntl
-
-        fcntl.fcntl(0, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except (ImportError, AttributeError, OSError):
-        pass  # not Linux, not a pipe, or above /proc/sys/fs/pipe-max-size
+        pipeline.close()
 
 
 def main() -> int:
     """Entry point of the writer process."""
-    parent = os.getppid()
-    _die_with_parent(parent)
-    _widen_stdin_pipe()
-    # The parent drains and stops us; a Ctrl-C or SIGTERM sent to the whole process
-    # group must not kill the writer before the final checkpoint is written.
+    # First: a Ctrl-C or SIGTERM sent to the whole process group must not kill the writer
+    # before the final checkpoint is written; the parent drains and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+    _die_with_parent(parent)
     out = sys.stdout.buffer
     # Anything printed by accident must not corrupt the frames on stdout.
     sys.stdout = sys.stderr

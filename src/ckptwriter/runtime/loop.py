@@ -1,4 +1,4 @@
-"""The training loop: episodes, validation, checkpoints, resume and signals.
+"""The training loop: episodes, validation and checkpoints, from plan to result.
 
 :func:`run_training` runs one configuration to the end (or to a signal):
 
@@ -14,13 +14,14 @@
 
 Snapshots go to a :class:`~ckptwriter.CheckpointWriter`, so the loop pays an O(1)
 capture per checkpoint and no per-episode I/O.
+
+Data flow: :mod:`.plan` (step 1) -> :mod:`.run_dir` (step 2) -> the episodes here
+(step 3); :mod:`.signals` turns SIGINT/SIGTERM into a stop after the current episode.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -28,19 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.abc
 import anyio.lowlevel
 
-from .. import layout
-from ..config import Config, dump_config
-from ..errors import CheckpointError, ConfigError, WriterFailedError
-from ..memory import Action, Feedback, MemoryLog, Observation, Reflection
-from ..resume import LoadedCheckpoint, load_checkpoint
+from ..config import Config
+from ..errors import CheckpointError, WriterFailedError
+from ..gil import switch_interval
+from ..handles import CheckpointHandle
+from ..memory import Action, Feedback, Observation, Reflection
 from ..snapshot import Snapshot
-from ..writer import CheckpointHandle, CheckpointWriter, WriterStats, switch_interval
-from .agents import Agent, create_agent
-from .environments import ArithmeticEnvironment, Task, TaskSequence, load_validation_dataset
+from ..stats import WriterStats
+from ..writer import CheckpointWriter
+from .environments import Task
+from .plan import RunPlan, prepare_run
 from .progress import UPDATE_SECONDS, NullReporter, Reporter, TrainStatus
+from .run_dir import check_not_shared, effective_config, make_run_dir
+from .signals import StopFlag, watch_signals
 
 __all__ = ["TrainResult", "run_training"]
 
@@ -71,166 +74,6 @@ class TrainResult:
         return 128 + self.stopped_by if self.stopped_by else 0
 
 
-class _StopFlag:
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-
-async def _watch_signals(
-    stop: _StopFlag, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if stop.signum is None:
-                stop.signum = signum
-                log.warning(
-                    "Received %s: finishing the current episode, writing a final checkpoint "
-                    "and draining the writer (send it again to exit immediately)", name
-                )
-                continue
-            # Committed checkpoints are whole (temp dir + rename); a write in progress
-            # stays a .tmp-* directory that readers ignore and the next writer removes.
-            os.write(2, f"Received {name} again: exiting immediately\n".encode())
-            os._exit(128 + signum)
-
-
-@dataclass
-class _Plan:
-    cfg: Config
-    agent: Agent
-    memory: MemoryLog
-    sequence: TaskSequence
-    validation: list[Task]
-    first_episode: int
-    target_episode: int
-    train_steps: int
-    resumed: LoadedCheckpoint | None
-
-
-def _prepare(cfg: Config, search_dirs: tuple[str, ...] | None) -> _Plan:
-    """Everything that can fail because of the configuration, before any episode."""
-    rt = cfg.runtime
-    resumed: LoadedCheckpoint | None = None
-    first, steps = 0, 0
-    if rt.resume_from is not None:
-        # Steps 1-2 of the guide's "What happens": manifest loaded (and verified against
-        # its checksums), memory restored, with the memory type checked against ours.
-        resumed = load_checkpoint(rt.resume_from, expected_memory_type=cfg.agent.memory_type)
-        memory = resumed.memory
-        first, steps = resumed.runtime.episode_index, resumed.runtime.train_steps_total
-    else:
-        memory = MemoryLog(memory_type=cfg.agent.memory_type)
-    target = rt.episodes_for(first)
-    if target <= first:
-        raise ConfigError(
-            f"{cfg.source}: the checkpoint {rt.resume_from} is at episode {first} and "
-            f"runtime.max_envs_to_visit is {target}: nothing left to train. "
-            f"Set max_envs_to_visit above {first} to continue"
-        )
-    agent = create_agent(cfg.agent, memory, search_dirs)
-    env = ArithmeticEnvironment(cfg.environment)
-    sequence = env.sequence()
-    # Step 4: episodes 1..N are skipped by advancing the task sequence, so the resumed
-    # run visits exactly the tasks an uninterrupted run would from N+1 on.
-    sequence.skip(first)
-    validating = rt.validation_freq is not None or rt.run_validation_at_start
-    validation = load_validation_dataset(cfg.validation, env) if validating else []
-    return _Plan(cfg, agent, memory, sequence, validation, first, target, steps, resumed)
-
-
-def _check_not_shared(cfg: Config, plan: _Plan) -> None:
-    """Refuse a checkpoint_dir that holds another history's checkpoints.
-
-    Retention ranks checkpoints by episode, so a run writing among a previous run's
-    higher episodes would see its own checkpoints deleted and ``latest`` move back.
-    Continuing a run in place (resuming from its own newest checkpoint) is fine.
-    """
-    d = cfg.runtime.checkpoint_dir
-    if d is None or "://" in d or not os.path.isabs(d):
-        return  # relative: inside this run's own, new, run directory
-    from ..resume import scan_checkpoints
-
-    existing = scan_checkpoints(d)
-    if not existing:
-        return
-    newest = existing[-1]
-    span = f"{existing[0].name} .. {newest.name}" if len(existing) > 1 else newest.name
-    resumed = plan.resumed
-    if resumed is not None and os.path.samefile(resumed.path.parent, d):
-        if newest.episode_index > plan.first_episode:
-            raise ConfigError(
-                f"{cfg.source}: runtime.checkpoint_dir {d} holds {newest.name}, later than "
-                f"the checkpoint you resume from ({resumed.path.name}): writing there would "
-                "mix two histories (retention would delete the new checkpoints and latest "
-                "would move back). Remove runtime.checkpoint_dir to write into the new run "
-                "directory, or resume from its latest"
-            )
-        return
-    raise ConfigError(
-        f"{cfg.source}: runtime.checkpoint_dir {d} already holds checkpoints of another run "
-        f"({span}); each run needs its own checkpoints directory, or retention would delete "
-        "this run's checkpoints and latest would move back. Remove runtime.checkpoint_dir "
-        "(each run then writes into its own run directory), point it at an empty directory, "
-        f"or continue that run with runtime.resume_from: {Path(d) / 'latest'}"
-    )
-
-
-def _effective(cfg: Config, plan: _Plan) -> Config:
-    """The config with the defaults this run applied filled in, as config.yaml records it."""
-    rt = cfg.runtime
-    strategy = rt.checkpoint_strategy
-    if strategy is None and rt.checkpoint_dir is not None:
-        strategy = "all" if rt.checkpoint_keep_last is None else "last_n"
-    runtime = rt.model_copy(update={
-        "max_envs_to_visit": plan.target_episode, "checkpoint_strategy": strategy,
-    })
-    return cfg.model_copy(update={"runtime": runtime})
-
-
-def _make_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    try:
-        run_dir = layout.create_run_dir(cfg.output_dir, cfg.name)
-    except OSError as exc:
-        raise ConfigError(
-            f"{cfg.source}: output_dir {cfg.output_dir!r} is unusable ({exc.strerror or exc}); "
-            "point output_dir at a writable directory"
-        ) from None
-    try:
-        return _fill_run_dir(cfg, run_dir)
-    except BaseException:
-        # A run refused before its first episode leaves no empty run directory behind.
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-
-
-def _fill_run_dir(cfg: Config, run_dir: Path) -> tuple[Path, Path | None]:
-    # 0o664, not write_text's 0o666: never world-writable, even under umask 000.
-    fd = os.open(run_dir / "config.yaml", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(dump_config(cfg))
-    if cfg.runtime.checkpoint_dir is None:
-        return run_dir, None
-    if "://" in cfg.runtime.checkpoint_dir:
-        # An fsspec URL (s3://bucket/prefix) is used as is, like an absolute path; the
-        # writer reports a missing bucket or credentials (docs/OBJECT_STORAGE.md).
-        from ..storage.remote_read import as_path
-
-        return run_dir, as_path(cfg.runtime.checkpoint_dir)
-    ckpt_dir = run_dir / cfg.runtime.checkpoint_dir
-    try:
-        layout.make_dirs(ckpt_dir)
-        if not os.access(ckpt_dir, os.W_OK | os.X_OK):
-            raise PermissionError(13, "not writable")
-    except OSError as exc:
-        raise ConfigError(
-            f"{cfg.source}: runtime.checkpoint_dir {cfg.runtime.checkpoint_dir!r} is unusable "
-            f"({ckpt_dir}: {exc.strerror or exc}); point it at a writable directory"
-        ) from None
-    return run_dir, ckpt_dir
-
-
 async def run_training(
     cfg: Config,
     *,
@@ -257,9 +100,9 @@ async def run_training(
             ``resume_from`` cannot be used.
         WriterFailedError: a checkpoint failed to write (``on_error: raise``).
     """
-    plan = _prepare(cfg, search_dirs)
-    _check_not_shared(cfg, plan)
-    run_dir, ckpt_dir = _make_run_dir(_effective(cfg, plan))
+    plan = prepare_run(cfg, search_dirs)
+    check_not_shared(cfg, plan)
+    run_dir, ckpt_dir = make_run_dir(effective_config(cfg, plan))
     log.info("Run directory: %s", run_dir)
     if plan.resumed is not None:
         log.info("Resuming from episode %d (checkpoint %s)",
@@ -268,11 +111,11 @@ async def run_training(
             # Allowed (runtime settings may differ on resume), but rarely meant.
             log.warning("The checkpoint was written by agent %s; continuing with agent %s",
                         plan.resumed.agent.agent_type, cfg.agent.type)
-    stop = _StopFlag()
+    stop = StopFlag()
     failure: Exception | None = None
     async with anyio.create_task_group() as tg:
         if handle_signals:
-            await tg.start(_watch_signals, stop)
+            await tg.start(watch_signals, stop)
         try:
             trainer = _Trainer(plan, run_dir, ckpt_dir, stop, reporter or NullReporter())
             # A writer thread (executor: thread, object storage) needs the GIL for each
@@ -307,7 +150,7 @@ def _unwrap(exc: Exception) -> Exception:
 
 
 class _Trainer:
-    def __init__(self, plan: _Plan, run_dir: Path, ckpt_dir: Path | None, stop: _StopFlag,
+    def __init__(self, plan: RunPlan, run_dir: Path, ckpt_dir: Path | None, stop: StopFlag,
                  reporter: Reporter) -> None:
         self.plan = plan
         self.cfg = plan.cfg
@@ -338,14 +181,7 @@ class _Trainer:
             await self._train()
         else:
             async with CheckpointWriter(
-                self.ckpt_dir,
-                strategy=self.rt.checkpoint_strategy,
-                keep_last=self.rt.checkpoint_keep_last,
-                max_pending=self.rt.max_pending,
-                on_backlog=self.rt.on_backlog,
-                fsync=self.rt.fsync,
-                on_error=self.rt.on_error,
-                executor=self.rt.executor,
+                self.ckpt_dir, **self.rt.writer_options().writer_kwargs()
             ) as writer:
                 self.writer = writer
                 await self._train()

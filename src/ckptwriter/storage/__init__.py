@@ -1,42 +1,49 @@
-"""Backends that make a checkpoint durable. One module per backend owns all atomicity."""
+"""Storage backends: the primitives that make a checkpoint durable, one module each.
+
+``local`` (POSIX directories) and ``remote`` (object storage through fsspec) implement
+the protocols of ``base``; ``location`` is the one place a path or URL is interpreted.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .base import CommitOutcome, MemoryState, Storage
-from .local import LocalStorage
+from .base import Backend, FileSpec, PendingCheckpoint, ReadStore, ReuseToken, StoreEntry
+from .local import LocalStorage, LocalStore
+from .location import Location, open_store, parse_location
+from .remote import RemoteStorage
 
 __all__ = [
-    "CommitOutcome", "LocalStorage", "MemoryState", "Storage", "is_local", "open_storage",
+    "Backend",
+    "FileSpec",
+    "LocalStorage",
+    "LocalStore",
+    "Location",
+    "PendingCheckpoint",
+    "ReadStore",
+    "RemoteStorage",
+    "ReuseToken",
+    "StoreEntry",
+    "open_backend",
+    "open_store",
+    "parse_location",
 ]
 
 
-def is_local(location: str | os.PathLike[str]) -> bool:
-    """True for a plain path or a ``file://`` URL: what :class:`LocalStorage` handles."""
-    loc = os.fspath(location)
-    return loc.startswith("file://") or "://" not in loc
+def open_backend(
+    location: str | os.PathLike[str], *, fsync: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> Backend:
+    """The backend a writer commits through for a checkpoints location.
 
-
-def open_storage(
-    location: str | os.PathLike[str], *, fsync: bool = True, **storage_options: Any
-) -> Storage:
-    """The backend for a checkpoints location: a local path or an fsspec URL.
-
-    ``file://`` URLs and plain paths get :class:`LocalStorage`; any other URL
-    (``s3://``, ``gs://``, ``memory://``...) gets
-    :class:`~ckptwriter.storage.remote.RemoteStorage`, with ``storage_options`` passed to
-    fsspec (``fsync`` does not apply there: a completed upload is durable).
+    ``fsync`` applies to local disks (a completed upload is already durable);
+    ``storage_options`` go to fsspec for URLs.
 
     Raises:
         ConfigError: no fsspec implementation is installed for the URL's scheme.
     """
-    loc = os.fspath(location)
-    if loc.startswith("file://"):
-        return LocalStorage(loc[len("file://") :], fsync=fsync)
-    if "://" in loc:
-        from .remote import RemoteStorage
-
-        return RemoteStorage(loc, **storage_options)
-    return LocalStorage(loc, fsync=fsync)
+    loc = parse_location(location)
+    if loc.is_local:
+        return LocalStorage(loc.path, fsync=fsync)
+    return RemoteStorage(loc.path, **(storage_options or {}))

@@ -1,74 +1,209 @@
-"""The contract every storage backend meets.
+"""The primitives every storage backend provides; everything above them is written once.
 
-Methods are synchronous and blocking: the writer calls them from one worker thread,
-one checkpoint at a time, batched so that a checkpoint costs one thread hop.
+A backend owns atomicity and durability only, in the spirit of Orbax's ``TemporaryPath``
+and fsspec's transactions:
+
+- :class:`ReadStore`: read primitives over one filesystem or bucket (stat, list, read,
+  read a link). The one reader (``reader.py``) resolves, verifies and loads over them.
+- :class:`Backend`: one checkpoints directory a writer owns: lock it, clean what a
+  crashed writer left, :meth:`~Backend.begin` a :class:`PendingCheckpoint` to write
+  files into and then finalize (rename locally, commit marker remotely) or discard,
+  replace the ``latest`` pointer, delete a checkpoint.
+
+The commit pipeline (``commit.py``) decides file order, checksums and what is reused;
+a backend never builds a manifest. Store paths are ``/``-separated strings: absolute
+paths on a local filesystem, ``bucket/key`` on object storage.
+
+Every method is synchronous and blocking: the pipeline runs them in one worker thread
+(or the writer process), one checkpoint at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
-from ..retention import CheckpointRecord
-from ..snapshot import CapturedSnapshot
+__all__ = [
+    "Backend",
+    "FileSpec",
+    "PendingCheckpoint",
+    "ReadStore",
+    "ReuseToken",
+    "StoreEntry",
+]
 
-__all__ = ["CommitOutcome", "MemoryState", "Storage"]
-
-
-@dataclass(slots=True)
-class MemoryState:
-    """The memory file of the last committed checkpoint, reused by the next one."""
-
-    log_id: str
-    entries: int
-    nbytes: int
-    location: str
-    sha: hashlib._Hash
-    # Identity of the file when it was committed: a file replaced or edited in place
-    # since (same size, other bytes) must not be extended with the old hash state.
-    ino: int = 0
-    mtime_ns: int = 0
+EntryKind = Literal["file", "dir", "link", "other"]
 
 
 @dataclass(frozen=True, slots=True)
-class CommitOutcome:
-    """What one commit did."""
+class StoreEntry:
+    """What :meth:`ReadStore.stat` knows of one path, without following a final symlink."""
+
+    kind: EntryKind
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseToken:
+    """An opaque handle on a file a finalized checkpoint holds, for the next one to reuse.
+
+    Only the backend that issued it interprets ``ident`` (an inode and mtime locally, an
+    ETag on object storage); the pipeline keeps it beside the checksum state it carries.
+    """
+
+    path: str
+    nbytes: int
+    ident: tuple[str | int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    """One file of a pending checkpoint.
+
+    Its bytes are ``reuse``'s first ``reuse.nbytes`` bytes (copied by the backend: a
+    kernel-side copy or reflink locally, a server-side copy remotely) followed by ``data``.
+    """
 
     name: str
-    path: str
-    bytes_written: int
-    entries_serialized: int
-    bytes_serialized: int
-    incremental: bool
-    serialize_seconds: float
-    write_seconds: float
-    memory: MemoryState
-    record: CheckpointRecord
-    latest_json: bytes
+    data: Sequence[memoryview | bytes]
+    reuse: ReuseToken | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """The file's final size."""
+        return (self.reuse.nbytes if self.reuse else 0) + sum(len(d) for d in self.data)
 
 
-class Storage(Protocol):
-    """Atomic checkpoint commit, pointer update and deletion for one checkpoints dir."""
+class PendingCheckpoint(Protocol):
+    """A checkpoint being written: invisible to readers until :meth:`finalize`."""
 
-    location: str
+    name: str
 
-    def open(self) -> list[CheckpointRecord]:
-        """Create the directory, take the writer lock, clean leftovers, list checkpoints."""
+    def write(self, files: Sequence[FileSpec]) -> dict[str, ReuseToken]:
+        """Write files, durable when this returns; a token per file for the next commit.
+
+        Raises:
+            StorageError: the store failed (the message says what to do).
+        """
+        ...
+
+    def finalize(self, marker: bytes) -> str:
+        """Write ``runtime.json`` (the marker) last and make the checkpoint appear at once.
+
+        Returns:
+            the checkpoint's location as shown to users (a path or a URL).
+        """
+        ...
+
+    def discard(self) -> None:
+        """Remove whatever was written; never raises (a next writer cleans up)."""
+        ...
+
+
+class ReadStore(Protocol):
+    """Read primitives over one filesystem or bucket."""
+
+    def url(self, path: str) -> str:
+        """``path`` as a user would write it (a plain path, or ``s3://bucket/key``)."""
+        ...
+
+    def as_path(self, path: str) -> Path:
+        """``path`` as the :class:`~pathlib.Path` the public API returns."""
+        ...
+
+    def join(self, base: str, *names: str) -> str:
+        """A child path."""
+        ...
+
+    def parent(self, path: str) -> str:
+        """The containing directory or prefix."""
+        ...
+
+    def stat(self, path: str) -> StoreEntry | None:
+        """What is at ``path`` (``None``: nothing); a symlink is reported, not followed."""
+        ...
+
+    def listdir(self, path: str) -> list[str] | None:
+        """Names directly under ``path`` (``None``: not a directory or prefix)."""
+        ...
+
+    def read(self, path: str) -> bytes:
+        """The bytes of a regular file, never reached through a final symlink.
+
+        Raises:
+            FileNotFoundError: nothing there.
+            IsADirectoryError: a symlink, directory or other non-regular file.
+            OSError: it cannot be read.
+        """
+        ...
+
+    def readlink(self, path: str) -> str | None:
+        """A symlink's target (``None``: not a symlink, or the store has none)."""
+        ...
+
+    def sizes(self, path: str) -> dict[str, int]:
+        """Every regular file below ``path`` (relative name -> size), in one listing."""
+        ...
+
+    def error(self, exc: BaseException, action: str, path: str) -> Exception:
+        """A store failure as the :class:`~ckptwriter.StorageError` a user can act on."""
+        ...
+
+
+class Backend(Protocol):
+    """One checkpoints directory (or prefix) that a writer owns."""
+
+    @property
+    def location(self) -> str:
+        """The directory or URL, as shown to users."""
+        ...
+
+    @property
+    def store(self) -> ReadStore:
+        """The read primitives of the filesystem or bucket it lives in."""
+        ...
+
+    @property
+    def root(self) -> str:
+        """Its store path."""
+        ...
+
+    def open(self, is_whole: Callable[[str], bool]) -> None:
+        """Create the directory, take the writer lock, clean leftovers of a crash.
+
+        Args:
+            is_whole: tells whether a checkpoint directory (store path) a crash left
+                aside is complete and may be put back; the reader decides, not the backend.
+
+        Raises:
+            DirectoryLockedError: another writer owns it.
+            StorageError: it cannot be created or read.
+        """
         ...
 
     def close(self) -> None:
         """Release the writer lock."""
         ...
 
-    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
-        """Write a checkpoint so that it appears complete or not at all."""
+    def begin(self, name: str) -> PendingCheckpoint:
+        """Start checkpoint ``name`` (``ep_000100``)."""
         ...
 
-    def set_latest(self, outcome: CommitOutcome) -> None:
-        """Point ``latest`` at a committed checkpoint, atomically."""
+    def can_reuse(self, token: ReuseToken) -> bool:
+        """True if ``token``'s file still holds exactly the bytes it was issued for."""
+        ...
+
+    def replace_pointer(self, name: str, latest_json: bytes) -> None:
+        """Point ``latest`` at finalized checkpoint ``name``, atomically."""
         ...
 
     def delete(self, name: str) -> None:
-        """Remove a checkpoint so that it disappears atomically."""
+        """Remove a checkpoint so that it disappears for readers in one step."""
         ...
+
+    def _step(self, name: str) -> None:
+        """Called right after each protocol step; a no-op outside fault-injection tests."""
+        ...
+

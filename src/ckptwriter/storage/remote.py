@@ -1,60 +1,132 @@
-"""Atomic checkpoint commit on object storage (any fsspec URL: s3://, gs://, memory://).
+"""Atomic checkpoint primitives on object storage (any fsspec URL: s3://, gs://, memory://).
 
 Object stores have no rename, so the protocol (DESIGN.md) is built on the one atomic
 thing they do have, a single-object PUT:
 
-1. Every object of ``ep_N/`` is uploaded under its final prefix, concurrently
-   (large memory files as concurrent multipart parts).
-2. ``ep_N/runtime.json`` is uploaded last: it is the commit marker. A prefix without it
-   does not exist for readers, and the next writer's :meth:`RemoteStorage.open` removes it.
+1. :meth:`RemoteStorage.begin` returns a :class:`RemotePending` whose ``write`` uploads
+   files under the checkpoint's final prefix, concurrently (large memory files as
+   concurrent multipart parts; a reused prefix is copied server-side on S3).
+2. ``finalize`` uploads ``ep_N/runtime.json`` last: it is the commit marker. A prefix
+   without it does not exist for readers, and the next writer's :meth:`RemoteStorage.open`
+   removes it.
 3. ``latest.json`` is replaced by one PUT (there is no ``latest`` symlink).
 4. Deletion removes the marker first, so a checkpoint vanishes for readers in one step;
    what a crash leaves behind is an uncommitted prefix, cleaned like any other.
 
-Incremental memory: on S3 the unchanged prefix of the previous memory file is copied
-server-side (UploadPartCopy with a byte range, guarded by the source ETag) and only the
-new bytes are uploaded. Other stores, and S3 for previous files under 5 MiB (the
-multipart minimum part size), get a full upload.
+Reuse: on S3 the unchanged prefix of the previous memory file is copied server-side
+(UploadPartCopy with a byte range, guarded by the source ETag) and only the new bytes are
+uploaded. Other stores, and S3 for previous files under 5 MiB (the multipart minimum part
+size), get a full upload: :meth:`RemoteStorage.can_reuse` says so.
 
-Single writer: a ``.lock`` object with the owner, a token and an expiry that a
-heartbeat thread extends. On S3 it is created with ``If-None-Match: *`` and extended
-with ``If-Match: <etag>``, so two writers cannot both hold it. Stores without
-conditional writes get a check-then-write, atomic only within one process
-(see docs/OBJECT_STORAGE.md for the limits).
+Single writer: see :mod:`ckptwriter.storage.object_lock`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
-import socket
-import threading
-import time
-import uuid
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .. import layout
 from ..errors import CheckpointError, DirectoryLockedError
-from ..manifest import commit_documents
-from ..retention import CheckpointRecord
-from ..snapshot import CapturedSnapshot
-from .base import CommitOutcome, MemoryState
-from .objects import CopySource, ObjectStore, PutItem, S3ObjectStore, open_store, store_error
-from .remote_read import scan_store
+from .base import FileSpec, ReuseToken
+from .location import open_object_store
+from .object_lock import DEFAULT_LOCK_TTL, ObjectLock
+from .objects import CopySource, ObjectStore, PutItem, store_error
+from .s3 import S3ObjectStore
 
-__all__ = ["DEFAULT_LOCK_TTL", "RemoteStorage"]
+__all__ = ["DEFAULT_LOCK_TTL", "RemotePending", "RemoteStorage"]
 
 log = logging.getLogger("ckptwriter")
 _T = TypeVar("_T")
 
-# A crashed writer's lock blocks a new writer for at most this long; a live writer
-# extends it every third of it, so it survives two failed heartbeats in a row.
-DEFAULT_LOCK_TTL = 60.0
+
+class RemotePending:
+    """A checkpoint being uploaded under its final prefix, invisible until its marker.
+
+    Made by :meth:`RemoteStorage.begin`; see :class:`~ckptwriter.storage.base.PendingCheckpoint`.
+    """
+
+    def __init__(self, backend: RemoteStorage, name: str, stale: set[str]) -> None:
+        self.name = name
+        self._backend = backend
+        self._prefix = f"{backend.root}/{name}"
+        self._url = backend.store.url(self._prefix)
+        # Objects of a retracted checkpoint of the same name not yet overwritten.
+        self._stale = stale
+        self._touched = bool(stale)
+        self._finalized = False
+
+    def write(self, files: Sequence[FileSpec]) -> dict[str, ReuseToken]:
+        """Upload files concurrently in one batch; a token per file (its path and ETag).
+
+        Raises:
+            DirectoryLockedError: this writer lost its lock.
+            StorageError: an upload failed.
+            ValueError: a file reuses bytes :meth:`RemoteStorage.can_reuse` did not accept.
+        """
+        b = self._backend
+        b._lock.check()
+        items = [
+            PutItem(f"{self._prefix}/{f.name}", f.data, self._copy_source(f.reuse))
+            for f in files
+        ]
+        self._touched = True
+        tags = b._guard("writing checkpoint", self._url, lambda: b.store.put_many(items))
+        self._stale.difference_update(i.path for i in items)
+        return {
+            f.name: ReuseToken(i.path, f.nbytes, (tags[i.path],))
+            for f, i in zip(files, items, strict=True)
+        }
+
+    def _copy_source(self, token: ReuseToken | None) -> CopySource | None:
+        if token is None:
+            return None
+        etag = token.ident[0] if len(token.ident) == 1 else None
+        if not isinstance(self._backend.store, S3ObjectStore) or not isinstance(etag, str):
+            raise ValueError(f"cannot reuse {token.path} in {self._url}: can_reuse() is False")
+        return CopySource(token.path, token.nbytes, etag)
+
+    def finalize(self, marker: bytes) -> str:
+        """Renew the lock, then PUT ``runtime.json``: the checkpoint exists from now on.
+
+        Returns:
+            the checkpoint's URL.
+
+        Raises:
+            DirectoryLockedError: the lock was lost while uploading (nothing is committed).
+            StorageError: the marker could not be uploaded.
+        """
+        b = self._backend
+        self._touched = True
+        if self._stale:
+            b._lock.check()
+            b._guard("writing checkpoint", self._url, lambda: b.store.rm(sorted(self._stale)))
+            self._stale.clear()
+        # The lock may have been lost while uploading: never commit over another writer.
+        b._lock.confirm()
+        path = f"{self._prefix}/{layout.RUNTIME_JSON}"
+        b._guard("writing checkpoint", self._url, lambda: b.store.put(path, marker))
+        self._finalized = True
+        b._committed.add(self.name)
+        b._step("marker_written")
+        return self._url
+
+    def discard(self) -> None:
+        """Remove what was uploaded, marker first; never raises (the next open cleans up)."""
+        if self._finalized or not self._touched:
+            return
+        try:
+            self._backend._lock.check()
+        except DirectoryLockedError:
+            # Without the lock, the prefix may be another writer's now.
+            return
+        store = self._backend.store
+        with contextlib.suppress(Exception):
+            # A marker PUT that failed ambiguously may have landed: hide it first.
+            store.rm([f"{self._prefix}/{layout.RUNTIME_JSON}"])
+            store.rm_tree(self._prefix)
 
 
 class RemoteStorage:
@@ -74,28 +146,25 @@ class RemoteStorage:
     """
 
     # Protocol steps, in order; tests override _step to crash right after any of them.
+    # The commit pipeline emits memory_written and files_written through _step.
     STEPS = (
-        "objects_written", "marker_written", "latest_written", "marker_deleted", "deleted",
+        "memory_written", "files_written", "marker_written", "latest_written",
+        "marker_deleted", "deleted",
     )
 
     def __init__(self, url: str, *, lock_ttl: float = DEFAULT_LOCK_TTL,
                  **storage_options: Any) -> None:
         self.store: ObjectStore
-        self.store, self.root = open_store(url, storage_options)
+        self.store, self.root = open_object_store(url, storage_options)
         self.location = self.store.url(self.root)
         self.lock_ttl = float(lock_ttl)
-        self._lock_path = f"{self.root}/{layout.LOCK_FILE}"
-        self._lock_token = ""
-        self._lock_tag: str | None = None
-        self._lock_expires = 0.0
-        self._lock_lost: str | None = None
-        self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
-        self._renewing = threading.Lock()
+        self._lock = ObjectLock(
+            self.store, f"{self.root}/{layout.LOCK_FILE}", self.location, self.lock_ttl
+        )
+        # Names with a commit marker: a new checkpoint of one of them replaces it.
         self._committed: set[str] = set()
-        # ETag of the memory object last written, so a server-side copy of its prefix
-        # is done only if the object still holds exactly the bytes hashed before.
-        self._mem_etag: dict[str, str] = {}
+        # Legacy (removed at the cut-over): ETag of the memory object last written, so a
+        # server-side copy of its prefix is done only if it still holds the hashed bytes.
 
     def _step(self, name: str) -> None:
         """Called right after each protocol step; a no-op outside fault-injection tests."""
@@ -110,16 +179,26 @@ class RemoteStorage:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def open(self) -> list[CheckpointRecord]:
+    def open(self, is_whole: Callable[[str], bool]) -> None:
+        """Check the bucket, take the lock, remove uncommitted prefixes (no marker).
+
+        Args:
+            is_whole: unused here: object storage never sets a checkpoint aside (no
+                rename), so a crash leaves nothing to put back.
+
+        Raises:
+            DirectoryLockedError: another writer owns the prefix.
+            StorageError: the store cannot be reached or read.
+        """
         self._guard("opening", self.location, lambda: self.store.check_root(self.root))
-        self._guard("taking the writer lock of", self.location, self._acquire_lock)
+        self._guard("taking the writer lock of", self.location, self._lock.acquire)
         try:
-            return self._guard("opening", self.location, self._clean_and_list)
+            self._guard("opening", self.location, self._clean)
         except BaseException:
             self.close()
             raise
 
-    def _clean_and_list(self) -> list[CheckpointRecord]:
+    def _clean(self) -> None:
         sizes = self.store.find(self.root)
         prefix = self.root + "/"
         by_ckpt: dict[str, list[str]] = {}
@@ -129,239 +208,79 @@ class RemoteStorage:
             head, sep, rest = path[len(prefix):].partition("/")
             if sep and layout.parse_checkpoint_name(head) is not None:
                 by_ckpt.setdefault(head, []).append(rest)
+        committed = set()
         for name, files in by_ckpt.items():
-            if layout.RUNTIME_JSON not in files:
-                # No commit marker: a writer died mid-checkpoint (or mid-delete).
-                log.info("removing uncommitted checkpoint prefix %s/%s", self.location, name)
-                self.store.rm([f"{self.root}/{name}/{f}" for f in files])
-        infos = scan_store(self.store, self.root)
-        self._committed = {i.name for i in infos}
-        return [i.record for i in infos if i.complete]
+            if layout.RUNTIME_JSON in files:
+                committed.add(name)
+                continue
+            # No commit marker: a writer died mid-checkpoint (or mid-delete).
+            log.info("removing uncommitted checkpoint prefix %s/%s", self.location, name)
+            self.store.rm([f"{self.root}/{name}/{f}" for f in files])
+        self._committed = committed
 
     def close(self) -> None:
-        thread, self._heartbeat = self._heartbeat, None
-        if thread is None:
-            return
-        self._stop.set()
-        thread.join()
-        if self._lock_lost is None and self._lock_tag is not None:
-            try:
-                _, tag = self.store.read_tagged(self._lock_path)
-                if tag == self._lock_tag:
-                    self.store.rm([self._lock_path])
-            except Exception as exc:
-                log.warning("could not release the lock %s (it expires in %.0f s): %s",
-                            self.store.url(self._lock_path), self.lock_ttl, exc)
-        self._lock_tag = None
+        """Release the writer lock (if this writer still holds it)."""
+        self._lock.release()
 
-    # -- the writer lock -------------------------------------------------------------
+    # -- the backend primitives (storage/base.py) ------------------------------------
 
-    def _lock_body(self, expires_at: float) -> bytes:
-        return json.dumps({
-            "owner": f"pid {os.getpid()} on {socket.gethostname()}",
-            "token": self._lock_token,
-            "expires_at": expires_at,
-            "ttl_seconds": self.lock_ttl,
-        }).encode()
+    def begin(self, name: str) -> RemotePending:
+        """Start checkpoint ``name``; its files go straight under ``<root>/<name>/``.
 
-    def _write_lock(self, write: Callable[[bytes], str]) -> str:
-        # The expiry is computed before the request, so others never see a later one
-        # than we assume; it counts only once the write succeeded.
-        expires = time.time() + self.lock_ttl
-        tag = write(self._lock_body(expires))
-        self._lock_expires = expires
-        return tag
-
-    def _acquire_lock(self) -> None:
-        self._lock_token = uuid.uuid4().hex
-        try:
-            self._lock_tag = self._write_lock(partial(self.store.create, self._lock_path))
-        except FileExistsError:
-            self._lock_tag = self._take_over_stale_lock()
-        self._lock_lost = None
-        self._stop.clear()
-        self._heartbeat = threading.Thread(
-            target=self._beat, name="ckptwriter-lock-heartbeat", daemon=True
-        )
-        self._heartbeat.start()
-
-    def _take_over_stale_lock(self) -> str:
-        try:
-            data, tag = self.store.read_tagged(self._lock_path)
-        except FileNotFoundError:
-            # Released between our create and our read: try once more.
-            return self._write_lock(partial(self.store.create, self._lock_path))
-        try:
-            held = json.loads(data)
-            owner = str(held["owner"])
-            expires = float(held["expires_at"])
-        except (ValueError, KeyError, TypeError):
-            owner, expires = "unknown owner, unreadable lock", float("inf")
-        left = expires - time.time()
-        if left > 0:
-            when = "never" if left == float("inf") else f"in {left:.0f} s"
-            lock_url = self.store.url(self._lock_path)
-            raise DirectoryLockedError(
-                f"Checkpoint directory {self.location} is locked by another writer ({owner}; "
-                f"the lock expires {when} unless that writer keeps it alive). Only one writer "
-                "may own a checkpoints directory: stop the other run, or use another "
-                f"checkpoint_dir. If no writer is running, delete {lock_url}."
-            )
-        log.warning("taking over the expired lock of %s (%s)", self.location, owner)
-        try:
-            return self._write_lock(partial(self._replace_lock, tag))
-        except FileExistsError:
-            raise DirectoryLockedError(
-                f"Checkpoint directory {self.location} was just locked by another writer "
-                "taking over the same expired lock: stop one of the runs."
-            ) from None
-
-    def _replace_lock(self, tag: str, body: bytes) -> str:
-        return self.store.replace_if(self._lock_path, body, tag)
-
-    def _renew(self) -> None:
-        """Extend the lock (conditional on it being ours); FileExistsError if it is not."""
-        # The heartbeat and the pre-marker renewal must not race each other with one tag.
-        with self._renewing:
-            if self._lock_lost is not None:
-                return
-            assert self._lock_tag is not None
-            try:
-                self._lock_tag = self._write_lock(partial(self._replace_lock, self._lock_tag))
-            except FileExistsError:
-                self._lock_lost = "another writer took over the lock"
-                raise
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.lock_ttl / 3):
-            try:
-                self._renew()
-            except FileExistsError:
-                return
-            except Exception as exc:
-                # Transient: the expiry check in _check_lock stops commits if it lasts.
-                log.warning("lock heartbeat for %s failed: %s", self.location, exc)
-
-    def _confirm_lock(self) -> None:
-        """Renew the lock right before a commit marker: never commit over another writer."""
-        self._check_lock()
-        try:
-            self._renew()
-        except FileExistsError:
-            pass
-        except Exception as exc:
-            log.warning("lock renewal for %s failed: %s", self.location, exc)
-        self._check_lock()
-
-    def _check_lock(self) -> None:
-        if self._lock_lost is None and time.time() >= self._lock_expires:
-            self._lock_lost = "its heartbeat could not be renewed before it expired"
-        if self._lock_lost is not None:
-            raise DirectoryLockedError(
-                f"This writer lost the lock on {self.location} ({self._lock_lost}); "
-                "another writer may own the directory now. Stop this run and check which "
-                "run should write there."
-            )
-
-    # -- commit ----------------------------------------------------------------------
-
-    def commit(self, snap: CapturedSnapshot, prev: MemoryState | None) -> CommitOutcome:
-        name = layout.checkpoint_name(snap.episode_index)
-        prefix = f"{self.root}/{name}"
-        self._check_lock()
-        try:
-            return self._commit(snap, prev, name, prefix)
-        except BaseException as exc:
-            self._mem_etag.clear()
-            if name not in self._committed and self._lock_lost is None:
-                # No marker yet: remove what was uploaded (the next open cleans it if
-                # this fails too). Without the lock, the prefix may be another writer's.
-                with contextlib.suppress(Exception):
-                    self.store.rm_tree(prefix)
-            if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
-                raise store_error(exc, "writing checkpoint", self.store.url(prefix)) from exc
-            raise
-
-    def _commit(
-        self, snap: CapturedSnapshot, prev: MemoryState | None, name: str, prefix: str
-    ) -> CommitOutcome:
-        t0 = time.perf_counter()
+        Raises:
+            DirectoryLockedError: this writer lost its lock.
+            StorageError: a checkpoint of that name could not be retracted.
+        """
+        self._lock.check()
+        stale: set[str] = set()
         if name in self._committed:
-            # Same episode written again (a retry): retract the old one, marker first.
-            self.delete(name)
-        mem = snap.memory
-        mem_name = layout.memory_file_name(snap.episode_index)
-        mem_path = f"{prefix}/{mem_name}"
-        copy_from = self._copy_source(prev, mem.log_id, mem.nbytes)
-        start = copy_from.nbytes if copy_from is not None else 0
-        views = list(mem.iter_bytes(start))
-        items = [PutItem(mem_path, views, copy_from)]
-        files: dict[str, dict[str, object]] = {}
-        written = mem.nbytes
-        for fname, data in (("agent.json", snap.agent_json), *snap.extra_files.items()):
-            items.append(PutItem(f"{prefix}/{fname}", [data]))
-            files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            written += len(data)
-        if copy_from is not None:
-            assert prev is not None
-            sha = prev.sha.copy()
-        else:
-            sha = hashlib.sha256()
-        for v in views:
-            sha.update(v)
-        tags = self.store.put_many(items)
-        self._mem_etag = {mem_path: tags[mem_path]}
-        self._step("objects_written")
-        files[mem_name] = {"bytes": mem.nbytes, "sha256": sha.hexdigest()}
-        s0 = time.perf_counter()
-        runtime, latest_json = commit_documents(snap, name, mem_name, files)
-        serialize_s = time.perf_counter() - s0
-        # The lock may have been lost while uploading: never commit over another writer.
-        self._confirm_lock()
-        self.store.put(f"{prefix}/{layout.RUNTIME_JSON}", runtime)
-        written += len(runtime)
-        self._committed.add(name)
-        self._step("marker_written")
-        total = time.perf_counter() - t0
-        incremental = copy_from is not None
-        return CommitOutcome(
-            name=name, path=self.store.url(prefix), bytes_written=written,
-            entries_serialized=mem.entries - (prev.entries if incremental and prev else 0),
-            bytes_serialized=mem.nbytes - start, incremental=incremental,
-            serialize_seconds=serialize_s, write_seconds=total - serialize_s,
-            memory=MemoryState(log_id=mem.log_id, entries=mem.entries, nbytes=mem.nbytes,
-                               location=mem_path, sha=sha),
-            record=CheckpointRecord(name, snap.episode_index, snap.val_score),
-            latest_json=latest_json,
-        )
+            # Same episode written again (a retry): retract the old one, marker first, as
+            # the first version did (issue 10 redesigns this: the old one is lost if the
+            # new one fails). Its other objects stay until overwritten or finalize, so a
+            # reuse token the pipeline checked before begin() can still be copied from.
+            prefix = f"{self.root}/{name}"
+            url = self.store.url(prefix)
+            marker = f"{prefix}/{layout.RUNTIME_JSON}"
+            self._guard("replacing checkpoint", url, lambda: self.store.rm([marker]))
+            self._committed.discard(name)
+            stale = set(self._guard("replacing checkpoint", url,
+                                    lambda: self.store.find(prefix)))
+        return RemotePending(self, name, stale)
 
-    def _copy_source(self, prev: MemoryState | None, log_id: str, nbytes: int) -> CopySource | None:
-        """The previous memory file to copy server-side, if the store can and it is intact."""
+    def can_reuse(self, token: ReuseToken) -> bool:
+        """True only on S3, for an object of at least 5 MiB still at the token's ETag and size.
+
+        Raises:
+            StorageError: the object's metadata could not be read.
+        """
+        store = self.store
         if (
-            prev is None
-            or prev.log_id != log_id
-            or prev.nbytes > nbytes
-            or not isinstance(self.store, S3ObjectStore)
-            or not self.store.can_copy_prefix(prev.nbytes)
+            not isinstance(store, S3ObjectStore)
+            or len(token.ident) != 1
+            or not store.can_copy_prefix(token.nbytes)
         ):
-            return None
-        etag = self._mem_etag.get(prev.location)
-        head = self.store.etag_and_size(prev.location)
-        if etag is None or head is None or head != (etag, prev.nbytes):
-            return None
-        return CopySource(prev.location, prev.nbytes, etag)
+            return False
+        head = self._guard("reading", store.url(token.path),
+                           lambda: store.etag_and_size(token.path))
+        return head == (token.ident[0], token.nbytes)
 
-    # -- pointer ---------------------------------------------------------------------
+    def replace_pointer(self, name: str, latest_json: bytes) -> None:
+        """Replace ``latest.json`` (naming ``name``) with one PUT.
 
-    def set_latest(self, outcome: CommitOutcome) -> None:
+        Raises:
+            StorageError: the upload failed.
+        """
         path = f"{self.root}/{layout.LATEST_JSON}"
         self._guard("updating latest.json in", self.location,
-                    lambda: self.store.put(path, outcome.latest_json))
+                    lambda: self.store.put(path, latest_json))
         self._step("latest_written")
 
-    # -- deletion --------------------------------------------------------------------
-
     def delete(self, name: str) -> None:
+        """Remove the marker (the checkpoint is gone for readers), then the rest.
+
+        Raises:
+            StorageError: a removal failed (an unmarked prefix is cleaned at the next open).
+        """
         prefix = f"{self.root}/{name}"
         url = self.store.url(prefix)
         marker = f"{prefix}/{layout.RUNTIME_JSON}"

@@ -1,4 +1,4 @@
-"""Every benchmark runs at a tiny size, so none of them rots.
+"""The benchmark suite (``python -m benchmarks``) runs every benchmark at a tiny size.
 
 These tests check the structure of the output and the JSON, never the targets: the
 targets are judged by ``make bench`` on a real machine, not by unit tests.
@@ -7,15 +7,16 @@ targets are judged by ``make bench`` on a real machine, not by unit tests.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from ckptwriter import bench
+from benchmarks import suite
+from benchmarks.machine import machine_info
+from benchmarks.report import Figure, Report
+from benchmarks.sizes import BenchConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"1", "2", "3", "4", "5", "6"}
@@ -39,12 +40,13 @@ def _check_results(data: dict[str, Any]) -> None:
             "encode"} <= set(data["raw"])
 
 
-def test_cli_bench_runs_every_benchmark(
+def test_suite_runs_every_benchmark(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`ckptwriter bench` at tiny size prints the machine and table and writes JSON."""
+    """The suite at tiny size prints the machine and table and writes JSON."""
     out = tmp_path / "r.json"
-    rc = bench.main(["--size", "tiny", "--dir", str(tmp_path / "d"), "--json", str(out)])
+    rc = suite.main(["--size", "tiny", "--dir", str(tmp_path / "d"), "--json", str(out)],
+                    baselines={})
     assert rc == 0
     data = json.loads(out.read_text())
     _check_results(data)
@@ -76,57 +78,36 @@ def test_strict_exits_1_when_a_target_is_missed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--strict turns a missed target into exit status 1."""
-    def fake_suite(cfg: bench.BenchConfig, target_dir: Any, **_: Any) -> bench.Report:
-        report = bench.Report(machine=bench.machine_info(target_dir), config={})
+    def fake_suite(cfg: BenchConfig, target_dir: Any, **_: Any) -> Report:
+        report = Report(machine=machine_info(target_dir), config={})
         report.machine["loadavg_end"] = [0.0]
-        report.figures.append(bench.Figure("2.x", "x", 5.0, "%", "<= 3 %", False))
+        report.figures.append(Figure("2.x", "x", 5.0, "%", "<= 3 %", False))
         return report
 
-    monkeypatch.setattr(bench, "run_suite", fake_suite)
-    args = ["--size", "tiny", "--dir", str(tmp_path)]
-    assert bench.main(args) == 0
-    assert bench.main([*args, "--strict"]) == 1
+    monkeypatch.setattr(suite, "run_suite", fake_suite)
+    args = ["--size", "tiny", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    assert suite.main(args) == 0
+    assert suite.main([*args, "--strict"]) == 1
 
 
 def test_only_runs_the_named_benchmark(tmp_path: Path) -> None:
     """--only limits the run to the named benchmarks."""
     out = tmp_path / "r.json"
-    bench.main(["--size", "tiny", "--only", "encode", "--dir", str(tmp_path),
+    suite.main(["--size", "tiny", "--only", "encode", "--dir", str(tmp_path),
                 "--json", str(out)])
     ids = {f["id"].split(".")[0] for f in json.loads(out.read_text())["figures"]}
     assert ids == {"5"}
 
 
-def test_markdown_table_has_a_row_per_figure(tmp_path: Path) -> None:
-    """--markdown writes the machine line and one table row per figure."""
-    out, md = tmp_path / "r.json", tmp_path / "t.md"
-    bench.main(["--size", "tiny", "--only", "encode", "--dir", str(tmp_path),
-                "--json", str(out), "--markdown", str(md)])
-    rows = [ln for ln in md.read_text().splitlines() if ln.startswith("| 5 |")]
-    assert md.read_text().startswith("Machine: ")
-    assert len(rows) == len(json.loads(out.read_text())["figures"])
-
-
 def test_memory_entries_must_be_positive() -> None:
     """--memory-entries 0 is refused with a message naming the option."""
     with pytest.raises(SystemExit, match=r"^--memory-entries must be >= 1, got 0; "):
-        bench.main(["--memory-entries", "0"])
+        suite.main(["--memory-entries", "0"])
 
 
-def test_filesystem_of_finds_the_mount(tmp_path: Path) -> None:
-    """The filesystem type comes from the longest mount point holding the path."""
-    fs = bench.filesystem_of(tmp_path)
-    mounts = Path("/proc/mounts").read_text().split("\n")
-    assert any(line.split()[1:3] == [fs["mount_point"], fs["fs_type"]]
-               for line in mounts if line)
-    assert os.path.realpath(tmp_path).startswith(fs["mount_point"])
-
-
-@pytest.mark.parametrize(
-    ("q", "expected"),
-    [pytest.param(50, 50.0, id="p50"), pytest.param(99, 99.0, id="p99"),
-     pytest.param(100, 100.0, id="max"), pytest.param(0, 1.0, id="min")],
-)
-def test_percentile_is_nearest_rank(q: float, expected: float) -> None:
-    """percentile() is the nearest-rank percentile of the samples."""
-    assert bench.percentile([float(i) for i in range(100, 0, -1)], q) == expected
+def test_benchmarks_import_only_ckptwriter_public_api() -> None:
+    """The suite imports ckptwriter's top-level package only, never a private module."""
+    for path in (REPO / "benchmarks").glob("*.py"):
+        for line in path.read_text().splitlines():
+            if line.lstrip().startswith(("from ckptwriter", "import ckptwriter")):
+                assert line.split()[1] == "ckptwriter", f"{path.name}: {line.strip()}"

@@ -1,0 +1,268 @@
+"""Where checkpoints are: opening a location, run directories, checkpoints directories
+under a path, and the checkpoints near a path that names none.
+
+Written once over the read primitives (:class:`~ckptwriter.storage.base.ReadStore`), so
+a local disk and object storage are searched by the same rules and runs come in the one
+order :func:`ckptwriter.layout.run_sort_key` defines. The reader (``reader.py``) and the
+inspection commands build on it.
+
+Error handling:
+    :func:`guarded` turns a store failure (an ``OSError``, a botocore error) into the
+    :class:`~ckptwriter.StorageError` the store describes; ckptwriter's own errors and
+    warnings pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import yaml
+
+from . import layout
+from .errors import CheckpointError, CheckpointNotFoundError
+from .manifest import check_plain_name
+from .storage.base import ReadStore
+from .storage.location import open_store
+
+__all__ = [
+    "checkpoints_dirs",
+    "followed",
+    "guarded",
+    "holds_checkpoints",
+    "name_of",
+    "nearby",
+    "open_location",
+    "run_checkpoints",
+    "timestamped_runs",
+]
+
+_T = TypeVar("_T")
+CONFIG_YAML = "config.yaml"
+DEFAULT_CHECKPOINT_DIR = "checkpoints"
+# A user's chain of symlinks to the path they named, never a loop.
+_MAX_LINKS = 8
+# Directory listings one "nearby" search may cost: it only decorates an error message,
+# and on object storage each listing is a request.
+_NEARBY_LISTINGS = 64
+# Levels the "nearby" search climbs from the nearest existing directory: an existing but
+# empty run directory has its checkpoints in its siblings.
+_NEARBY_CLIMB = 3
+# Depth below that directory at which checkpoints are looked for (ep_*, */ep_*, ...).
+_NEARBY_DEPTH = 4
+
+
+def open_location(location: str | os.PathLike[str]) -> tuple[ReadStore, str]:
+    """The read primitives and store path for a location a user gave.
+
+    Raises:
+        ConfigError: no fsspec implementation for the URL's scheme.
+        StorageError: the store cannot be reached (a missing bucket, bad credentials).
+    """
+    store, path = open_store(location)
+    # ReadStore has no check_root (yet): object stores can fail early and clearly here
+    # ("bucket ... does not exist"), where a listing would only say "nothing there".
+    check: Callable[[str], object] | None = getattr(store, "check_root", None)
+    if check is not None:
+        guarded(store, path, "opening", lambda: check(path))
+    return store, path
+
+
+def guarded(store: ReadStore, path: str, action: str, fn: Callable[[], _T]) -> _T:
+    """Run ``fn``; a store failure becomes the StorageError naming ``path`` and the fix."""
+    try:
+        return fn()
+    except (CheckpointError, Warning):
+        # Warning: under `-W error` a CheckpointFallbackWarning is raised, not printed.
+        raise
+    except Exception as exc:
+        raise store.error(exc, action, path) from exc
+
+
+def name_of(path: str) -> str:
+    """The last component of a store path."""
+    return path.rstrip("/").rpartition("/")[2]
+
+
+def followed(store: ReadStore, path: str) -> str:
+    """The path a user named, through their own symlinks to it (nothing below is followed).
+
+    A ``latest`` is not followed here: it is a pointer, with its own rules.
+    """
+    for _ in range(_MAX_LINKS):
+        if name_of(path) in (layout.LATEST_LINK, layout.LATEST_JSON):
+            break
+        target = store.readlink(path)
+        if target is None:
+            break
+        path = store.join(store.parent(path), target)
+    return path
+
+
+def holds_checkpoints(children: list[str]) -> bool:
+    """True if a directory with these entries is a checkpoints directory."""
+    return (
+        layout.LATEST_JSON in children
+        or layout.LATEST_LINK in children
+        or any(layout.parse_checkpoint_name(c) is not None for c in children)
+    )
+
+
+def _configured_dir(store: ReadStore, run: str) -> str:
+    # A run may use another checkpoint_dir name; its config.yaml says which. Only a
+    # relative path of plain names is taken: config.yaml must not lead a reader elsewhere.
+    try:
+        cfg = yaml.safe_load(store.read(store.join(run, CONFIG_YAML)))
+        value = cfg["runtime"]["checkpoint_dir"]
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, TypeError, KeyError):
+        return DEFAULT_CHECKPOINT_DIR
+    if not isinstance(value, str):
+        return DEFAULT_CHECKPOINT_DIR
+    try:
+        for part in value.split("/"):
+            check_plain_name(part)
+    except ValueError:
+        return DEFAULT_CHECKPOINT_DIR
+    return value
+
+
+def run_checkpoints(
+    store: ReadStore, run: str, children: list[str] | None = None
+) -> str | None:
+    """The checkpoints directory of a run directory, or None if ``run`` is not one."""
+    children = store.listdir(run) if children is None else children
+    if children is None or (CONFIG_YAML not in children
+                            and DEFAULT_CHECKPOINT_DIR not in children):
+        return None
+    name = _configured_dir(store, run) if CONFIG_YAML in children else DEFAULT_CHECKPOINT_DIR
+    ckpts = store.join(run, *name.split("/"))
+    return ckpts if store.listdir(ckpts) is not None else None
+
+
+def _sorted(names: list[str]) -> list[str]:
+    return sorted((n for n in names if not n.startswith(".")), key=layout.run_sort_key)
+
+
+def timestamped_runs(store: ReadStore, path: str, children: list[str]) -> list[str]:
+    """The run directories (``<YYYYmmdd_HHMMSS>[_N]``) of ``outputs/<run_name>``, oldest first."""
+    return [store.join(path, c) for c in _sorted(children) if layout.RUN_DIR_RE.match(c)]
+
+
+def _runs_under(store: ReadStore, path: str, children: list[str], depth: int) -> list[str]:
+    if run_checkpoints(store, path, children) is not None:
+        return [path]
+    if depth == 0:
+        return []
+    out: list[str] = []
+    for name in _sorted(children):
+        child = store.join(path, name)
+        # listdir never goes through a symlink: a linked directory is not searched.
+        sub = store.listdir(child)
+        if sub is not None:
+            out.extend(_runs_under(store, child, sub, depth - 1))
+    return out
+
+
+def _run_of(store: ReadStore, ckpts: str) -> str | None:
+    run = store.parent(ckpts)
+    entry = store.stat(store.join(run, CONFIG_YAML))
+    return run if entry is not None and entry.kind == "file" else None
+
+
+def checkpoints_dirs(store: ReadStore, path: str, shown: str) -> list[tuple[str, str | None]]:
+    """Every checkpoints directory at or under ``path`` with its run directory, in run order.
+
+    ``path`` may be a checkpoint (its checkpoints directory is meant), a checkpoints
+    directory, a run directory, ``outputs/<run_name>/`` or ``outputs/``.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` holds no checkpoints directory.
+    """
+    path = followed(store, path)
+    if name_of(path) in (layout.LATEST_LINK, layout.LATEST_JSON):
+        path = store.parent(path)  # latest means its checkpoints directory
+    children = store.listdir(path)
+    if children is None:
+        raise CheckpointNotFoundError(shown, hint="The path does not exist or is not a directory.")
+    if (layout.RUNTIME_JSON in children
+            or layout.parse_checkpoint_name(name_of(path)) is not None):
+        parent = store.parent(path)
+        return [(parent, _run_of(store, parent))]
+    if holds_checkpoints(children):
+        return [(path, _run_of(store, path))]
+    found: list[tuple[str, str | None]] = []
+    for run in _runs_under(store, path, children, depth=2):
+        ckpts = run_checkpoints(store, run)
+        if ckpts is not None:
+            found.append((ckpts, run))
+    if not found:
+        raise CheckpointNotFoundError(
+            shown, hint="Expected a checkpoints directory, a run directory or outputs/<run_name>/."
+        )
+    return found
+
+
+def _searchable(store: ReadStore, path: str) -> bool:
+    # Never search from the filesystem root, a top-level directory or a bucket's root: a
+    # shared one may hold millions of entries, not worth listing for an error message.
+    up = store.parent(path)
+    return up != path and store.parent(up) != up
+
+
+def _newest_first(paths: list[str]) -> list[str]:
+    return sorted(paths, key=lambda p: [layout.run_sort_key(c) for c in p.split("/")],
+                  reverse=True)
+
+
+def nearby(store: ReadStore, path: str, limit: int = 10) -> list[str]:
+    """Committed checkpoints close to a path that names none, newest first, as shown to users."""
+    anc = path
+    while True:
+        if not _searchable(store, anc):
+            return []
+        if store.listdir(anc) is not None:
+            break
+        anc = store.parent(anc)
+    budget = [_NEARBY_LISTINGS]
+    for _ in range(_NEARBY_CLIMB):
+        if not _searchable(store, anc):
+            return []
+        found = _checkpoints_below(store, anc, limit, budget)
+        if found:
+            return [store.url(c) for c in found]
+        anc = store.parent(anc)
+    return []
+
+
+def _checkpoints_below(store: ReadStore, top: str, limit: int, budget: list[int]) -> list[str]:
+    """The nearest level below ``top`` that holds checkpoints: up to ``limit`` of them."""
+    level = [top]
+    for _ in range(_NEARBY_DEPTH):
+        candidates: list[str] = []
+        below: list[str] = []
+        for d in level:
+            if budget[0] <= 0:
+                return []
+            budget[0] -= 1
+            for name in store.listdir(d) or []:
+                if name.startswith("."):
+                    continue
+                child = store.join(d, name)
+                if layout.parse_checkpoint_name(name) is not None:
+                    candidates.append(child)
+                elif name not in (layout.LATEST_LINK, layout.LATEST_JSON, CONFIG_YAML):
+                    below.append(child)
+        found: list[str] = []
+        for c in _newest_first(candidates):
+            if store.readlink(c) is not None:
+                continue  # a symlinked ep_* is not a checkpoint of this tree
+            marker = store.stat(store.join(c, layout.RUNTIME_JSON))
+            if marker is not None and marker.kind == "file":
+                found.append(c)
+                if len(found) == limit:
+                    break
+        if found:
+            return found
+        level = below
+    return []

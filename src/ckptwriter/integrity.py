@@ -1,0 +1,348 @@
+"""Is a checkpoint whole: the full check and the cheap one, over the read primitives.
+
+- The full check (:func:`read_checkpoint`, :func:`is_whole`) reads ``runtime.json`` and
+  each file it lists exactly once and checks the size and sha256 of the bytes it read;
+  loading builds the checkpoint from those same bytes, so nothing is read twice.
+- The cheap check (:func:`scan`, for listings and the writer's start-up) parses
+  ``runtime.json`` and compares every file's size with one listing; no sha256.
+
+Part of the reader: :mod:`ckptwriter.reader` resolves ``latest`` and what users pass on
+top of it. Nothing a manifest names is reached through a symlink or outside its checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from . import layout
+from .discovery import name_of
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    MemoryTypeMismatchError,
+    UnsafePathError,
+)
+from .manifest import AgentManifest, FileDigest, RuntimeManifest
+from .memory import MemoryLog
+from .retention import CheckpointRecord
+from .storage.base import ReadStore
+
+__all__ = [
+    "CheckpointInfo",
+    "Contents",
+    "Gone",
+    "LoadedCheckpoint",
+    "Seen",
+    "file_error",
+    "is_whole",
+    "loaded",
+    "read_checkpoint",
+    "scan",
+    "scan_with_markers",
+    "verified",
+]
+
+# runtime.json markers read at once when listing (object stores: one request each).
+_MARKER_THREADS = 8
+# Errors that make one file unusable (not the store): reported as that file's problem.
+_FILE_ERRNOS = frozenset({
+    errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EIO,
+})
+_NOT_COMMITTED = "No committed checkpoint (runtime.json) under this prefix."
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint directory as found on disk (cheap checks only: sizes, not sha256)."""
+
+    name: str
+    path: Path
+    episode_index: int
+    complete: bool
+    runtime: RuntimeManifest | None = None
+    problem: str | None = None
+    size_bytes: int = 0
+
+    @property
+    def record(self) -> CheckpointRecord:
+        """The retention view of this checkpoint."""
+        score = self.runtime.val_score if self.runtime else None
+        return CheckpointRecord(self.name, self.episode_index, score)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A verified checkpoint, read back."""
+
+    path: Path
+    runtime: RuntimeManifest
+    agent: AgentManifest
+    memory: MemoryLog
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+
+class Gone(Exception):
+    """No checkpoint at a path (nothing there, or on object storage no commit marker)."""
+
+    def __init__(self, hint: str = "") -> None:
+        super().__init__(hint)
+        self.hint = hint
+
+
+@dataclass
+class Seen:
+    """The runtime.json bytes one read of a checkpoint started from (or will start from)."""
+
+    marker: bytes | None = None
+
+
+def marker_commits(store: ReadStore) -> bool:
+    # Object stores have no rename: a checkpoint appears when runtime.json is written, so
+    # a prefix without it is a commit in progress or a dead writer's, not a damaged one.
+    return bool(getattr(store, "marker_commits", False))
+
+
+# -- one checkpoint: each file read once, checked on the bytes read -------------------
+
+
+def file_error(store: ReadStore, path: str, shown: str, name: str, exc: OSError) -> Exception:
+    """The error a failed read of one file of a checkpoint means (the store's own if none)."""
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointCorruptError(shown, name, "missing")
+    if isinstance(exc, IsADirectoryError):
+        entry = store.stat(path)
+        if entry is not None and entry.kind == "link":
+            return UnsafePathError(shown, name, "is a symlink; refusing to follow it")
+        return CheckpointCorruptError(shown, name, "is not a regular file")
+    if exc.errno in _FILE_ERRNOS:
+        return CheckpointCorruptError(shown, name, f"unreadable ({exc.strerror})")
+    return exc
+
+
+def _read_file(store: ReadStore, ckpt: str, name: str, shown: str) -> bytes:
+    path = store.join(ckpt, name)
+    try:
+        return store.read(path)
+    except OSError as exc:
+        raise file_error(store, path, shown, name, exc) from None
+
+
+def _read_marker(store: ReadStore, ckpt: str, shown: str) -> bytes:
+    path = store.join(ckpt, layout.RUNTIME_JSON)
+    try:
+        return store.read(path)
+    except OSError as exc:
+        entry = store.stat(ckpt)
+        if entry is None or entry.kind != "dir":
+            raise Gone() from None
+        if isinstance(exc, FileNotFoundError) and marker_commits(store):
+            raise Gone(_NOT_COMMITTED) from None
+        raise file_error(store, path, shown, layout.RUNTIME_JSON, exc) from None
+
+
+def _runtime(shown: str, dir_name: str, data: bytes) -> RuntimeManifest:
+    """Validate a checkpoint's runtime.json."""
+    try:
+        rt = RuntimeManifest.model_validate_json(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "document"
+        msg = f"invalid ({where}: {err['msg']})"
+        if err["loc"] and err["loc"][0] in {"memory_snapshot_path", "files"}:
+            raise UnsafePathError(shown, layout.RUNTIME_JSON, msg) from None
+        raise CheckpointCorruptError(shown, layout.RUNTIME_JSON, msg) from None
+    if rt.memory_snapshot_path not in rt.files:
+        raise CheckpointCorruptError(
+            shown, layout.RUNTIME_JSON, f"lists no checksum for {rt.memory_snapshot_path}"
+        )
+    if layout.AGENT_JSON not in rt.files:
+        raise CheckpointCorruptError(shown, layout.RUNTIME_JSON, "lists no checksum for agent.json")
+    named = layout.parse_checkpoint_name(dir_name)
+    if named is not None and named != rt.episode_index:
+        # runtime.json carries no checksum of its own: an edited episode_index would
+        # silently restart training from the wrong episode ("Training restarts from 0").
+        raise CheckpointCorruptError(
+            shown, layout.RUNTIME_JSON,
+            f"episode_index is {rt.episode_index} but the directory is {dir_name}",
+        )
+    return rt
+
+
+def _size_problem(size: int, digest: FileDigest) -> str:
+    return f"size {size} bytes, expected {digest.bytes} (truncated?)"
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What one full check read: the manifest and (when kept) each file's bytes."""
+
+    runtime: RuntimeManifest
+    files: dict[str, bytes]
+
+
+def read_checkpoint(store: ReadStore, ckpt: str, seen: Seen, *, keep: bool) -> Contents:
+    """Read runtime.json and every file it lists once; check each file's size and sha256.
+
+    Raises:
+        Gone: no checkpoint there.
+        CheckpointCorruptError: a file is missing, damaged or unsafe.
+    """
+    shown = store.url(ckpt)
+    if seen.marker is None:
+        seen.marker = _read_marker(store, ckpt, shown)
+    rt = _runtime(shown, name_of(ckpt), seen.marker)
+    kept: dict[str, bytes] = {}
+    # Smallest first: the last file is opened as early as it can be, and a file once
+    # opened is read whole even if a live writer retires the checkpoint meanwhile.
+    for name, digest in sorted(rt.files.items(), key=lambda item: item[1].bytes):
+        data = _read_file(store, ckpt, name, shown)
+        if len(data) != digest.bytes:
+            raise CheckpointCorruptError(shown, name, _size_problem(len(data), digest))
+        if hashlib.sha256(data).hexdigest() != digest.sha256:
+            raise CheckpointCorruptError(shown, name, "sha256 does not match runtime.json")
+        if keep:
+            kept[name] = data
+    return Contents(rt, {name: kept[name] for name in rt.files} if keep else {})
+
+
+def verified(store: ReadStore, ckpt: str, seen: Seen) -> str:
+    """``ckpt``, once fully checked (see :func:`read_checkpoint`)."""
+    read_checkpoint(store, ckpt, seen, keep=False)
+    return ckpt
+
+
+def loaded(
+    store: ReadStore, expected_memory_type: str | None, ckpt: str, seen: Seen
+) -> LoadedCheckpoint:
+    """The checkpoint at ``ckpt``, built from the bytes its full check read.
+
+    Raises:
+        Gone, CheckpointCorruptError, MemoryTypeMismatchError.
+    """
+    got = read_checkpoint(store, ckpt, seen, keep=True)
+    shown, rt, blobs = store.url(ckpt), got.runtime, dict(got.files)
+    try:
+        agent = AgentManifest.model_validate_json(blobs.pop(layout.AGENT_JSON))
+    except ValidationError as exc:
+        problem = f"invalid ({exc.errors()[0]['msg']})"
+        raise CheckpointCorruptError(shown, layout.AGENT_JSON, problem) from None
+    if expected_memory_type is not None and agent.memory_type != expected_memory_type:
+        raise MemoryTypeMismatchError(shown, agent.memory_type, expected_memory_type)
+    try:
+        memory = MemoryLog.from_jsonl(blobs.pop(rt.memory_snapshot_path),
+                                      memory_type=agent.memory_type)
+    except ValueError as exc:
+        raise CheckpointCorruptError(shown, rt.memory_snapshot_path, str(exc)) from None
+    return LoadedCheckpoint(store.as_path(ckpt), rt, agent, memory, blobs)
+
+
+def is_whole(store: ReadStore, path: str) -> bool:
+    """True if ``path`` is a real directory holding a complete, intact checkpoint.
+
+    A full verification (every sha256) that answers instead of raising: the local backend
+    asks it before putting back a checkpoint a crash left aside.
+    """
+    entry = store.stat(path)
+    if entry is None or entry.kind != "dir":
+        return False
+    try:
+        read_checkpoint(store, path, Seen(), keep=False)
+    except (CheckpointError, Gone):
+        return False
+    return True
+
+
+# -- a checkpoints directory: the cheap listing ----------------------------------------
+
+
+def _quick_check(
+    store: ReadStore, ckpt: str, marker: bytes, sizes: dict[str, int]
+) -> tuple[RuntimeManifest, int]:
+    """runtime.json valid and every file present, regular, of the recorded size."""
+    shown, name = store.url(ckpt), name_of(ckpt)
+    rt = _runtime(shown, name, marker)
+    total = 0
+    for fname, digest in rt.files.items():
+        size = sizes.get(f"{name}/{fname}")
+        if size is None:
+            entry = store.stat(store.join(ckpt, fname))
+            if entry is None:
+                raise CheckpointCorruptError(shown, fname, "missing")
+            if entry.kind == "link":
+                raise UnsafePathError(shown, fname, "is a symlink; refusing to follow it")
+            if entry.kind != "file":
+                raise CheckpointCorruptError(shown, fname, "is not a regular file")
+            size = entry.size
+        if size != digest.bytes:
+            raise CheckpointCorruptError(shown, fname, _size_problem(size, digest))
+        total += size
+    return rt, total
+
+
+def _read_markers(store: ReadStore, ckpts: list[str]) -> dict[str, bytes | None]:
+    def one(ckpt: str) -> bytes | None:
+        try:
+            return store.read(store.join(ckpt, layout.RUNTIME_JSON))
+        except OSError:
+            return None  # read again, for the exact problem, by _read_marker
+
+    if len(ckpts) <= 2:
+        return {c: one(c) for c in ckpts}
+    with concurrent.futures.ThreadPoolExecutor(_MARKER_THREADS, "ckptwriter-scan") as pool:
+        return dict(zip(ckpts, pool.map(one, ckpts), strict=True))
+
+
+def scan_with_markers(store: ReadStore, root: str) -> list[tuple[CheckpointInfo, bytes | None]]:
+    """:func:`scan`, each complete checkpoint with the runtime.json bytes it was read from
+    (so a reader that goes on to load one does not read its runtime.json again)."""
+    eps = sorted(
+        (ep, name) for name in store.listdir(root) or []
+        if (ep := layout.parse_checkpoint_name(name)) is not None
+    )
+    if not eps:
+        return []
+    sizes = store.sizes(root)
+    listed = [store.join(root, n) for _, n in eps if f"{n}/{layout.RUNTIME_JSON}" in sizes]
+    markers = _read_markers(store, listed)
+    out: list[tuple[CheckpointInfo, bytes | None]] = []
+    for ep, name in eps:
+        ckpt = store.join(root, name)
+        path = store.as_path(ckpt)
+        marker = markers.get(ckpt)
+        if marker is None:
+            if marker_commits(store) and ckpt not in markers:
+                continue  # uncommitted: not a checkpoint yet (or any more)
+            entry = store.stat(ckpt)
+            if entry is None:
+                continue  # deleted since the listing
+            if entry.kind != "dir":
+                out.append((CheckpointInfo(name, path, ep, False, problem="not a directory"), None))
+                continue
+        try:
+            if marker is None:
+                marker = _read_marker(store, ckpt, store.url(ckpt))
+            rt, size = _quick_check(store, ckpt, marker, sizes)
+        except Gone:
+            continue
+        except CheckpointCorruptError as exc:
+            problem = f"{exc.file}: {exc.problem}"
+            out.append((CheckpointInfo(name, path, ep, False, problem=problem), None))
+            continue
+        out.append((CheckpointInfo(name, path, ep, True, runtime=rt, size_bytes=size), marker))
+    return out
+
+
+def scan(store: ReadStore, root: str) -> list[CheckpointInfo]:
+    """Every checkpoint of a checkpoints directory, oldest first, with the cheap checks.
+
+    runtime.json parsed and every file's size compared with one listing; no sha256. On
+    object storage a prefix without runtime.json (not committed) is left out.
+    """
+    return [info for info, _ in scan_with_markers(store, root)]
+

@@ -1,0 +1,383 @@
+"""Find, verify and load checkpoints: what ``resume_from`` and the inspection commands use.
+
+Written once over the read primitives of every backend (local disk, object storage). A
+reader trusts only a checkpoint whose ``runtime.json`` is valid and whose files match
+their recorded sizes and sha256, checked on the very bytes it read: each file is read
+once (:mod:`ckptwriter.integrity`). ``latest`` (the symlink, else ``latest.json``) is
+followed only to a plain name inside the same checkpoints directory; when it is missing
+or broken the newest valid checkpoint is used instead, with a
+:class:`CheckpointFallbackWarning`.
+
+Readers of a live run:
+    When what was resolved through ``latest`` (or a checkpoints or run directory) vanishes
+    or changes under the reader (retention deleted it, a re-commit replaced it, the
+    pointer moved), the reader resolves again, up to :data:`_ATTEMPTS` times on every
+    backend. Only a pointer that stays on a broken checkpoint falls back (and warns).
+
+Error handling:
+    :class:`~ckptwriter.CheckpointNotFoundError` (nothing there; checkpoints nearby are
+    listed), :class:`~ckptwriter.CheckpointCorruptError` (the file and problem are named;
+    :class:`~ckptwriter.UnsafePathError` when a manifest or pointer tries to leave its
+    directory), :class:`~ckptwriter.MemoryTypeMismatchError`, and
+    :class:`~ckptwriter.StorageError` when the store itself fails.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import ValidationError
+
+from . import layout
+from .discovery import (
+    followed,
+    guarded,
+    holds_checkpoints,
+    name_of,
+    nearby,
+    open_location,
+    run_checkpoints,
+    timestamped_runs,
+)
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafePathError
+from .integrity import (
+    CheckpointInfo,
+    Gone,
+    LoadedCheckpoint,
+    Seen,
+    file_error,
+    is_whole,
+    loaded,
+    read_checkpoint,
+    scan,
+    scan_with_markers,
+    verified,
+)
+from .manifest import LatestPointer, RuntimeManifest, check_plain_name
+from .storage.base import ReadStore
+
+__all__ = [
+    "CheckpointFallbackWarning",
+    "CheckpointInfo",
+    "LatestStatus",
+    "LoadedCheckpoint",
+    "is_whole",
+    "latest_status",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "scan",
+    "verify_checkpoint",
+]
+
+_T = TypeVar("_T")
+# How often a reader resolves again while a live writer retires or replaces what it
+# resolved. Each retry needs another commit to land during one read, so a few suffice;
+# the same number on every backend.
+_ATTEMPTS = 10
+# Frames from warnings.warn up to the caller of the public function.
+_WARN_STACKLEVEL = 6
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """``latest`` was missing or broken; an older valid checkpoint is used instead."""
+
+
+# -- latest ----------------------------------------------------------------------------
+
+
+def _pointer(store: ReadStore, root: str) -> tuple[str | None, str]:
+    """(the checkpoint name latest names, or None; why it could not be used).
+
+    Raises:
+        UnsafePathError: latest points outside the checkpoints directory.
+        CheckpointCorruptError: latest.json cannot be read.
+    """
+    shown = store.url(root)
+    target = store.readlink(store.join(root, layout.LATEST_LINK))
+    if target is not None:
+        try:
+            check_plain_name(target)
+        except ValueError:
+            raise UnsafePathError(
+                shown, layout.LATEST_LINK,
+                f"points at {target!r}, outside the checkpoints directory; refusing to follow it",
+            ) from None
+        return target, ""
+    jpath = store.join(root, layout.LATEST_JSON)
+    try:
+        data = store.read(jpath)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, "latest is missing"
+    except OSError as exc:
+        raise file_error(store, jpath, shown, layout.LATEST_JSON, exc) from None
+    try:
+        ptr = LatestPointer.model_validate_json(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        if err["loc"] and err["loc"][0] == "checkpoint":
+            raise UnsafePathError(
+                shown, layout.LATEST_JSON,
+                "names a checkpoint outside the checkpoints directory; refusing to follow it",
+            ) from None
+        return None, f"{layout.LATEST_JSON} is invalid"
+    return ptr.checkpoint, ""
+
+
+def _moved(store: ReadStore, root: str, target: str, seen: Seen) -> bool:
+    """True if latest, or the checkpoint it names, changed since ``seen`` was read."""
+    try:
+        now, _ = _pointer(store, root)
+    except CheckpointCorruptError:
+        return False
+    if now != target:
+        return True
+    try:
+        marker: bytes | None = store.read(store.join(root, target, layout.RUNTIME_JSON))
+    except OSError:
+        marker = None
+    return marker != seen.marker
+
+
+OpenOne = Callable[[str, Seen], _T]
+
+
+def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_T]) -> _T:
+    """Open the checkpoint latest names; resolve again while a live writer moves it."""
+    why = ""
+    last: Exception | None = None
+    for _ in range(_ATTEMPTS):
+        target, why = _pointer(store, root)
+        if target is None:
+            break
+        cand = store.join(root, target)
+        link = store.readlink(cand)
+        if link is not None:
+            # A checkpoint is a real directory of this checkpoints dir; a symlinked ep_*
+            # would let a pointer lead anywhere on disk.
+            raise UnsafePathError(
+                store.url(root), target, f"is a symlink to {link}; refusing to follow it"
+            )
+        seen = Seen()
+        try:
+            return open_one(cand, seen)
+        except Gone:
+            why = f"latest points at {target}, which does not exist"
+            last = CheckpointNotFoundError(store.url(cand))
+        except CheckpointCorruptError as exc:
+            why = f"latest points at {target}, which is broken ({exc.file}: {exc.problem})"
+            last = exc
+        if not _moved(store, root, target, seen):
+            break
+    else:
+        # Still moving after every attempt: what failed is the honest answer, not a
+        # fallback warning about a pointer that is not broken.
+        assert last is not None
+        raise last
+    for info, marker in reversed(scan_with_markers(store, root)):
+        if not info.complete:
+            continue
+        try:
+            result = open_one(store.join(root, info.name), Seen(marker))
+        except (CheckpointCorruptError, Gone):
+            continue
+        warnings.warn(
+            f"{why}; falling back to the newest valid checkpoint {info.path}",
+            CheckpointFallbackWarning,
+            stacklevel=_WARN_STACKLEVEL,
+        )
+        return result
+    raise CheckpointNotFoundError(
+        shown, nearby(store, root), hint=f"No valid checkpoint in {store.url(root)} ({why})."
+    )
+
+
+# -- resolving what a user passes -----------------------------------------------------
+
+
+def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> _T:
+    """Open the checkpoint ``path`` names: a checkpoint, ``latest``, ``latest.json``, a
+    checkpoints directory, a run directory, or ``outputs/<run_name>`` (its newest run)."""
+    name = name_of(path)
+    if name in (layout.LATEST_LINK, layout.LATEST_JSON):
+        parent = store.parent(path)
+        children = store.listdir(parent)
+        if children is not None and (name in children or holds_checkpoints(children)):
+            return _through_latest(store, parent, shown, open_one)
+    path = followed(store, path)
+    name = name_of(path)
+    children = store.listdir(path)
+    if children is not None:
+        if layout.RUNTIME_JSON in children or layout.parse_checkpoint_name(name) is not None:
+            try:
+                return open_one(path, Seen())
+            except Gone as gone:
+                raise CheckpointNotFoundError(
+                    store.url(path), nearby(store, path), hint=gone.hint
+                ) from None
+        if holds_checkpoints(children):
+            return _through_latest(store, path, shown, open_one)
+        ckpts = run_checkpoints(store, path, children)
+        if ckpts is not None:
+            return _through_latest(store, ckpts, shown, open_one)
+        # outputs/<run_name>: the newest run that has a checkpoint to resume from.
+        for run in reversed(timestamped_runs(store, path, children)):
+            ckpts = run_checkpoints(store, run)
+            if ckpts is None:
+                continue
+            try:
+                return _through_latest(store, ckpts, shown, open_one)
+            except CheckpointNotFoundError:
+                continue  # no valid checkpoint in this run (it died before its first)
+    else:
+        entry = store.stat(path)
+        parent = store.parent(path)
+        marker = store.stat(store.join(parent, layout.RUNTIME_JSON))
+        if entry is not None and entry.kind == "file" and marker is not None \
+                and marker.kind == "file":
+            raise CheckpointNotFoundError(
+                shown, [store.url(parent)],
+                hint=f"That is a file inside checkpoint {name_of(parent)}: "
+                     f"pass the checkpoint directory {store.url(parent)} instead.",
+            )
+    raise CheckpointNotFoundError(shown, nearby(store, path))
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Turn what a user may pass as ``resume_from`` into one verified checkpoint directory.
+
+    Accepts a checkpoint directory, the ``latest`` symlink, ``latest.json``, a
+    ``checkpoints/`` directory (its latest), a run directory, or ``outputs/<run_name>``
+    (its newest run); a local path or a URL (``s3://...``, returned as a ``URLPath``).
+
+    Raises:
+        CheckpointNotFoundError: nothing there; the message lists checkpoints nearby.
+        CheckpointCorruptError: a named checkpoint is broken (the file is named).
+        StorageError: the store cannot be read.
+    """
+    store, where = open_location(path)
+    ckpt = guarded(store, where, "resolving",
+                   lambda: _resolve(store, where, os.fspath(path), partial(verified, store)))
+    return store.as_path(ckpt)
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
+    """Check every file of one checkpoint directory against its size and sha256.
+
+    Returns:
+        the validated runtime manifest.
+
+    Raises:
+        CheckpointNotFoundError: the directory does not exist.
+        CheckpointCorruptError: a file is missing, damaged or unsafe (the file is named).
+        StorageError: the store cannot be read.
+    """
+    store, where = open_location(path)
+
+    def verify() -> RuntimeManifest:
+        ckpt = followed(store, where)
+        if store.readlink(ckpt) is not None:
+            # `latest` named: the checkpoint it names by the pointer rules, never read
+            # through the link (and no fallback: verify reports what latest names).
+            root = store.parent(ckpt)
+            target, why = _pointer(store, root)
+            if target is None:
+                raise CheckpointNotFoundError(store.url(ckpt), nearby(store, root), hint=why)
+            ckpt = store.join(root, target)
+            if (link := store.readlink(ckpt)) is not None:
+                raise UnsafePathError(
+                    store.url(root), target, f"is a symlink to {link}; refusing to follow it"
+                )
+        try:
+            return read_checkpoint(store, ckpt, Seen(), keep=False).runtime
+        except Gone as gone:
+            raise CheckpointNotFoundError(
+                store.url(ckpt), nearby(store, ckpt), hint=gone.hint
+            ) from None
+
+    return guarded(store, where, "verifying", verify)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, expected_memory_type: str | None = None
+) -> LoadedCheckpoint:
+    """Resolve, verify and read a checkpoint, reading each of its files once.
+
+    Args:
+        path: anything :func:`resolve_checkpoint` accepts.
+        expected_memory_type: if given, the checkpoint's memory type must match.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError,
+        StorageError.
+    """
+    store, where = open_location(path)
+    load = partial(loaded, store, expected_memory_type)
+    return guarded(store, where, "loading",
+                   lambda: _resolve(store, where, os.fspath(path), load))
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Checkpoints of a checkpoints directory, oldest first (see :class:`CheckpointInfo`).
+
+    Raises:
+        StorageError: the store cannot be read.
+    """
+    store, where = open_location(checkpoints_dir)
+    return guarded(store, where, "listing", lambda: scan(store, followed(store, where)))
+
+
+
+@dataclass(frozen=True)
+class LatestStatus:
+    """What ``latest`` of a checkpoints directory says, for ``ckptwriter ls`` and ``verify``.
+
+    Attributes:
+        name: the checkpoint it names (a plain name), or None (missing, invalid, unsafe).
+        problem: why it must not be followed (it leads outside, it cannot be read).
+        json_problem: ``latest.json`` disagreeing with the ``latest`` symlink readers use.
+    """
+
+    name: str | None
+    problem: str | None = None
+    json_problem: str | None = None
+
+
+def _json_problem(store: ReadStore, root: str, link: str) -> str | None:
+    try:
+        ptr = LatestPointer.model_validate_json(
+            store.read(store.join(root, layout.LATEST_JSON)))
+    except FileNotFoundError:
+        return "missing (readers use the latest symlink; the next checkpoint writes it)"
+    except (OSError, ValidationError):
+        return "invalid (readers use the latest symlink; the next checkpoint rewrites it)"
+    if ptr.checkpoint != link:
+        return (f"names {ptr.checkpoint} but latest points at {link} (a crash between "
+                "the two updates: readers use the symlink; the next checkpoint repairs it)")
+    return None
+
+
+def latest_status(checkpoints_dir: str | os.PathLike[str]) -> LatestStatus:
+    """Where ``latest`` of a checkpoints directory points, read by the readers' rules.
+
+    Raises:
+        StorageError: the store cannot be read.
+    """
+    store, where = open_location(checkpoints_dir)
+
+    def status() -> LatestStatus:
+        root = followed(store, where)
+        try:
+            name, _ = _pointer(store, root)
+        except CheckpointCorruptError as exc:
+            return LatestStatus(None, f"{exc.file}: {exc.problem}")
+        link = store.readlink(store.join(root, layout.LATEST_LINK))
+        return LatestStatus(name, None, None if link is None else _json_problem(store, root, link))
+
+    return guarded(store, where, "reading latest in", status)

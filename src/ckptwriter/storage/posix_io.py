@@ -1,0 +1,83 @@
+"""Low-level POSIX file operations the local backend and the writer process share."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from ..errors import StorageError
+
+__all__ = ["COPY_CHUNK", "copy_prefix", "fsync_dir", "os_error", "write_all"]
+
+# Linux caps one writev at IOV_MAX (1024) buffers.
+_IOV_MAX = 1024
+
+
+def os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = {
+        errno.ENOSPC: "free disk space or point checkpoint_dir at a larger disk",
+        errno.EDQUOT: "free quota or point checkpoint_dir at another disk",
+        errno.EACCES: "check the directory's permissions",
+        errno.EPERM: "check the directory's permissions",
+        errno.EROFS: "the filesystem is read-only; point checkpoint_dir at a writable disk",
+        errno.ENOENT: "the checkpoints directory was removed while the run was going",
+    }.get(exc.errno or 0, "check the disk and the path")
+    return StorageError(f"{reason} while {action} {path} [errno {exc.errno}]: {hint}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creates, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, views: list[memoryview]) -> None:
+    """Write every byte of ``views`` to a blocking fd, resuming after partial writes."""
+    views = [v for v in views if len(v)]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _IOV_MAX])
+        # Partial writes happen near ENOSPC and on signals: resume where it stopped.
+        while n:
+            head = views[i]
+            if n >= len(head):
+                n -= len(head)
+                i += 1
+            else:
+                views[i] = head[n:]
+                n = 0
+
+
+# copy_file_range is refused by some filesystems and sandboxes (FUSE, gVisor, seccomp,
+# cross-device): fall back to an ordinary copy rather than failing every checkpoint.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM}
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+def copy_prefix(src: str, dst_fd: int, nbytes: int) -> None:
+    with open(src, "rb") as f:
+        src_fd = f.fileno()
+        copied = 0
+        try:
+            while copied < nbytes:
+                n = os.copy_file_range(src_fd, dst_fd, nbytes - copied, copied, copied)
+                if n == 0:
+                    raise OSError(errno.EIO, f"{src} is shorter than expected")
+                copied += n
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
+                raise
+            while copied < nbytes:
+                chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - copied), copied)
+                if not chunk:
+                    raise OSError(errno.EIO, f"{src} is shorter than expected") from None
+                os.pwrite(dst_fd, chunk, copied)
+                copied += len(chunk)
+    os.lseek(dst_fd, nbytes, os.SEEK_SET)
+
+

@@ -1,0 +1,194 @@
+"""S3 through s3fs: conditional writes, concurrent multipart uploads, UploadPartCopy.
+
+fsspec and s3fs are untyped: every ``Any`` stays here and in ``objects.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec.asyn
+
+from .objects import UPLOAD_CONCURRENCY, ObjectStore, PutItem, _join, slices
+
+__all__ = ["MULTIPART_THRESHOLD", "PART_BYTES", "S3ObjectStore"]
+
+# S3 multipart rules: every part but the last is at least 5 MiB, a copied part at most 5 GiB.
+_S3_MIN_PART = 5 * 2**20
+_S3_MAX_COPY_PART = 4 * 2**30
+# Parts of a large upload: big enough that per-request overhead is small, small enough
+# that joining one part's chunks (a memcpy under the GIL) costs the loop ~1 ms.
+PART_BYTES = 8 * 2**20
+# Below this a memory file goes up in one PUT; above it, as concurrent multipart parts.
+MULTIPART_THRESHOLD = 16 * 2**20
+
+
+class S3ObjectStore(ObjectStore):
+    """An S3 bucket through s3fs: conditional writes, concurrent multipart, UploadPartCopy.
+
+    All requests run on s3fs's own event loop thread; the calling (worker) thread waits.
+    """
+
+    conditional_writes = True
+    server_side_copy = True
+
+    def _split(self, path: str) -> tuple[str, str]:
+        bucket, key, _ = self.fs.split_path(path)
+        return str(bucket), str(key)
+
+    def _sync(self, coro_fn: Any, *args: Any) -> Any:
+        return fsspec.asyn.sync(self.fs.loop, coro_fn, *args)
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        """One S3 request from this (worker) thread, on s3fs's event loop."""
+        return fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
+    def check_root(self, root: str) -> None:
+        bucket, _ = self._split(root)
+        self._call("head_bucket", Bucket=bucket)
+
+    def read_tagged(self, path: str) -> tuple[bytes, str]:
+        bucket, key = self._split(path)
+
+        async def get() -> tuple[bytes, str]:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            body = resp["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return bytes(data), str(resp["ETag"])
+
+        result: tuple[bytes, str] = self._sync(get)
+        return result
+
+    def create(self, path: str, data: bytes) -> str:
+        bucket, key = self._split(path)
+        resp = self._call("put_object", Bucket=bucket, Key=key, Body=data,
+                          IfNoneMatch="*")
+        self.fs.invalidate_cache(path)
+        return str(resp["ETag"])
+
+    def replace_if(self, path: str, data: bytes, tag: str) -> str:
+        bucket, key = self._split(path)
+        try:
+            resp = self._call("put_object", Bucket=bucket, Key=key,
+                              Body=data, IfMatch=tag)
+        except FileNotFoundError:
+            raise FileExistsError(errno.EEXIST, "object was removed", path) from None
+        except OSError as exc:
+            # s3fs maps 412 PreconditionFailed on IfMatch to EINVAL.
+            if exc.errno == errno.EINVAL or "pre-condition" in str(exc).lower():
+                raise FileExistsError(errno.EEXIST, "object changed", path) from exc
+            raise
+        self.fs.invalidate_cache(path)
+        return str(resp["ETag"])
+
+    def put_many(self, items: Sequence[PutItem]) -> dict[str, str]:
+        result: dict[str, str] = self._sync(self._aput_many, list(items))
+        for i in items:
+            self.fs.invalidate_cache(i.path)
+        return result
+
+    async def _aput_many(self, items: list[PutItem]) -> dict[str, str]:
+        sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+        tags = await asyncio.gather(*(self._aput(i, sem) for i in items))
+        return {i.path: t for i, t in zip(items, tags, strict=True)}
+
+    async def _aput(self, item: PutItem, sem: asyncio.Semaphore) -> str:
+        bucket, key = self._split(item.path)
+        if item.copy_from is None and item.nbytes <= MULTIPART_THRESHOLD:
+            async with sem:
+                resp = await self.fs._call_s3(
+                    "put_object", Bucket=bucket, Key=key, Body=_join(item.parts)
+                )
+            return str(resp["ETag"])
+        mpu = await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        upload_id = mpu["UploadId"]
+        try:
+            jobs: list[Any] = []
+            number = 1
+            if item.copy_from is not None:
+                src = item.copy_from
+                sbucket, skey = self._split(src.path)
+                n = -(-src.nbytes // _S3_MAX_COPY_PART)
+                step = -(-src.nbytes // n)
+                for start in range(0, src.nbytes, step):
+                    end = min(start + step, src.nbytes) - 1
+                    jobs.append(self._acopy_part(
+                        sem, bucket, key, upload_id, number,
+                        {"Bucket": sbucket, "Key": skey}, f"bytes={start}-{end}", src.etag,
+                    ))
+                    number += 1
+            for group in slices(item.parts, PART_BYTES):
+                jobs.append(self._aupload_part(sem, bucket, key, upload_id, number, group))
+                number += 1
+            etags = await asyncio.gather(*jobs)
+            resp = await self.fs._call_s3(
+                "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": [
+                    {"PartNumber": n + 1, "ETag": e} for n, e in enumerate(etags)
+                ]},
+            )
+        except BaseException:
+            # An abandoned multipart upload is billed until aborted: always abort it.
+            await asyncio.shield(self._aabort(bucket, key, upload_id))
+            raise
+        return str(resp["ETag"])
+
+    async def _aupload_part(
+        self, sem: asyncio.Semaphore, bucket: str, key: str, upload_id: str, number: int,
+        group: list[memoryview],
+    ) -> str:
+        async with sem:
+            # Joined here, inside the semaphore, so at most UPLOAD_CONCURRENCY parts are
+            # copied into memory at once.
+            resp = await self.fs._call_s3(
+                "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
+                PartNumber=number, Body=b"".join(group),
+            )
+        return str(resp["ETag"])
+
+    async def _acopy_part(
+        self, sem: asyncio.Semaphore, bucket: str, key: str, upload_id: str, number: int,
+        source: dict[str, str], byte_range: str, etag: str,
+    ) -> str:
+        async with sem:
+            resp = await self.fs._call_s3(
+                "upload_part_copy", Bucket=bucket, Key=key, UploadId=upload_id,
+                PartNumber=number, CopySource=source, CopySourceRange=byte_range,
+                # The carried-forward sha256 is only valid for these exact bytes.
+                CopySourceIfMatch=etag,
+            )
+        return str(resp["CopyPartResult"]["ETag"])
+
+    async def _aabort(self, bucket: str, key: str, upload_id: str) -> None:
+        # Best effort: the error that made us abort is the one worth reporting.
+        with contextlib.suppress(Exception):
+            await self.fs._call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
+            )
+
+    def can_copy_prefix(self, nbytes: int) -> bool:
+        """UploadPartCopy needs every part but the last to be at least 5 MiB."""
+        return nbytes >= _S3_MIN_PART
+
+    def etag_and_size(self, path: str) -> tuple[str, int] | None:
+        """(ETag, size) of an object, or None if it does not exist."""
+        bucket, key = self._split(path)
+        try:
+            resp = self._call("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        return str(resp["ETag"]), int(resp["ContentLength"])
+
+    def rm(self, paths: Sequence[str]) -> None:
+        if not paths:
+            return
+        self.fs.rm(list(paths))
+        for p in paths:
+            self.fs.invalidate_cache(p)

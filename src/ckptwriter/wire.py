@@ -1,0 +1,115 @@
+"""The wire format between the training process and its writer process.
+
+Each message is one length-prefixed msgpack frame of a msgspec Struct, encoded once and
+decoded once. A commit request is followed on the pipe by ``payload`` bytes: the memory
+appended since the writer process's previous commit (a delta too large for the pipe
+is handed over in a memfd instead, named by ``delta_file``).
+
+Parent -> child: :class:`OpenRequest`, then one :class:`CommitRequest` per checkpoint.
+Child -> parent: :class:`OpenReply`, then one :class:`CommitReply` per request.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, TypeVar
+
+import msgspec
+
+from . import errors
+from .commit import CommitReport
+from .errors import CheckpointError, StorageError
+from .snapshot import SnapshotMeta
+
+__all__ = [
+    "CommitReply",
+    "CommitRequest",
+    "OpenReply",
+    "OpenRequest",
+    "WireError",
+    "decode",
+    "encode",
+    "rebuild_error",
+]
+
+FRAME = struct.Struct(">I")
+_T = TypeVar("_T")
+
+
+class WireError(msgspec.Struct, frozen=True):
+    """An exception raised on the other side."""
+
+    type: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> WireError:
+        """The wire form of an exception."""
+        return cls(type(exc).__name__, str(exc))
+
+
+class OpenRequest(msgspec.Struct, frozen=True):
+    """Open a checkpoints location: lock it, clean leftovers, list what is there."""
+
+    location: str
+    options: dict[str, Any]
+    # The training process: named in DirectoryLockedError, not this helper.
+    owner_pid: int
+
+
+class OpenReply(msgspec.Struct, frozen=True):
+    """The checkpoints already committed (name, episode, score), or why opening failed."""
+
+    records: list[tuple[str, int, float | None]] = []
+    error: WireError | None = None
+
+
+class CommitRequest(msgspec.Struct, frozen=True):
+    """Commit one snapshot whose memory bytes from ``base`` on follow the frame."""
+
+    meta: SnapshotMeta
+    log_id: str
+    entries: int
+    nbytes: int
+    base: int
+    payload: int
+    delta_file: str | None = None
+
+
+class CommitReply(msgspec.Struct, frozen=True):
+    """What a commit did, or its error, or a request for the whole memory."""
+
+    report: CommitReport | None = None
+    error: WireError | None = None
+    resend_full: bool = False
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """One frame."""
+    body = _ENCODER.encode(msg)
+    return FRAME.pack(len(body)) + body
+
+
+def decoder(kind: type[_T]) -> msgspec.msgpack.Decoder[_T]:
+    """A decoder of frame bodies of one kind."""
+    return msgspec.msgpack.Decoder(kind)
+
+
+def decode(dec: msgspec.msgpack.Decoder[_T], body: bytes) -> _T:
+    """A frame body."""
+    return dec.decode(body)
+
+
+# Errors rebuilt as themselves on the parent's side; anything else is a StorageError.
+_KEPT = ("DirectoryLockedError", "ConfigError", "WriterFailedError", "StorageError")
+
+
+def rebuild_error(err: WireError) -> CheckpointError:
+    """The exception a writer-process error stands for, in this process."""
+    if err.type in _KEPT:
+        cls: type[CheckpointError] = getattr(errors, err.type)
+        return cls(err.message)
+    return StorageError(f"{err.type}: {err.message}" if err.type else err.message)

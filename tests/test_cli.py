@@ -18,6 +18,7 @@ import pytest
 from rich.console import Console
 
 from _runtime_util import cli, config, train, write_config
+from ckptwriter import load_checkpoint
 from ckptwriter.runtime import RichReporter, TrainResult, TrainStatus
 from ckptwriter.runtime.inspection import format_age, format_size
 from ckptwriter.runtime.progress import progress_enabled
@@ -296,10 +297,10 @@ def test_bench_delegates_to_bench_main(monkeypatch: pytest.MonkeyPatch, tmp_path
 # -- signals (real subprocesses) -------------------------------------------------------
 
 
-def _spawn(tmp_path: Path, text: str) -> subprocess.Popen[str]:
+def _spawn(tmp_path: Path, text: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     cfg = write_config(tmp_path, "long", text)
     return subprocess.Popen(
-        [sys.executable, "-m", "ckptwriter", "train", "--config", str(cfg)],
+        [*prefix, sys.executable, "-m", "ckptwriter", "train", "--config", str(cfg)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
@@ -322,11 +323,12 @@ def _wait_for_latest(tmp_path: Path, proc: subprocess.Popen[str]) -> Path:
 @pytest.mark.parametrize(("sig", "code"), [
     pytest.param(signal.SIGINT, 130, id="SIGINT"),
     pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+    pytest.param(signal.SIGHUP, 129, id="SIGHUP"),
 ])
 def test_signal_finishes_episode_and_writes_final_checkpoint(
     tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
-    """SIGINT/SIGTERM (to the whole process group): final checkpoint, drain, exit 130/143."""
+    """SIGINT/SIGTERM/SIGHUP (to the process group): final checkpoint, drain, 130/143/129."""
     proc = _spawn(tmp_path, "runtime:\n  max_envs_to_visit: 100000000\n"
                   "  checkpoint_every_episodes: 1000\n  checkpoint_keep_last: 2\n")
     ck = _wait_for_latest(tmp_path, proc)
@@ -339,6 +341,45 @@ def test_signal_finishes_episode_and_writes_final_checkpoint(
     assert latest["episode_index"] == stopped
     assert f"Checkpoints are in outputs/long/{ck.parent.name}/checkpoints" in out
     assert cli(["verify", str(ck)], tmp_path) == 0
+
+
+# checkpoint_on_start: the first checkpoint is ep 0, written before any episode runs, so
+# the run is past it whenever the signal is seen, however slow or busy the machine is.
+_HANGUP_RUN = ("runtime:\n  checkpoint_on_start: true\n  max_envs_to_visit: 100000000\n"
+               "  checkpoint_every_episodes: 1000\n")
+
+
+def test_hangup_writes_a_final_checkpoint_past_the_first(tmp_path: Path) -> None:
+    """SIGHUP to the group (ssh dropped): the run and its writer process save, exit 129."""
+    proc = _spawn(tmp_path, _HANGUP_RUN)
+    ck = _wait_for_latest(tmp_path, proc)
+    os.killpg(proc.pid, signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 129, err
+    assert "Received SIGHUP: finishing the current episode" in err
+    assert "exited unexpectedly" not in err  # the writer process outlived the hangup
+    stopped = int(out.split("Stopped at episode ")[1].split("/")[0])
+    assert (ck / "ep_000000").is_dir()
+    assert stopped > 0
+    loaded = load_checkpoint(ck / "latest")
+    assert loaded.runtime.episode_index == stopped
+    assert loaded.path.name == f"ep_{stopped:06d}"
+
+
+def test_hangup_under_nohup_is_ignored(tmp_path: Path) -> None:
+    """A run started under nohup keeps SIGHUP ignored; SIGTERM still stops it with 143."""
+    proc = _spawn(tmp_path, _HANGUP_RUN, prefix=("nohup",))
+    ck = _wait_for_latest(tmp_path, proc)
+    # An ignored signal is discarded when it is sent: the SIGTERM after it is the first
+    # (and only) signal the run sees.
+    os.killpg(proc.pid, signal.SIGHUP)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Received SIGHUP" not in err
+    assert "Received SIGTERM: finishing the current episode" in err
+    stopped = int(out.split("Stopped at episode ")[1].split("/")[0])
+    assert load_checkpoint(ck / "latest").runtime.episode_index == stopped
 
 
 def test_second_signal_exits_at_once_leaving_only_whole_checkpoints(tmp_path: Path) -> None:

@@ -89,6 +89,9 @@ def test_from_jsonl_keeps_foreign_formatting() -> None:
                      id="unknown-type"),
         pytest.param(b'{"type":"Observation"\n', "line 1 is not a valid memory entry",
                      id="bad-json"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000 + b"\n",
+                     "line 1 is not a valid memory entry: JSON nested too deeply",
+                     id="nested-past-the-decoder-limit"),
     ],
 )
 def test_from_jsonl_rejects_damaged_data(data: bytes, message: str) -> None:

@@ -176,13 +176,12 @@ def test_nearby_looks_beside_an_empty_run(run_dir: Path) -> None:
 # -- one run ordering on every backend -------------------------------------------------
 
 
-async def _write_to(url: str, episodes: list[int], **kw: Any) -> MemoryLog:
+async def _write_to(url: str, episodes: list[int]) -> None:
     memory = MemoryLog()
-    async with CheckpointWriter(url, **kw) as w:
+    async with CheckpointWriter(url) as w:
         for ep in episodes:
             add_episode(memory, ep)
-            await (await w.submit(snapshot(memory, ep, **kw.pop("snap", {})))).wait()
-    return memory
+            await (await w.submit(snapshot(memory, ep))).wait()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -292,10 +291,13 @@ async def test_load_reads_each_file_once(base_url: str, via: str, reads: Reads) 
 # -- readers of a live run -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", [pytest.param("local", id="local"),
-                                  pytest.param("memory", id="memory")])
+@pytest.mark.parametrize(("kind", "executor"), [
+    pytest.param("local", "thread", id="local-thread"),
+    pytest.param("local", "process", id="local-process"),
+    pytest.param("memory", "thread", id="memory-thread"),
+])
 def test_reader_of_a_live_run_never_fails_nor_warns(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+    kind: str, executor: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Polling load_checkpoint(latest) while keep_last=1 retires each checkpoint: no error,
     no fallback warning, every load a complete checkpoint."""
@@ -319,7 +321,7 @@ def test_reader_of_a_live_run_never_fails_nor_warns(
     async def write() -> int:
         memory = MemoryLog()
         ep = 0
-        async with CheckpointWriter(root, keep_last=1, fsync=False, executor="thread") as w:
+        async with CheckpointWriter(root, keep_last=1, fsync=False, executor=executor) as w:
             while ep < max_commits and (ep < min_commits or len(loaded) < min_loads) \
                     and not errors:
                 ep += 1

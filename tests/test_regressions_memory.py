@@ -5,11 +5,16 @@ Each test fails on the code as reviewed and passes once the finding is fixed.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 
 import pytest
 
 from ckptwriter import (
+    CheckpointCorruptError,
+    CheckpointFallbackWarning,
     Feedback,
     FeedbackContent,
     MemoryLog,
@@ -17,6 +22,7 @@ from ckptwriter import (
     SyncCheckpointWriter,
     load_checkpoint,
 )
+from ckptwriter.cli import main
 from conftest import snapshot
 
 
@@ -47,3 +53,56 @@ def test_failed_append_leaves_no_bytes_behind() -> None:
     with pytest.raises(UnicodeEncodeError):
         mem.append(Observation(content="lone surrogate \ud800"))  # e.g. surrogateescape'd output
     assert mem.to_jsonl() == before
+
+
+# 100 000 nested lists: far past any decoder's depth limit (an entry nests two levels).
+_DEEP_LINE = b"[" * 100_000 + b"]" * 100_000 + b"\n"
+
+
+def _deeply_nested_memory(tmp_path: Path) -> Path:
+    """Checkpoints ep 1 and 2 whose ep 2 memory is one deep line, its checksum matching."""
+    mem = MemoryLog()
+    with SyncCheckpointWriter(tmp_path / "ck", executor="thread") as w:
+        for ep in (1, 2):
+            mem.append(Observation(content=f"episode {ep}"))
+            w.submit(snapshot(mem, ep)).wait()
+    ep2 = tmp_path / "ck" / "ep_000002"
+    (ep2 / "memory_2.jsonl").write_bytes(_DEEP_LINE)
+    rt = json.loads((ep2 / "runtime.json").read_bytes())
+    rt["files"]["memory_2.jsonl"] = {"bytes": len(_DEEP_LINE),
+                                     "sha256": hashlib.sha256(_DEEP_LINE).hexdigest()}
+    (ep2 / "runtime.json").write_text(json.dumps(rt))
+    return ep2
+
+
+def _deep_problem(ep2: Path) -> str:
+    return (rf"Checkpoint {re.escape(str(ep2))} is broken: memory_2\.jsonl: line 1 is not a "
+            r"valid memory entry: JSON nested too deeply \(maximum recursion depth exceeded")
+
+
+def test_deeply_nested_memory_line_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    """A line nested past the decoder's limit is CheckpointCorruptError naming file and line."""
+    ep2 = _deeply_nested_memory(tmp_path)
+    with pytest.raises(CheckpointCorruptError, match=rf"^{_deep_problem(ep2)}"):
+        load_checkpoint(ep2)
+
+
+def test_deeply_nested_memory_line_is_skipped_from_latest(tmp_path: Path) -> None:
+    """Resuming from latest skips such a checkpoint with a fallback warning naming why."""
+    ep2 = _deeply_nested_memory(tmp_path)
+    with pytest.warns(CheckpointFallbackWarning, match=r"^latest points at ep_000002, which "
+                      r"is broken \(memory_2\.jsonl: line 1 is not a valid memory entry: "
+                      r"JSON nested too deeply"):
+        ck = load_checkpoint(ep2.parent / "latest")
+    assert ck.runtime.episode_index == 1
+
+
+def test_show_of_deeply_nested_memory_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ckptwriter show` exits 1 with the file and line, and no traceback."""
+    ep2 = _deeply_nested_memory(tmp_path)
+    assert main(["show", str(ep2)]) == 1
+    err = capsys.readouterr().err
+    assert re.match(rf"^error: {_deep_problem(ep2)}", err), err
+    assert "Traceback" not in err

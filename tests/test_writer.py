@@ -378,3 +378,22 @@ async def test_submit_counts_loop_time_from_started_at(tmp_path: Path) -> None:
     assert result.loop_seconds >= 0.5
     assert s.loop_seconds_samples == (result.loop_seconds,)
     assert s.loop_seconds_total == s.loop_seconds_max == result.loop_seconds
+
+
+async def test_symlinked_checkpoint_dir_keeps_its_checkpoints(tmp_path: Path) -> None:
+    """A checkpoint_dir that is a symlink is resolved once: its checkpoints are known."""
+    real = tmp_path / "big-disk" / "ckpts"
+    real.mkdir(parents=True)
+    link = tmp_path / "checkpoints"
+    link.symlink_to(real)
+    mem = MemoryLog()
+    for ep in (1, 2):
+        async with CheckpointWriter(link, keep_last=2, executor="thread") as w:
+            add_episode(mem, ep)
+            await (await w.submit(snapshot(mem, ep))).wait()
+    async with CheckpointWriter(link, keep_last=2) as w:
+        assert [r.name for r in w.checkpoints] == ["ep_000001", "ep_000002"]
+        add_episode(mem, 3)
+        await (await w.submit(snapshot(mem, 3))).wait()
+    assert sorted(n for n in os.listdir(real) if n.startswith("ep_")) == [
+        "ep_000002", "ep_000003"]

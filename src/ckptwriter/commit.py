@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from . import layout
+from .discovery import guarded
 from .errors import CheckpointError
-from .integrity import is_whole, scan
 from .layout import FORMAT_VERSION
 from .manifest import dump_json, format_timestamp
+from .reader import is_whole, scan
 from .retention import CheckpointRecord, RetentionPolicy, select_for_deletion
 from .snapshot import CapturedSnapshot, SnapshotMeta
 from .storage.base import Backend, FileSpec, PendingCheckpoint, ReuseToken
@@ -58,6 +59,8 @@ class CommitReport(msgspec.Struct, frozen=True):
     retention_error: str | None
     log_id: str
     nbytes: int
+    # The next commit can extend this memory file (the backend can reuse it).
+    extendable: bool = True
 
     @property
     def record(self) -> CheckpointRecord:
@@ -121,17 +124,22 @@ class CommitPipeline:
         self.protect = frozenset(protect)
         self.known: dict[str, CheckpointRecord] = {}
         self._carry: _Carry | None = None
+        # An immutable copy of ``known``, replaced whole after each change, for readers
+        # in other threads (the writer's event loop) while a commit runs.
+        self.committed: tuple[CheckpointRecord, ...] = ()
 
     def open(self) -> list[CheckpointRecord]:
         """Lock the directory, clean a crash's leftovers, learn what is committed there."""
         b = self.backend
         b.open(partial(is_whole, b.store))
         try:
-            records = [i.record for i in scan(b.store, b.root) if i.complete]
+            infos = guarded(b.store, b.root, "opening", lambda: scan(b.store, b.root))
+            records = [i.record for i in infos if i.complete]
         except BaseException:
             b.close()
             raise
         self.known = {r.name: r for r in records}
+        self.committed = tuple(records)
         return records
 
     def close(self) -> None:
@@ -197,8 +205,13 @@ class CommitPipeline:
         record = CheckpointRecord(name, meta.episode_index, meta.val_score)
         # Known before the pointer moves: if that fails, retention still sees it later.
         self.known[name] = record
+        self.committed = tuple(self.known.values())
         b.replace_pointer(name, latest_json)
         deleted, retention_error = self._retain(name)
+        try:
+            extendable = b.can_reuse(tokens[mem_name])
+        except Exception:
+            extendable = False  # only a hint for the next hand-over; the commit is done
         total = time.perf_counter() - t0
         return CommitReport(
             name=name, path=path, episode_index=meta.episode_index, val_score=meta.val_score,
@@ -208,6 +221,7 @@ class CommitPipeline:
             incremental=carry is not None, serialize_seconds=serialize_s,
             write_seconds=total - serialize_s, deleted=tuple(deleted),
             retention_error=retention_error, log_id=mem.log_id, nbytes=mem.nbytes,
+            extendable=extendable,
         )
 
     def _retain(self, newest: str) -> tuple[list[str], str | None]:
@@ -226,4 +240,5 @@ class CommitPipeline:
                 continue
             del self.known[name]
             deleted.append(name)
+        self.committed = tuple(self.known.values())
         return deleted, error

@@ -63,9 +63,7 @@ def open_location(location: str | os.PathLike[str]) -> tuple[ReadStore, str]:
     store, path = open_store(location)
     # ReadStore has no check_root (yet): object stores can fail early and clearly here
     # ("bucket ... does not exist"), where a listing would only say "nothing there".
-    check: Callable[[str], object] | None = getattr(store, "check_root", None)
-    if check is not None:
-        guarded(store, path, "opening", lambda: check(path))
+    guarded(store, path, "opening", lambda: store.check_root(path))
     return store, path
 
 
@@ -76,7 +74,13 @@ def guarded(store: ReadStore, path: str, action: str, fn: Callable[[], _T]) -> _
     except (CheckpointError, Warning):
         # Warning: under `-W error` a CheckpointFallbackWarning is raised, not printed.
         raise
+    except OSError as exc:
+        raise store.error(exc, action, path) from exc
     except Exception as exc:
+        # fsspec and botocore fail with their own types (NoCredentialsError...); a
+        # Python error (ValueError, RecursionError...) is a bug to see as itself.
+        if type(exc).__module__ == "builtins":
+            raise
         raise store.error(exc, action, path) from exc
 
 

@@ -73,8 +73,7 @@ class ThreadExecutor:
         await anyio.to_thread.run_sync(self._p.close, limiter=self._limiter)
 
     def checkpoints(self) -> list[CheckpointRecord]:
-        # Read between two commits: the writer task awaits each persist before the next.
-        return sorted(self._p.known.values(), key=lambda r: r.episode_index)
+        return sorted(self._p.committed, key=lambda r: r.episode_index)
 
 
 def make_executor(

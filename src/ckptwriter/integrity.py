@@ -105,7 +105,7 @@ class Seen:
 def marker_commits(store: ReadStore) -> bool:
     # Object stores have no rename: a checkpoint appears when runtime.json is written, so
     # a prefix without it is a commit in progress or a dead writer's, not a damaged one.
-    return bool(getattr(store, "marker_commits", False))
+    return store.marker_commits
 
 
 # -- one checkpoint: each file read once, checked on the bytes read -------------------

@@ -268,6 +268,12 @@ class MemoryLog:
             except (msgspec.DecodeError, ValidationError) as exc:
                 first = str(exc).splitlines()[0]
                 raise ValueError(f"line {no} is not a valid memory entry: {first}") from exc
+            except RecursionError as exc:
+                # msgspec's depth limit (an entry nests two levels): a hostile or damaged
+                # line, not a bug, so it is named like any other invalid line.
+                raise ValueError(
+                    f"line {no} is not a valid memory entry: JSON nested too deeply ({exc})"
+                ) from exc
         if data:
             log._chunks.append(bytes(data))
             log._chunk_ends.append(len(data))

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import TypeVar
 
@@ -91,7 +92,7 @@ class ProcessExecutor:
 
     def __init__(self, location: str, options: WriterOptions) -> None:
         self._open_msg = wire.encode(
-            wire.OpenRequest(location, options.to_wire(), os.getpid())
+            wire.OpenRequest(location, options.to_wire(), os.getpid(), uuid.uuid4().hex)
         )
         self._proc: Process | None = None
         self._rx: BufferedByteReceiveStream | None = None
@@ -103,11 +104,7 @@ class ProcessExecutor:
 
     async def open(self) -> list[CheckpointRecord]:
         reply = await self._start()
-        records = [CheckpointRecord(n, e, s) for n, e, s in reply.records]
-        # The child's pipeline keeps the set; this is its image in the training process,
-        # moved by each commit's report exactly as the pipeline moved it.
-        self._known = {r.name: r for r in records}
-        return records
+        return [CheckpointRecord(n, e, s) for n, e, s in reply.records]
 
     def checkpoints(self) -> list[CheckpointRecord]:
         return sorted(self._known.values(), key=lambda r: r.episode_index)
@@ -151,6 +148,9 @@ class ProcessExecutor:
             with anyio.CancelScope(shield=True):
                 await self._stop()
             raise wire.rebuild_error(reply.error)
+        # The child's pipeline keeps the set; this is its image in the training process,
+        # taken again whenever a process starts and moved by each commit's report.
+        self._known = {n: CheckpointRecord(n, e, s) for n, e, s in reply.records}
         return reply
 
     async def persist(self, snap: CapturedSnapshot) -> CommitReport:
@@ -175,7 +175,9 @@ class ProcessExecutor:
             self._base = None
             raise wire.rebuild_error(reply.error or wire.WireError("", "no report"))
         report = reply.report
-        self._base = (report.log_id, report.nbytes)
+        # A backend that cannot extend the file it just wrote (no server-side copy) gets
+        # the whole memory next time at once, not a delta and then a resend.
+        self._base = (report.log_id, report.nbytes) if report.extendable else None
         self._known[report.name] = report.record
         for name in report.deleted:
             self._known.pop(name, None)

@@ -55,6 +55,8 @@ class OpenRequest(msgspec.Struct, frozen=True):
     options: dict[str, Any]
     # The training process: named in DirectoryLockedError, not this helper.
     owner_pid: int
+    # Kept by the training process across writer-process restarts (object-storage lock).
+    lock_token: str
 
 
 class OpenReply(msgspec.Struct, frozen=True):

@@ -11,6 +11,7 @@ import mmap
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from .commit import CommitPipeline
 from .memory import MemoryCapture, NeedFullMemory
 from .options import WriterOptions
 from .snapshot import CapturedSnapshot
-from .storage import open_backend
+from .storage import RemoteStorage, open_backend
 from .storage.local import LocalStorage
 
 _T = TypeVar("_T")
@@ -91,6 +92,8 @@ def _open(req: wire.OpenRequest) -> CommitPipeline:
                            storage_options=dict(options.storage_options))
     if isinstance(backend, LocalStorage):
         backend.owner = f"pid {req.owner_pid}"  # the training run, not this helper
+    elif isinstance(backend, RemoteStorage):
+        backend.claim_as(f"pid {req.owner_pid} on {socket.gethostname()}", req.lock_token)
     return CommitPipeline(backend, options.policy, options.protect)
 
 
@@ -136,10 +139,11 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
 
 def main() -> int:
     """Entry point of the writer process."""
-    # First: a Ctrl-C or SIGTERM sent to the whole process group must not kill the writer
-    # before the final checkpoint is written; the parent drains and stops us.
+    # First: a Ctrl-C, SIGTERM or hangup (SIGHUP) sent to the whole process group must not
+    # kill the writer before the final checkpoint is written; the parent drains and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parent = os.getppid()
     _die_with_parent(parent)
     out = sys.stdout.buffer

@@ -16,7 +16,8 @@ Snapshots go to a :class:`~ckptwriter.CheckpointWriter`, so the loop pays an O(1
 capture per checkpoint and no per-episode I/O.
 
 Data flow: :mod:`.plan` (step 1) -> :mod:`.run_dir` (step 2) -> the episodes here
-(step 3); :mod:`.signals` turns SIGINT/SIGTERM into a stop after the current episode.
+(step 3); :mod:`.signals` turns SIGINT/SIGTERM/SIGHUP into a stop after the current
+episode.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        """0, or 128 + the signal that stopped the run (130 SIGINT, 143 SIGTERM)."""
+        """0, or 128 + the signal that stopped the run (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
         return 128 + self.stopped_by if self.stopped_by else 0
 
 
@@ -81,14 +82,14 @@ async def run_training(
     handle_signals: bool = False,
     search_dirs: tuple[str, ...] | None = None,
 ) -> TrainResult:
-    """Train one configuration to ``max_envs_to_visit`` (or until SIGINT/SIGTERM).
+    """Train one configuration to ``max_envs_to_visit`` (or until SIGINT/SIGTERM/SIGHUP).
 
     Args:
         cfg: a configuration from :func:`ckptwriter.config.load_config`.
         reporter: receives progress updates (the CLI's progress bar).
-        handle_signals: on SIGINT/SIGTERM finish the episode, write a final checkpoint
-            and return with ``stopped_by`` set; a second signal exits the process at
-            once. Only for the main thread of a program that owns its signals.
+        handle_signals: on SIGINT/SIGTERM/SIGHUP finish the episode, write a final
+            checkpoint and return with ``stopped_by`` set; a second signal exits the
+            process at once. Only for the main thread of a program that owns its signals.
         search_dirs: where a ``module:Class`` agent may be found besides ``sys.path``.
 
     Returns:

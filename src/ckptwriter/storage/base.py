@@ -105,6 +105,15 @@ class PendingCheckpoint(Protocol):
 class ReadStore(Protocol):
     """Read primitives over one filesystem or bucket."""
 
+    # True where a checkpoint exists only once its runtime.json marker does (object
+    # storage: no rename); a local directory without one is listed as incomplete.
+    marker_commits: bool
+
+    def check_root(self, path: str) -> None:
+        """Fail early, with a StorageError-worthy exception, when ``path`` is unreachable
+        (a missing bucket, bad credentials); a no-op where there is nothing to check."""
+        ...
+
     def url(self, path: str) -> str:
         """``path`` as a user would write it (a plain path, or ``s3://bucket/key``)."""
         ...

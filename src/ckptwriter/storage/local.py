@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import stat
@@ -19,8 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import layout
-from ..errors import DirectoryLockedError, StorageError
+from ..errors import StorageError
 from .base import FileSpec, ReuseToken, StoreEntry
+from .local_lock import lock_directory
 from .posix_io import COPY_CHUNK, copy_prefix, fsync_dir, os_error, write_all
 
 __all__ = ["LocalStorage", "LocalStore"]
@@ -36,6 +36,11 @@ class LocalStore:
     A final symlink is never followed: checkpoints are real directories and files of
     their checkpoints directory, so a planted link cannot lead a reader anywhere else.
     """
+
+    marker_commits = False
+
+    def check_root(self, path: str) -> None:
+        """Nothing to check before reading a local path."""
 
     def url(self, path: str) -> str:
         """A local path is shown as it is."""
@@ -169,7 +174,9 @@ class LocalStorage:
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         # Fixed now: a later chdir must not send checkpoints somewhere else.
-        self.path = Path(os.path.abspath(root))
+        # Resolved once, here: a checkpoint_dir that is a symlink is written (and listed)
+        # where it points now, never through the link, and a later chdir changes nothing.
+        self.path = Path(os.path.realpath(root))
         self.root = str(self.path)
         self.location = self.root
         self.store = LocalStore()
@@ -207,27 +214,9 @@ class LocalStorage:
             raise
 
     def _lock(self) -> None:
-        path = self.path / layout.LOCK_FILE
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
-        except OSError as exc:
-            raise os_error(exc, "creating the lock file", path) from exc
-        try:
-            # flock dies with its process, so a crashed writer never leaves a stale lock.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise DirectoryLockedError(
-                f"Checkpoint directory {self.root} is locked by another writer ({owner}). "
-                "Only one writer may own a checkpoints directory: stop the other run or "
-                "use another checkpoint_dir."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{self.owner} on {os.uname().nodename}\n".encode(), 0)
-        self._lock_fd = fd
+        # Never through a planted symlink or hard link (storage/local_lock.py).
+        self._lock_fd = lock_directory(self.path / layout.LOCK_FILE, directory=self.root,
+                                       owner=self.owner, mode=_FILE_MODE)
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -53,6 +53,10 @@ class ObjectLock:
         self.path = path
         self.location = location
         self.ttl = float(ttl)
+        # Set by a writer process from its training process, which keeps them across
+        # restarts: a replacement process may take over the lock of the one that died.
+        self.token: str | None = None
+        self.owner = f"pid {os.getpid()} on {socket.gethostname()}"
         self._token = ""
         self._tag: str | None = None
         self._expires = 0.0
@@ -68,7 +72,7 @@ class ObjectLock:
         Raises:
             DirectoryLockedError: another writer holds a live lock.
         """
-        self._token = uuid.uuid4().hex
+        self._token = self.token or uuid.uuid4().hex
         try:
             self._tag = self._write(partial(self.store.create, self.path))
         except FileExistsError:
@@ -131,7 +135,7 @@ class ObjectLock:
 
     def _body(self, expires_at: float) -> bytes:
         return json.dumps({
-            "owner": f"pid {os.getpid()} on {socket.gethostname()}",
+            "owner": self.owner,
             "token": self._token,
             "expires_at": expires_at,
             "ttl_seconds": self.ttl,
@@ -155,10 +159,11 @@ class ObjectLock:
             held = json.loads(data)
             owner = str(held["owner"])
             expires = float(held["expires_at"])
-        except (ValueError, KeyError, TypeError):
-            owner, expires = "unknown owner, unreadable lock", float("inf")
+            mine = held.get("token") == self._token
+        except (ValueError, KeyError, TypeError, AttributeError):
+            owner, expires, mine = "unknown owner, unreadable lock", float("inf"), False
         left = expires - time.time()
-        if left > 0:
+        if left > 0 and not mine:
             when = "never" if left == float("inf") else f"in {left:.0f} s"
             lock_url = self.store.url(self.path)
             raise DirectoryLockedError(

@@ -60,7 +60,9 @@ COPY_CHUNK = 4 * 1024 * 1024
 
 
 def copy_prefix(src: str, dst_fd: int, nbytes: int) -> None:
-    with open(src, "rb") as f:
+    """Copy ``src``'s first ``nbytes`` into ``dst_fd`` in the kernel (a reflink where the
+    filesystem has one); ``src`` is never reached through a final symlink."""
+    with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
         src_fd = f.fileno()
         copied = 0
         try:

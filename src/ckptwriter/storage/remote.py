@@ -163,7 +163,6 @@ class RemoteStorage:
         )
         # Names with a commit marker: a new checkpoint of one of them replaces it.
         self._committed: set[str] = set()
-        # Legacy (removed at the cut-over): ETag of the memory object last written, so a
         # server-side copy of its prefix is done only if it still holds the hashed bytes.
 
     def _step(self, name: str) -> None:
@@ -178,6 +177,15 @@ class RemoteStorage:
             raise store_error(exc, action, url) from exc
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def claim_as(self, owner: str, token: str) -> None:
+        """Hold the lock for ``owner`` (a training process) under ``token``.
+
+        A writer process is replaced when it dies; its replacement, given the same
+        token, takes over the lock the dead one left instead of waiting for it to expire.
+        """
+        self._lock.owner = owner
+        self._lock.token = token
 
     def open(self, is_whole: Callable[[str], bool]) -> None:
         """Check the bucket, take the lock, remove uncommitted prefixes (no marker).

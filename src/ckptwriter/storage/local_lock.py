@@ -1,0 +1,112 @@
+"""The single-writer lock of a local checkpoints directory: ``flock`` on ``.lock``.
+
+The lock file is only ever a regular file of the directory, with one name: a ``.lock``
+that is a symlink (dangling or not), a hard link to another file, a FIFO or a device is
+refused before anything is written, so a planted link can never make the writer truncate
+or create a file outside (the directory may be group-writable).
+
+Refused rather than replaced: a fresh file renamed over the planted entry would be an
+unconditional rename, so two writers that both found it unsafe could each rename one in
+and each lock a file of its own, and both would own the directory.
+
+Error handling:
+    :func:`lock_directory` raises :class:`DirectoryLockedError` when another live
+    writer holds the lock, and :class:`StorageError` when the lock file cannot be
+    created or is unsafe (the message says to remove it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from pathlib import Path
+
+from ..errors import DirectoryLockedError, StorageError
+from .posix_io import os_error
+
+__all__ = ["lock_directory"]
+
+# Opened without following a final symlink, without blocking on a FIFO planted in its
+# place, and without it becoming a controlling terminal.
+_LOCK_FLAGS = (
+    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+)
+
+
+def lock_directory(path: Path, *, directory: str, owner: str, mode: int) -> int:
+    """Lock ``directory`` through its lock file ``path``; the fd that holds the lock.
+
+    Args:
+        path: the lock file (created with ``mode`` if missing).
+        directory: the checkpoints directory, as named in the error.
+        owner: who holds the lock, written into the file for the next writer's error.
+        mode: the lock file's mode when it is created.
+
+    Returns:
+        the open file descriptor; the lock lasts until it is closed or the process dies.
+
+    Raises:
+        DirectoryLockedError: another live writer holds the lock.
+        StorageError: the lock file cannot be created, or is not a file the writer made.
+    """
+    try:
+        fd = os.open(path, _LOCK_FLAGS, mode)
+    except OSError as exc:
+        # O_NOFOLLOW: a symlinked .lock (a dangling one too) fails here, never followed.
+        found = _not_a_file(path)
+        if found is not None:
+            raise _unsafe(path, found) from None
+        raise os_error(exc, "creating the lock file", path) from exc
+    try:
+        # Checked before anything is written: through a hard link (or a FIFO, a device)
+        # the truncate and write below would land outside the directory.
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _unsafe(path, "is not a regular file")
+        if st.st_nlink != 1:
+            raise _unsafe(path, f"is a hard link ({st.st_nlink} names for one file)")
+        try:
+            # flock dies with its process, so a crashed writer never leaves a stale lock.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise DirectoryLockedError(
+                f"Checkpoint directory {directory} is locked by another writer ({holder}). "
+                "Only one writer may own a checkpoints directory: stop the other run or "
+                "use another checkpoint_dir."
+            ) from None
+        # A lock on a file that is no longer .lock excludes nobody: the entry must still
+        # be the file we locked (the writer never replaces or removes it).
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise _unsafe(path, "was replaced while it was being locked")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{owner} on {os.uname().nodename}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What the entry at ``path`` is, unless it is missing or a regular file (not followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "is a symlink"
+    return "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+
+
+def _unsafe(path: Path, found: str) -> StorageError:
+    return StorageError(
+        f"the lock file {path} {found}, expected a regular file the writer created; it is "
+        "never followed or written: remove it (and check who put it there), then start again"
+    )

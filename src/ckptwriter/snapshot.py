@@ -156,32 +156,3 @@ class CapturedSnapshot:
     def val_score(self) -> float | None:
         """The validation score, if any."""
         return self.meta.val_score
-
-    # -- legacy accessors (removed at the cut-over) --
-    @property
-    def train_steps_total(self) -> int:
-        return self.meta.train_steps_total
-
-    @property
-    def agent_type(self) -> str:
-        return self.meta.agent_type
-
-    @property
-    def memory_type(self) -> str:
-        return self.meta.memory_type
-
-    @property
-    def agent_json(self) -> bytes:
-        return self.meta.agent_json
-
-    @property
-    def extra_files(self) -> dict[str, bytes]:
-        return self.meta.extra_files
-
-    @property
-    def resumed_from(self) -> str | None:
-        return self.meta.resumed_from
-
-    @property
-    def timestamp(self) -> datetime:
-        return self.meta.timestamp

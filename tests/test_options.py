@@ -164,9 +164,9 @@ def test_policy_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     calls: list[tuple[Any, Any]] = []
     real = options_module.make_policy
 
-    def counting(strategy: Any, keep_last: Any) -> Any:
+    def counting(strategy: Any, keep_last: Any, **kw: Any) -> Any:
         calls.append((strategy, keep_last))
-        return real(strategy, keep_last)
+        return real(strategy, keep_last, **kw)
 
     monkeypatch.setattr(options_module, "make_policy", counting)
     CheckpointWriter(tmp_path, keep_last=2, executor="thread")
@@ -200,3 +200,25 @@ def test_from_wire_refuses_bad_data() -> None:
     """from_wire validates like the constructor."""
     with pytest.raises(ConfigError, match=r"^on_error must be 'raise' or 'warn', got 'x'$"):
         WriterOptions.from_wire({**DEFAULTS.to_wire(), "on_error": "x"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_mode_min_and_keep_every_through_a_writer(tmp_path: Path, executor: str) -> None:
+    """The writer's mode= and keep_every= reach retention, in the writer process too."""
+    from ckptwriter import MemoryLog, Snapshot
+
+    mem = MemoryLog()
+    losses = {1: 0.9, 2: 0.2, 3: 0.8, 4: 0.1, 5: 0.7, 6: 0.6}
+    async with CheckpointWriter(tmp_path, strategy="top_k_val", keep_last=2, mode="min",
+                                keep_every=3, executor=executor) as w:  # type: ignore[arg-type]
+        for ep, loss in losses.items():
+            await (await w.submit(Snapshot(ep, ep, "A", mem, val_score=loss))).wait()
+    names = sorted(p.name for p in tmp_path.glob("ep_*"))
+    # Lowest two losses (ep 2, 4), the milestones (3, 6) and latest (6).
+    assert names == ["ep_000002", "ep_000003", "ep_000004", "ep_000006"]
+
+
+def test_invalid_mode_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^checkpoint_mode must be 'max' or 'min'"):
+        CheckpointWriter(tmp_path, mode="best")  # type: ignore[arg-type]

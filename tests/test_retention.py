@@ -133,3 +133,44 @@ def test_top_k_keeps_best_scores_and_latest(recs: list[CheckpointRecord], keep: 
 def test_all_deletes_nothing(recs: list[CheckpointRecord]) -> None:
     """The default strategy never deletes."""
     assert select_for_deletion(recs, make_policy(None, None)) == []
+
+
+def test_top_k_val_min_mode_keeps_the_lowest_scores() -> None:
+    """mode="min": a loss; the K lowest scores are the best, unscored still rank last."""
+    policy = make_policy("top_k_val", 2, mode="min")
+    recs = [CheckpointRecord(f"ep_{e:06d}", e, s)
+            for e, s in [(1, 0.9), (2, 0.1), (3, None), (4, 0.5), (5, 0.3), (6, 0.7)]]
+    assert select_for_deletion(recs, policy) == ["ep_000001", "ep_000003", "ep_000004"]
+    # The same scores in max mode keep the highest.
+    assert select_for_deletion(recs, make_policy("top_k_val", 2)) == [
+        "ep_000002", "ep_000003", "ep_000004", "ep_000005"]
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=40, unique=True),
+       st.sampled_from(["last_n", "top_k_val"]), st.integers(1, 4), st.integers(1, 50))
+def test_keep_every_never_deletes_a_milestone(eps: list[int], strategy: str, keep: int,
+                                              every: int) -> None:
+    """keep_every N: an episode that is a multiple of N survives every strategy."""
+    policy = make_policy(strategy, keep, keep_every=every)
+    recs = [CheckpointRecord(f"ep_{e:06d}", e, float(e % 7)) for e in sorted(eps)]
+    doomed = select_for_deletion(recs, policy)
+    assert not [n for n in doomed if int(n[3:]) % every == 0]
+    # Besides milestones it deletes exactly what the strategy alone deletes.
+    plain = select_for_deletion(recs, make_policy(strategy, keep))
+    assert doomed == [n for n in plain if int(n[3:]) % every != 0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"mode": "maximum"}, r"^checkpoint_mode must be 'max' or 'min', got "
+                     "'maximum'", id="mode"),
+        pytest.param({"keep_every": 0}, r"^checkpoint_keep_every must be an int > 0, got 0",
+                     id="keep-every-zero"),
+        pytest.param({"keep_every": True}, r"^checkpoint_keep_every must be an int > 0",
+                     id="keep-every-bool"),
+    ],
+)
+def test_mode_and_keep_every_are_validated(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_policy("last_n", 3, **kwargs)  # type: ignore[arg-type]

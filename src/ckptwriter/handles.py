@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
 from .errors import WriterFailedError
 from .snapshot import CapturedSnapshot
+
+if TYPE_CHECKING:
+    from .commit import CommitReport
 
 __all__ = ["CheckpointHandle", "CheckpointResult", "Job"]
 
@@ -33,6 +37,19 @@ class CheckpointResult:
     write_seconds: float
     latency_seconds: float
     deleted: tuple[str, ...] = ()
+
+    @classmethod
+    def from_report(cls, o: CommitReport, *, loop_seconds: float, queue_wait_seconds: float,
+                    latency_seconds: float) -> CheckpointResult:
+        """The result of the commit ``o`` reports, with the writer's own timings."""
+        return cls(
+            name=o.name, path=o.path, episode_index=o.episode_index,
+            bytes_written=o.bytes_written, bytes_serialized=o.bytes_serialized,
+            entries_serialized=o.entries_serialized, incremental=o.incremental,
+            loop_seconds=loop_seconds, queue_wait_seconds=queue_wait_seconds,
+            serialize_seconds=o.serialize_seconds, write_seconds=o.write_seconds,
+            latency_seconds=latency_seconds, deleted=o.deleted,
+        )
 
 
 class Job:

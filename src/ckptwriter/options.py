@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .retention import RetentionPolicy, Strategy, make_policy
+from .retention import Mode, RetentionPolicy, Strategy, make_policy
 
 __all__ = [
     "DEFAULTS",
@@ -42,8 +42,8 @@ OnBacklog = Literal["block", "coalesce"]
 OnError = Literal["raise", "warn"]
 ExecutorKind = Literal["auto", "thread", "process"]
 
-# The message for each option's invalid value. strategy and keep_last are not here: the
-# retention module owns their rules and messages (see make_policy).
+# The message for each option's invalid value. strategy, keep_last, mode and keep_every
+# are not here: the retention module owns their rules and messages (see make_policy).
 _MESSAGES = {
     "max_pending": "max_pending must be an int >= 1, got {!r}",
     "on_backlog": "on_backlog must be 'block' or 'coalesce', got {!r}",
@@ -64,6 +64,10 @@ class WriterOptions(BaseModel):
             ``keep_last`` and ``last_n`` with it.
         keep_last: N for ``last_n``, K for ``top_k_val`` (default
             :data:`~ckptwriter.retention.DEFAULT_TOP_K` there).
+        mode: ``max`` (default) or ``min``: whether a higher or a lower ``val_score``
+            is better, for ``top_k_val``.
+        keep_every: checkpoints whose episode is a multiple of this are never deleted
+            by ``last_n`` or ``top_k_val`` (milestones).
         max_pending: snapshots that may wait in the queue besides the one being written.
         on_backlog: ``block`` (submit waits for room) or ``coalesce`` (replace the newest
             queued snapshot; submit never waits).
@@ -84,6 +88,8 @@ class WriterOptions(BaseModel):
 
     strategy: Strategy | None = None
     keep_last: int | None = None
+    mode: Mode = "max"
+    keep_every: int | None = None
     max_pending: int = Field(default=2, ge=1)
     on_backlog: OnBacklog = "block"
     fsync: bool = True
@@ -120,7 +126,8 @@ class WriterOptions(BaseModel):
     def _build_policy(self) -> WriterOptions:
         # The one place the retention policy is built and validated; make_policy raises
         # ConfigError, which pydantic passes through unchanged.
-        self._policy = make_policy(self.strategy, self.keep_last)
+        self._policy = make_policy(self.strategy, self.keep_last, mode=self.mode,
+                                   keep_every=self.keep_every)
         return self
 
     @property
@@ -146,7 +153,8 @@ class WriterOptions(BaseModel):
     def writer_kwargs(self) -> WriterKwargs:
         """These options as keywords of :class:`~ckptwriter.CheckpointWriter`."""
         return WriterKwargs(
-            strategy=self.strategy, keep_last=self.keep_last, max_pending=self.max_pending,
+            strategy=self.strategy, keep_last=self.keep_last, mode=self.mode,
+            keep_every=self.keep_every, max_pending=self.max_pending,
             on_backlog=self.on_backlog, fsync=self.fsync, on_error=self.on_error,
             protect=self.protect, executor=self.executor,
             storage_options=dict(self.storage_options),
@@ -177,6 +185,8 @@ class WriterKwargs(TypedDict):
 
     strategy: Strategy | None
     keep_last: int | None
+    mode: Mode
+    keep_every: int | None
     max_pending: int
     on_backlog: OnBacklog
     fsync: bool
@@ -196,7 +206,8 @@ def _config_error(exc: ValidationError, data: Any) -> ConfigError:
         return ConfigError(f"writer options must be a mapping of option names, got {data!r}")
     # Checked first, as the writer always has: retention's rules and messages.
     try:
-        make_policy(data.get("strategy"), data.get("keep_last"))
+        make_policy(data.get("strategy"), data.get("keep_last"),
+                    mode=data.get("mode", "max"), keep_every=data.get("keep_every"))
     except ConfigError as policy_error:
         return policy_error
     fields = list(WriterOptions.model_fields)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .commit import CommitReport
 
 __all__ = ["Counters", "WriterStats"]
 
@@ -71,6 +75,19 @@ class Counters:
         self.samples.append(dt)
         self.loop_seconds_total += dt
         self.loop_seconds_max = max(self.loop_seconds_max, dt)
+
+    def add_report(self, o: CommitReport, queue_wait: float) -> None:
+        """One commit that succeeded, after ``queue_wait`` seconds in the queue."""
+        self.written += 1
+        self.bytes_written += o.bytes_written
+        self.bytes_serialized += o.bytes_serialized
+        self.entries_serialized += o.entries_serialized
+        self.deleted += len(o.deleted)
+        self.queue_wait_seconds_total += queue_wait
+        self.serialize_seconds_total += o.serialize_seconds
+        self.write_seconds_total += o.write_seconds
+        if o.retention_error is not None:
+            self.retention_errors += 1
 
     def snapshot(self, pending: int) -> WriterStats:
         """A consistent frozen copy."""

@@ -22,7 +22,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from .errors import CheckpointError, WriterClosedError
 from .handles import CheckpointHandle, CheckpointResult
 from .options import DEFAULTS, ExecutorKind, OnBacklog, OnError
-from .retention import CheckpointRecord, Strategy
+from .retention import CheckpointRecord, Mode, Strategy
 from .snapshot import CapturedSnapshot, Snapshot
 from .stats import WriterStats
 from .storage import Backend
@@ -73,7 +73,8 @@ class SyncCheckpointWriter:
     """:class:`CheckpointWriter` for synchronous code; same arguments, used with ``with``.
 
     Args:
-        checkpoint_dir, strategy, keep_last, max_pending, on_backlog, fsync, on_error,
+        checkpoint_dir, strategy, keep_last, mode, keep_every, max_pending, on_backlog,
+        fsync, on_error,
         protect, storage, executor, storage_options: as for :class:`CheckpointWriter`,
         with the same defaults (:class:`~ckptwriter.options.WriterOptions`' own).
 
@@ -94,6 +95,8 @@ class SyncCheckpointWriter:
         *,
         strategy: Strategy | None = DEFAULTS.strategy,
         keep_last: int | None = DEFAULTS.keep_last,
+        mode: Mode = DEFAULTS.mode,
+        keep_every: int | None = DEFAULTS.keep_every,
         max_pending: int = DEFAULTS.max_pending,
         on_backlog: OnBacklog = DEFAULTS.on_backlog,
         fsync: bool = DEFAULTS.fsync,
@@ -104,7 +107,8 @@ class SyncCheckpointWriter:
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._writer = CheckpointWriter(
-            checkpoint_dir, strategy=strategy, keep_last=keep_last, max_pending=max_pending,
+            checkpoint_dir, strategy=strategy, keep_last=keep_last, mode=mode,
+            keep_every=keep_every, max_pending=max_pending,
             on_backlog=on_backlog, fsync=fsync, on_error=on_error, protect=protect,
             storage=storage, executor=executor, storage_options=storage_options,
         )

@@ -33,7 +33,7 @@ from .executor import make_executor
 from .gil import warn_starved
 from .handles import CheckpointHandle, CheckpointResult, Job
 from .options import DEFAULTS, ExecutorKind, OnBacklog, OnError, WriterOptions
-from .retention import CheckpointRecord, Strategy
+from .retention import CheckpointRecord, Mode, Strategy
 from .snapshot import CapturedSnapshot, Snapshot
 from .stats import Counters, WriterStats
 from .storage import Backend
@@ -67,6 +67,9 @@ class CheckpointWriter:
         strategy: ``all``, ``last_n`` or ``top_k_val``; default ``all`` without
             ``keep_last`` and ``last_n`` with it.
         keep_last: N for ``last_n``, K for ``top_k_val``.
+        mode: ``max`` (default) or ``min``: whether a higher or lower ``val_score`` is
+            better for ``top_k_val``.
+        keep_every: checkpoints whose episode is a multiple of this are never deleted.
         max_pending: snapshots that may wait in the queue besides the one being written.
         on_backlog: ``block`` (submit waits for room) or ``coalesce`` (replace the newest
             queued snapshot; submit never waits).
@@ -98,6 +101,8 @@ class CheckpointWriter:
         *,
         strategy: Strategy | None = DEFAULTS.strategy,
         keep_last: int | None = DEFAULTS.keep_last,
+        mode: Mode = DEFAULTS.mode,
+        keep_every: int | None = DEFAULTS.keep_every,
         max_pending: int = DEFAULTS.max_pending,
         on_backlog: OnBacklog = DEFAULTS.on_backlog,
         fsync: bool = DEFAULTS.fsync,
@@ -109,7 +114,8 @@ class CheckpointWriter:
     ) -> None:
         # model_validate, not the constructor: protect may be any collection of names.
         options = WriterOptions.model_validate({
-            "strategy": strategy, "keep_last": keep_last, "max_pending": max_pending,
+            "strategy": strategy, "keep_last": keep_last, "mode": mode,
+            "keep_every": keep_every, "max_pending": max_pending,
             "on_backlog": on_backlog, "fsync": fsync, "on_error": on_error,
             "protect": protect, "executor": executor,
             "storage_options": {} if storage_options is None else storage_options,
@@ -388,26 +394,12 @@ class CheckpointWriter:
             job.event.set()
 
     def _succeed(self, job: Job, o: CommitReport, wait: float) -> None:
-        c = self._c
-        c.written += 1
-        c.bytes_written += o.bytes_written
-        c.bytes_serialized += o.bytes_serialized
-        c.entries_serialized += o.entries_serialized
-        c.deleted += len(o.deleted)
-        c.queue_wait_seconds_total += wait
-        c.serialize_seconds_total += o.serialize_seconds
-        c.write_seconds_total += o.write_seconds
+        self._c.add_report(o, wait)
         if o.retention_error is not None:
-            c.retention_errors += 1
             log.warning("retention could not delete an old checkpoint: %s", o.retention_error)
-        job.result = CheckpointResult(
-            name=o.name, path=o.path, episode_index=o.episode_index,
-            bytes_written=o.bytes_written, bytes_serialized=o.bytes_serialized,
-            entries_serialized=o.entries_serialized, incremental=o.incremental,
-            loop_seconds=job.loop_seconds, queue_wait_seconds=wait,
-            serialize_seconds=o.serialize_seconds, write_seconds=o.write_seconds,
+        job.result = CheckpointResult.from_report(
+            o, loop_seconds=job.loop_seconds, queue_wait_seconds=wait,
             latency_seconds=time.perf_counter() - job.snap.captured_at,
-            deleted=o.deleted,
         )
 
     def _fail(self, job: Job, exc: BaseException) -> None:

@@ -7,28 +7,14 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from ckptwriter.bench import clones, filesystem_type
+
 __all__ = ["filesystem_of", "machine_info"]
 
 
-def filesystem_of(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The mount holding ``path`` (longest matching mount point in /proc/mounts)."""
-    real = os.path.realpath(path)
-    best = {"mount_point": "?", "fs_type": "unknown", "device": "?"}
-    best_len = -1
-    try:
-        with open("/proc/mounts", encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                dev, mnt, fstype = parts[0], parts[1].replace("\\040", " "), parts[2]
-                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-                if inside and len(mnt) > best_len:
-                    best = {"mount_point": mnt, "fs_type": fstype, "device": dev}
-                    best_len = len(mnt)
-    except OSError:
-        pass
-    return best
+def filesystem_of(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mount holding ``path`` and whether it clones files (as ``ckptwriter bench``)."""
+    return {**filesystem_type(path), "clones": clones(path)}
 
 
 def machine_info(target_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -67,7 +67,8 @@ def print_report(report: Report, console: Any = None) -> None:
     console.print(
         f"[bold]machine[/]: {m['cores']} cores ({m['usable_cores']} usable), {m['python']}, "
         f"{m['kernel']}, {m['machine']}\n[bold]target dir[/]: {m['target_dir']} on "
-        f"{m['fs_type']} ({m['device']} at {m['mount_point']})\n[bold]load average[/]: "
+        f"{m['fs_type']} ({m['device']} at {m['mount_point']}; {_clones(m)})\n"
+        f"[bold]load average[/]: "
         f"{m['loadavg_start']} at start, {m.get('loadavg_end', '?')} at end; "
         f"{report.seconds:.0f} s"
     )
@@ -83,12 +84,18 @@ def print_report(report: Report, console: Any = None) -> None:
         console.print(f"[bold red]benchmark {name} failed[/]: {escape(err)}")
 
 
+def _clones(machine: dict[str, Any]) -> str:
+    if "clones" not in machine:
+        return "reflink not checked"
+    return "clones files (reflink)" if machine["clones"] else "no reflink"
+
+
 def format_markdown(report: Report) -> str:
     """The machine line and the table as Markdown (for docs/PERFORMANCE.md, README)."""
     m = report.machine
     lines = [
         f"Machine: {m['cores']} cores, {m['python']}, {m['kernel']}; target dir on "
-        f"{m['fs_type']}; load average {m['loadavg_start'][0]} at start, "
+        f"{m['fs_type']} ({_clones(m)}); load average {m['loadavg_start'][0]} at start, "
         f"{m.get('loadavg_end', ['?'])[0]} at end; run {report.started}, {report.seconds:.0f} s.",
         "",
         "| # | figure | value | target | result | note |",

@@ -16,7 +16,8 @@ import pytest
 from ckptwriter import bench
 from ckptwriter.cli import main as cli_main
 
-MACHINE_KEYS = {"cpus", "python", "platform", "target_dir", "fs_type", "mount_point", "device"}
+MACHINE_KEYS = {"cpus", "python", "platform", "target_dir", "fs_type", "mount_point", "device",
+                "clones"}
 ROW_KEYS = {"memory_entries", "p50_ms", "p99_ms", "checkpoints_written"}
 
 
@@ -115,11 +116,52 @@ def _local_imports(path: Path) -> set[str]:
 def test_bench_imports_only_public_ckptwriter_modules() -> None:
     """The shipped benchmark uses the modules ckptwriter re-exports, never benchmarks/."""
     public = _local_imports(Path(bench.__file__).with_name("__init__.py"))
-    tree = ast.parse(Path(bench.__file__).read_text())
-    absolute = {alias.name.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.Import) for alias in node.names}
-    absolute |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module}
+    own = {"bench", "bench_workload", "bench_plot"}  # the command's own modules
+    files = [Path(bench.__file__).with_name(f"{name}.py") for name in sorted(own)]
+    absolute: set[str] = set()
+    for tree in (ast.parse(f.read_text()) for f in files):
+        absolute |= {alias.name.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.Import) for alias in node.names}
+        absolute |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module}
     assert {"memory", "snapshot", "writer"} <= public
-    assert _local_imports(Path(bench.__file__)) <= public
+    for f in files:
+        assert _local_imports(f) - own - {""} <= public, f
     assert not absolute & {"benchmarks", "ckptwriter"}
+
+
+def test_plot_draws_the_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--plot sweeps every interval at both memories, with and without checkpoints."""
+    from ckptwriter import bench_plot
+
+    out, png = tmp_path / "r.json", tmp_path / "cost.png"
+    assert cli_main(["bench", "--size", "tiny", "--only", "throughput", "--dir", str(tmp_path),
+                     "--json", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = json.loads(out.read_text())["plot"]
+    assert set(plot["disk_floor_ms"]) == {"100", "2000"}
+    assert all(v > 0 for v in plot["disk_floor_ms"].values())
+    settings = {(p["memory_entries"], p["interval"], p["on_backlog"]) for p in plot["points"]}
+    assert settings == {(n, i, b) for n in (100, 2_000) for i, b in
+                        [(1, None)] + [(i, b) for b in ("block", "coalesce")
+                                       for i in bench_plot.INTERVALS]}
+    assert all(p["total_s"] > 0 for p in plot["points"])
+    assert f"plot: wrote {png}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["cost.txt", "cost"])
+def test_plot_needs_an_image_name_before_measuring(tmp_path: Path, name: str) -> None:
+    with pytest.raises(SystemExit, match=r"give a \.png, \.svg or \.pdf file name"):
+        cli_main(["bench", "--size", "tiny", "--dir", str(tmp_path), "--plot",
+                  str(tmp_path / name)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if missing
+    with pytest.raises(SystemExit, match=r"pip install 'ckptwriter\[plot\]'"):
+        cli_main(["bench", "--size", "tiny", "--dir", str(tmp_path), "--plot",
+                  str(tmp_path / "x.png")])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -25,17 +24,16 @@ from typing import Any
 
 import anyio
 
+from .bench_workload import SWITCH_INTERVAL, entries, memory_of, percentile, raw_write
 from .gil import switch_interval
 from .handles import CheckpointHandle
-from .memory import Action, Feedback, FeedbackContent, MemoryLog, Observation, Reflection
+from .memory import MemoryLog, Observation
 from .snapshot import Snapshot
 from .writer import CheckpointWriter
 
-__all__ = ["filesystem_type", "main"]
+__all__ = ["clones", "filesystem_type", "main"]
 
 BENCHMARKS = ("stall", "freshness", "throughput")
-# The interval `ckptwriter train` runs under (switch_interval's default).
-SWITCH_INTERVAL = 0.0005
 _MOUNT_TABLES = ("/proc/self/mountinfo", "/proc/mounts")
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
@@ -48,6 +46,10 @@ class _Sizes:
     episode_cpu_s: float = 0.001
     throughput_bytes: int = 1 << 30
     repeats: int = 3
+    # --plot: a sweep of short runs (the performance issue's workload at full size).
+    plot_memories: tuple[int, ...] = (1_000, 100_000)
+    plot_episodes: int = 300
+    plot_episode_cpu_s: float = 0.0013
 
 
 _SIZES = {
@@ -55,7 +57,8 @@ _SIZES = {
     "quick": _Sizes(large_memory=200_000, episodes=800, throughput_bytes=256 << 20),
     # A few seconds in all: for the tests.
     "tiny": _Sizes(small_memory=100, large_memory=2_000, episodes=30, episode_cpu_s=0.0002,
-                   throughput_bytes=2 << 20, repeats=1),
+                   throughput_bytes=2 << 20, repeats=1, plot_memories=(100, 2_000),
+                   plot_episodes=12, plot_episode_cpu_s=0.0002),
 }
 
 
@@ -96,6 +99,31 @@ def filesystem_type(
     return found
 
 
+_FICLONE = 0x40049409  # Linux ioctl: make the destination share the source's extents
+
+
+def clones(path: str | os.PathLike[str]) -> bool:
+    """Whether the filesystem holding directory ``path`` clones files (reflink).
+
+    Where it does (XFS with reflink, btrfs), an incremental checkpoint's memory prefix is
+    shared with the previous checkpoint's, so a commit writes only the delta; elsewhere
+    (ext4, tmpfs) the kernel copies the prefix. Tried for real on two temporary files.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    with tempfile.TemporaryDirectory(prefix=".ckptwriter-clone-", dir=path) as tmp:
+        src, dst = Path(tmp, "a"), Path(tmp, "b")
+        src.write_bytes(b"\0" * 65536)
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            try:
+                fcntl.ioctl(d.fileno(), _FICLONE, s.fileno())
+            except OSError:
+                return False
+    return True
+
+
 def _machine(target: Path) -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
@@ -103,28 +131,8 @@ def _machine(target: Path) -> dict[str, Any]:
         "platform": platform.platform(),
         "target_dir": str(target.resolve()),
         **filesystem_type(target),
+        "clones": clones(target),
     }
-
-
-def _percentile(values: list[float], q: float) -> float:
-    # Nearest rank: a sample that happened, never an interpolation.
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))] if s else 0.0
-
-
-def _entries() -> list[Observation | Action | Feedback | Reflection]:
-    # One episode of a text agent: about 110 bytes per JSON line on average.
-    return [
-        Observation(content="the room has a door, a key, a lamp and a locked chest; " * 3),
-        Action(content="pick up the key and try the chest"),
-        Feedback(content=FeedbackContent(score=0.5, message="the chest opened")),
-        Reflection(content="keys open chests; try the nearest lock first"),
-    ]
-
-
-def _memory(n_entries: int) -> MemoryLog:
-    episode = _entries()
-    return MemoryLog([episode[i % 4] for i in range(n_entries)])
 
 
 @dataclass
@@ -136,7 +144,7 @@ class _LoopRun:
 
 async def _loop(root: Path, memory: MemoryLog, sizes: _Sizes) -> _LoopRun:
     """Checkpoint every episode of a CPU-bound loop; submit and freshness seconds."""
-    episode = _entries()
+    episode = entries()
     submitted: dict[int, float] = {}
     handles: list[CheckpointHandle] = []
     stall: list[float] = []
@@ -162,19 +170,6 @@ async def _loop(root: Path, memory: MemoryLog, sizes: _Sizes) -> _LoopRun:
     return _LoopRun(stall, fresh, writer.stats.written)
 
 
-def _raw_write(path: Path, data: bytes) -> float:
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t
-
-
 async def _full_checkpoint(root: Path, memory: MemoryLog) -> float:
     async with CheckpointWriter(root) as writer:
         handle = await writer.submit(Snapshot(1, 1, "BenchAgent", memory))
@@ -188,12 +183,12 @@ def _bench_loop(base: Path, sizes: _Sizes) -> dict[str, list[dict[str, float]]]:
         runs = []
         for _ in range(sizes.repeats):
             with tempfile.TemporaryDirectory(dir=base) as path, switch_interval(SWITCH_INTERVAL):
-                runs.append(anyio.run(_loop, Path(path), _memory(n), sizes))
+                runs.append(anyio.run(_loop, Path(path), memory_of(n), sizes))
         for key, samples in (("stall", [r.stall for r in runs]),
                              ("freshness", [r.freshness for r in runs])):
             out[key].append({
                 "memory_entries": n,
-                **{f"p{q}_ms": round(statistics.median(_percentile(v, q) for v in samples)
+                **{f"p{q}_ms": round(statistics.median(percentile(v, q) for v in samples)
                                      * 1e3, 4) for q in (50, 99)},
                 "checkpoints_written": statistics.median(r.written for r in runs),
             })
@@ -210,7 +205,7 @@ def _bench_throughput(base: Path, sizes: _Sizes) -> dict[str, float]:
     raw, ckpt = [], []
     for _ in range(sizes.repeats):
         with tempfile.TemporaryDirectory(dir=base) as path:
-            raw.append(_raw_write(Path(path) / "raw.bin", data))
+            raw.append(raw_write(Path(path) / "raw.bin", data))
             ckpt.append(anyio.run(_full_checkpoint, Path(path) / "checkpoints", memory))
     mib = len(data) / 2**20
     return {
@@ -227,6 +222,10 @@ def _print(result: dict[str, Any]) -> None:
     print(f"machine:    {m['cpus']} CPUs, {m['python']}, {m['platform']}")
     print(f"target dir: {m['target_dir']} on {m['fs_type']} ({m['device']} at "
           f"{m['mount_point']})")
+    print("            " + ("clones files (reflink): an incremental checkpoint writes only "
+                            "the appended memory" if m["clones"] else
+                            "no reflink: each checkpoint copies the whole memory file "
+                            "(XFS with reflink or btrfs would clone it)"))
     if "stall" in result or "freshness" in result:
         print(f"loop:       {s['episodes']:,} episodes of {s['episode_cpu_s'] * 1e3:g} ms CPU, "
               f"a checkpoint every episode (coalesce), switch interval "
@@ -245,6 +244,31 @@ def _print(result: dict[str, Any]) -> None:
               f"({t['ratio_pct']:.1f} % of raw; submit to durable)")
 
 
+def _check_plot(out: Path) -> None:
+    # Before any measuring: a typo or a missing extra must not cost the user the sweep.
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise SystemExit(f"--plot {out}: give a .png, .svg or .pdf file name")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("ckptwriter bench --plot needs matplotlib: "
+                         "pip install 'ckptwriter[plot]'") from None
+
+
+def _plot(base: Path, sizes: _Sizes, result: dict[str, Any], out: Path) -> None:
+    from . import bench_plot  # matplotlib only when a picture is asked for
+
+    print(f"plot: sweeping intervals {bench_plot.INTERVALS} at memories "
+          f"{', '.join(f'{n:,}' for n in sizes.plot_memories)} entries")
+    points, floors = bench_plot.sweep(base, sizes.plot_memories, sizes.plot_episodes,
+                                      sizes.plot_episode_cpu_s)
+    bench_plot.draw(points, floors, result["machine"], sizes.plot_episode_cpu_s, out)
+    result["plot"] = {"file": str(out), "disk_floor_ms": {
+        str(n): round(f * 1e3, 3) for n, f in floors.items()},
+        "points": [asdict(p) for p in points]}
+    print(f"plot: wrote {out}")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ckptwriter bench", description=(
         "Measure what checkpointing costs on this machine and disk: submit() stall, "
@@ -261,6 +285,10 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"run only these (repeatable): {', '.join(BENCHMARKS)}")
     ap.add_argument("--repeats", type=int, default=None, help="runs per figure (default 3)")
     ap.add_argument("--json", metavar="FILE", default=None, help="also write results here")
+    ap.add_argument("--plot", metavar="FILE.png", default=None, help=(
+        "also sweep checkpoint intervals at a small and a large memory and draw loop "
+        "overhead and submit stall against them, with the disk floor (needs matplotlib: "
+        "pip install 'ckptwriter[plot]')"))
     return ap
 
 
@@ -287,6 +315,8 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"{flag} must be >= 1, got {value}{hint}")
     sizes = replace(sizes, large_memory=args.memory_entries or sizes.large_memory,
                     repeats=args.repeats or sizes.repeats)
+    if args.plot:
+        _check_plot(Path(args.plot))
     only = set(args.only or BENCHMARKS)
     base = Path(args.dir) if args.dir else Path.cwd()
     base.mkdir(parents=True, exist_ok=True)
@@ -298,6 +328,8 @@ def main(argv: list[str]) -> int:
             result |= {key: rows[key] for key in ("stall", "freshness") if key in only}
         if "throughput" in only:
             result["throughput"] = _bench_throughput(Path(tmp), sizes)
+        if args.plot:
+            _plot(Path(tmp), sizes, result, Path(args.plot))
     _print(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -22,6 +22,7 @@ from ckptwriter import (
     DirectoryLockedError,
     MemoryLog,
     Observation,
+    StorageError,
     list_checkpoints,
     resolve_checkpoint,
     verify_checkpoint,
@@ -218,21 +219,81 @@ def test_open_removes_uncommitted_prefixes(remote: Backend) -> None:
     assert checkpoint_names(remote.url) == ["ep_000001"]
 
 
-def test_recommit_of_a_name_replaces_the_old_checkpoint(remote: Backend) -> None:
-    """Writing a committed name again leaves only the new checkpoint's files."""
+def test_recommit_with_other_files_is_refused_and_keeps_the_old(remote: Backend) -> None:
+    """Writing a committed name again with other bytes is refused; the old one stays whole."""
     with opened(remote.url) as storage:
         commit(storage, 1, memory_bytes(3), extra={"notes.txt": b"old"})
-        path, _ = commit(storage, 1, memory_bytes(5))
-    assert verify_checkpoint(path).memory_entries == 5
-    assert "ep_000001/notes.txt" not in remote.names()
+        before = {n: remote.read_raw(n) for n in remote.names() if n.startswith("ep_")}
+        with pytest.raises(StorageError, match=(
+            r"^ep_000001 already exists in .* with other content \(memory_1.jsonl: "
+            r"\d+ bytes, the existing one \d+ bytes\)\. On object storage a committed "
+            r"checkpoint is never replaced by a different one: .* The existing ep_000001 "
+            r"is kept as it is; commit under another episode index, or delete .*ep_000001 "
+            r"first\.$")):
+            commit(storage, 1, memory_bytes(5))
+    assert {n: remote.read_raw(n) for n in remote.names() if n.startswith("ep_")} == before
+    assert verify_checkpoint(f"{remote.url}/ep_000001").memory_entries == 3
 
 
-def test_discarded_recommit_leaves_no_half_of_the_old_one(remote: Backend) -> None:
-    """A re-commit discarded before any write leaves none of the retracted checkpoint."""
+def test_recommit_with_same_size_other_bytes_is_refused(remote: Backend) -> None:
+    """Same sizes, other sha256 (known only from the new marker): refused, old kept."""
+    with opened(remote.url) as storage:
+        commit(storage, 1, memory_bytes(3))
+        with pytest.raises(StorageError, match=r"^ep_000001 already exists in .* with "
+                                                r"other content \(agent.json: other bytes\)"):
+            commit(storage, 1, memory_bytes(3), extra={"agent.json": AGENT_JSON.upper()})
+    assert verify_checkpoint(f"{remote.url}/ep_000001").memory_entries == 3
+    assert remote.read_raw("ep_000001/agent.json") == AGENT_JSON
+
+
+def test_recommit_with_the_same_files_rewrites_only_the_marker(remote: Backend) -> None:
+    """A retry (same files, new runtime.json) uploads no file and replaces the marker."""
+    memory = memory_bytes(3)
+    with opened(remote.url) as storage:
+        commit(storage, 1, memory)
+        uploaded = {n: remote.read_raw(n) for n in ("ep_000001/memory_1.jsonl",
+                                                    "ep_000001/agent.json")}
+        pending = storage.begin("ep_000001")
+        pending.write([FileSpec(memory_file_name(1), [memory])])
+        pending.write([FileSpec("agent.json", [AGENT_JSON])])
+        marker = runtime_json(1, {memory_file_name(1): memory, "agent.json": AGENT_JSON})
+        marker = marker.replace(b"2024-01-15", b"2025-02-16")
+        pending.finalize(marker)
+    assert remote.read_raw("ep_000001/runtime.json") == marker
+    assert {n: remote.read_raw(n) for n in uploaded} == uploaded
+    assert verify_checkpoint(f"{remote.url}/ep_000001").timestamp.startswith("2025-02-16")
+
+
+@pytest.mark.s3
+def test_s3_retry_uploads_nothing_but_the_marker(s3: Backend) -> None:
+    """On S3 the identical re-commit makes no upload of any file, only the marker PUT."""
+    memory = memory_bytes(6 * 1024, size=1000)
+    with opened(s3.url) as storage:
+        _, token = commit(storage, 1, memory)
+        with recorded_s3_calls(storage) as calls:
+            path, again = commit(storage, 1, memory, reuse=token)
+    writes = [(m, key) for m, key, _ in calls
+              if m in {"put_object", "create_multipart_upload", "upload_part_copy"}]
+    assert [key.rpartition("/")[2] for _, key in writes] == [".lock", "runtime.json"]
+    assert again == token
+    assert verify_checkpoint(path).files["memory_1.jsonl"].bytes == len(memory)
+
+
+def test_discarded_recommit_keeps_the_old_one(remote: Backend) -> None:
+    """A re-commit discarded before any write leaves the committed checkpoint whole."""
     with opened(remote.url) as storage:
         commit(storage, 1, memory_bytes(3))
         storage.begin("ep_000001").discard()
-    assert not any(n.startswith("ep_000001") for n in remote.names())
+    assert verify_checkpoint(f"{remote.url}/ep_000001").memory_entries == 3
+
+
+def test_recommit_over_a_broken_checkpoint_replaces_it(remote: Backend) -> None:
+    """A committed name missing one of its files loads for nobody: it may be rewritten."""
+    with opened(remote.url) as storage:
+        commit(storage, 1, memory_bytes(3))
+        remote.fs.rm_file(f"{remote.root}/ep_000001/agent.json")
+        path, _ = commit(storage, 1, memory_bytes(5))
+    assert verify_checkpoint(path).memory_entries == 5
 
 
 # -- reuse ---------------------------------------------------------------------------
@@ -280,20 +341,6 @@ def test_s3_reused_prefix_is_copied_server_side(s3: Backend) -> None:
     assert sum(n for _, n in mem_calls) == len(second) - len(first)
     assert s3.read_raw("ep_000002/memory_2.jsonl") == second
     assert verify_checkpoint(path).files["memory_2.jsonl"].bytes == len(second)
-
-
-@pytest.mark.s3
-def test_s3_recommit_can_copy_from_the_checkpoint_it_replaces(s3: Backend) -> None:
-    """A token checked before begin() of the same name still copies: the old object
-    stays until the new one is written over it."""
-    first = memory_bytes(6 * 1024, size=1000)
-    second = first + memory_bytes(50, start=6 * 1024)
-    with opened(s3.url) as storage:
-        _, token = commit(storage, 1, first)
-        assert storage.can_reuse(token)
-        path, _ = commit(storage, 1, second, reuse=token)
-    assert s3.read_raw("ep_000001/memory_1.jsonl") == second
-    assert verify_checkpoint(path).files["memory_1.jsonl"].bytes == len(second)
 
 
 # -- pointer and deletion ------------------------------------------------------------

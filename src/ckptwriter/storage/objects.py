@@ -283,6 +283,17 @@ class ObjectStore:
             self.fs.pipe_file(path, data)
         return _content_tag(data)
 
+    def tag(self, path: str) -> str | None:
+        """The tag :meth:`read_tagged` and the writes return for an object; None if none."""
+        try:
+            return self.read_tagged(path)[1]
+        except FileNotFoundError:
+            return None
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort unfinished multipart uploads under ``prefix``; how many (none here)."""
+        return 0
+
     def rm(self, paths: Sequence[str]) -> None:
         """Remove objects; missing ones are fine."""
         for p in paths:

@@ -13,6 +13,32 @@ thing they do have, a single-object PUT:
 4. Deletion removes the marker first, so a checkpoint vanishes for readers in one step;
    what a crash leaves behind is an uncommitted prefix, cleaned like any other.
 
+Re-committing a name that is committed (a retry, a resume in place re-committing the
+episode it resumed from) never removes or overwrites the existing checkpoint's files.
+If they are byte-identical to the new ones (same names, sizes and, from the two markers,
+sha256), nothing is uploaded and only the marker is replaced, in one PUT: readers and a
+crash at any point see the old or the new marker over the same files. If they differ, the
+commit is refused with a :class:`StorageError` naming the episode and the fix: several
+objects cannot be swapped at once, so a crash or a network cut midway would leave
+neither version, and staging a copy elsewhere would not help readers that open
+``ep_N`` by name. A committed name whose files are missing or truncated loads for
+nobody, so it is overwritten like a new one.
+
+Fencing: every mutating request first checks this writer's lease by its monotonic
+deadline (no request; see :mod:`ckptwriter.storage.object_lock`). Markers are written
+after a conditional renewal of the lock, and conditionally themselves (``If-None-Match``
+for a new name, ``If-Match`` on the replaced marker's ETag); ``latest.json`` only with
+``If-Match`` on the ETag this writer last wrote or read at open; a commit starts, and a
+deletion runs, only after the store confirmed the lock still carries this writer's token
+(one HEAD, skipped for a deletion within a second of such a confirmation). A writer that
+lost its lease or its lock therefore changes nothing; the one window left is a writer
+frozen between its last check and its request actually leaving, which S3, lacking
+multi-object conditions, cannot close. A 412 whose object holds exactly what was sent is
+a retried request whose first attempt landed, not a conflict.
+
+At open, under the lock, unfinished multipart uploads below the prefix (whose abort ran
+while the network was down, or whose process was killed) are aborted.
+
 Reuse: on S3 the unchanged prefix of the previous memory file is copied server-side
 (UploadPartCopy with a byte range, guarded by the source ETag) and only the new bytes are
 uploaded. Other stores, and S3 for previous files under 5 MiB (the multipart minimum part
@@ -24,12 +50,14 @@ Single writer: see :mod:`ckptwriter.storage.object_lock`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .. import layout
-from ..errors import CheckpointError, DirectoryLockedError
+from ..errors import CheckpointError, StorageError
 from .base import FileSpec, ReuseToken
 from .location import open_object_store
 from .object_lock import DEFAULT_LOCK_TTL, ObjectLock
@@ -42,43 +70,98 @@ log = logging.getLogger("ckptwriter")
 _T = TypeVar("_T")
 
 
+@dataclass(frozen=True, slots=True)
+class _Existing:
+    """The committed checkpoint a new one of the same name would replace."""
+
+    # The marker's tag: the new marker replaces exactly this one.
+    tag: str
+    # name -> (bytes, sha256) from its marker; None if it is not whole (readers cannot
+    # load it, so overwriting its objects takes nothing from them).
+    files: dict[str, tuple[int, str]] | None
+
+
+def _manifest_files(marker: bytes) -> dict[str, tuple[int, str]] | None:
+    try:
+        files = json.loads(marker)["files"]
+        return {str(n): (int(d["bytes"]), str(d["sha256"])) for n, d in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 class RemotePending:
     """A checkpoint being uploaded under its final prefix, invisible until its marker.
 
     Made by :meth:`RemoteStorage.begin`; see :class:`~ckptwriter.storage.base.PendingCheckpoint`.
+    Replacing a whole committed checkpoint of the same name uploads nothing: its files
+    must be the existing ones, byte for byte, and only the marker is rewritten.
     """
 
-    def __init__(self, backend: RemoteStorage, name: str, stale: set[str]) -> None:
+    def __init__(self, backend: RemoteStorage, name: str, existing: _Existing | None) -> None:
         self.name = name
         self._backend = backend
         self._prefix = f"{backend.root}/{name}"
         self._url = backend.store.url(self._prefix)
-        # Objects of a retracted checkpoint of the same name not yet overwritten.
-        self._stale = stale
-        self._touched = bool(stale)
+        self._existing = existing
+        self._touched = False
         self._finalized = False
+
+    @property
+    def _keeps_existing(self) -> bool:
+        return self._existing is not None and self._existing.files is not None
 
     def write(self, files: Sequence[FileSpec]) -> dict[str, ReuseToken]:
         """Upload files concurrently in one batch; a token per file (its path and ETag).
 
         Raises:
             DirectoryLockedError: this writer lost its lock.
-            StorageError: an upload failed.
+            StorageError: an upload failed, or a whole checkpoint of this name exists
+                with other files (it is left as it is).
             ValueError: a file reuses bytes :meth:`RemoteStorage.can_reuse` did not accept.
         """
         b = self._backend
         b._lock.check()
+        if self._keeps_existing:
+            return {f.name: self._kept(f) for f in files}
         items = [
             PutItem(f"{self._prefix}/{f.name}", f.data, self._copy_source(f.reuse))
             for f in files
         ]
         self._touched = True
         tags = b._guard("writing checkpoint", self._url, lambda: b.store.put_many(items))
-        self._stale.difference_update(i.path for i in items)
         return {
             f.name: ReuseToken(i.path, f.nbytes, (tags[i.path],))
             for f, i in zip(files, items, strict=True)
         }
+
+    def _kept(self, f: FileSpec) -> ReuseToken:
+        """The existing object stands for ``f`` if it has f's size (finalize checks the
+        sha256): a retry, or a resume in place re-committing the checkpoint it resumed."""
+        assert self._existing is not None
+        assert self._existing.files is not None
+        old = self._existing.files.get(f.name)
+        if old is None or old[0] != f.nbytes:
+            was = "absent" if old is None else f"{old[0]} bytes"
+            raise self._refusal(f"{f.name}: {f.nbytes} bytes, the existing one {was}")
+        path = f"{self._prefix}/{f.name}"
+        store = self._backend.store
+        ident = old[1]  # what a store without ETags tags an object with: its sha256
+        if isinstance(store, S3ObjectStore) and store.can_copy_prefix(f.nbytes):
+            head = self._backend._guard("reading", store.url(path),
+                                        lambda: store.etag_and_size(path))
+            if head is None or head[1] != f.nbytes:
+                raise self._refusal(f"{f.name}: changed since this writer listed it")
+            ident = head[0]
+        return ReuseToken(path, f.nbytes, (ident,))
+
+    def _refusal(self, why: str) -> StorageError:
+        return StorageError(
+            f"{self.name} already exists in {self._backend.location} with other content "
+            f"({why}). On object storage a committed checkpoint is never replaced by a "
+            "different one: its objects cannot all be swapped at once, so a crash or a "
+            f"network cut midway would leave neither. The existing {self.name} is kept "
+            f"as it is; commit under another episode index, or delete {self._url} first."
+        )
 
     def _copy_source(self, token: ReuseToken | None) -> CopySource | None:
         if token is None:
@@ -96,37 +179,47 @@ class RemotePending:
 
         Raises:
             DirectoryLockedError: the lock was lost while uploading (nothing is committed).
-            StorageError: the marker could not be uploaded.
+            StorageError: the marker could not be uploaded, or it would replace a whole
+                checkpoint of this name whose files differ (which is left as it is).
         """
         b = self._backend
-        self._touched = True
-        if self._stale:
-            b._lock.check()
-            b._guard("writing checkpoint", self._url, lambda: b.store.rm(sorted(self._stale)))
-            self._stale.clear()
+        existing = self._existing
+        if existing is not None and existing.files is not None:
+            new = _manifest_files(marker) or {}
+            for n in sorted(new.keys() | existing.files.keys()):
+                if new.get(n) != existing.files.get(n):
+                    raise self._refusal(f"{n}: other bytes" if n in new and n in
+                                        existing.files else f"{n}: not in both")
         # The lock may have been lost while uploading: never commit over another writer.
         b._lock.confirm()
-        path = f"{self._prefix}/{layout.RUNTIME_JSON}"
-        b._guard("writing checkpoint", self._url, lambda: b.store.put(path, marker))
-        self._finalized = True
+        self._touched = True
+        # From here the marker may exist even if the PUT reports a failure.
         b._committed.add(self.name)
+        path = f"{self._prefix}/{layout.RUNTIME_JSON}"
+        tag = existing.tag if existing is not None else None
+        b._guard("writing checkpoint", self._url, lambda: b._lock.put(path, marker, tag))
+        self._finalized = True
         b._step("marker_written")
         return self._url
 
     def discard(self) -> None:
-        """Remove what was uploaded, marker first; never raises (the next open cleans up)."""
-        if self._finalized or not self._touched:
+        """Remove what was uploaded, marker first; never raises (the next open cleans up).
+
+        A whole checkpoint this one would have replaced is never touched.
+        """
+        if self._finalized or not self._touched or self._keeps_existing:
             return
+        b = self._backend
         try:
-            self._backend._lock.check()
-        except DirectoryLockedError:
             # Without the lock, the prefix may be another writer's now.
+            b._lock.verify()
+        except Exception:
             return
-        store = self._backend.store
         with contextlib.suppress(Exception):
             # A marker PUT that failed ambiguously may have landed: hide it first.
-            store.rm([f"{self._prefix}/{layout.RUNTIME_JSON}"])
-            store.rm_tree(self._prefix)
+            b.store.rm([f"{self._prefix}/{layout.RUNTIME_JSON}"])
+            b._committed.discard(self.name)
+            b.store.rm_tree(self._prefix)
 
 
 class RemoteStorage:
@@ -161,9 +254,15 @@ class RemoteStorage:
         self._lock = ObjectLock(
             self.store, f"{self.root}/{layout.LOCK_FILE}", self.location, self.lock_ttl
         )
-        # Names with a commit marker: a new checkpoint of one of them replaces it.
+        # Names whose marker may exist (a failed marker PUT may have landed): begin()
+        # of one of them reads what is there before anything is written.
         self._committed: set[str] = set()
-        # server-side copy of its prefix is done only if it still holds the hashed bytes.
+        self._pointer_tag: str | None = None
+        # Deletions right after a commit ride on the lock renewal it just made: another
+        # writer can take the lock over only once it looks expired, ttl later.
+        self._proof_age = min(1.0, self.lock_ttl / 10)
+        # Unfinished multipart uploads the last open() aborted.
+        self.aborted_uploads = 0
 
     def _step(self, name: str) -> None:
         """Called right after each protocol step; a no-op outside fault-injection tests."""
@@ -188,7 +287,10 @@ class RemoteStorage:
         self._lock.token = token
 
     def open(self, is_whole: Callable[[str], bool]) -> None:
-        """Check the bucket, take the lock, remove uncommitted prefixes (no marker).
+        """Check the bucket, take the lock, remove what a dead writer left.
+
+        That is: prefixes without a marker, and unfinished multipart uploads (an abort
+        that ran while the network was down leaves one, billed until aborted).
 
         Args:
             is_whole: unused here: object storage never sets a checkpoint aside (no
@@ -207,6 +309,13 @@ class RemoteStorage:
             raise
 
     def _clean(self) -> None:
+        # Under the lock, every unfinished upload below the prefix is a dead writer's.
+        self._lock.check()
+        aborted = self.store.abort_uploads(self.root)
+        if aborted:
+            log.info("aborted %d unfinished multipart upload(s) under %s",
+                     aborted, self.location)
+        self.aborted_uploads = aborted
         sizes = self.store.find(self.root)
         prefix = self.root + "/"
         by_ckpt: dict[str, list[str]] = {}
@@ -223,8 +332,11 @@ class RemoteStorage:
                 continue
             # No commit marker: a writer died mid-checkpoint (or mid-delete).
             log.info("removing uncommitted checkpoint prefix %s/%s", self.location, name)
+            self._lock.check()
             self.store.rm([f"{self.root}/{name}/{f}" for f in files])
         self._committed = committed
+        # The pointer is replaced only from the version this writer saw last.
+        self._pointer_tag = self.store.tag(f"{self.root}/{layout.LATEST_JSON}")
 
     def close(self) -> None:
         """Release the writer lock (if this writer still holds it)."""
@@ -237,23 +349,29 @@ class RemoteStorage:
 
         Raises:
             DirectoryLockedError: this writer lost its lock.
-            StorageError: a checkpoint of that name could not be retracted.
+            StorageError: the store could not be read.
         """
-        self._lock.check()
-        stale: set[str] = set()
+        self._guard("writing checkpoint", self.location, self._lock.verify)
+        existing = None
         if name in self._committed:
-            # Same episode written again (a retry): retract the old one, marker first, as
-            # the first version did (issue 10 redesigns this: the old one is lost if the
-            # new one fails). Its other objects stay until overwritten or finalize, so a
-            # reuse token the pipeline checked before begin() can still be copied from.
-            prefix = f"{self.root}/{name}"
-            url = self.store.url(prefix)
-            marker = f"{prefix}/{layout.RUNTIME_JSON}"
-            self._guard("replacing checkpoint", url, lambda: self.store.rm([marker]))
-            self._committed.discard(name)
-            stale = set(self._guard("replacing checkpoint", url,
-                                    lambda: self.store.find(prefix)))
-        return RemotePending(self, name, stale)
+            url = self.store.url(f"{self.root}/{name}")
+            existing = self._guard("reading", url, lambda: self._read_existing(name))
+            if existing is None:
+                self._committed.discard(name)
+        return RemotePending(self, name, existing)
+
+    def _read_existing(self, name: str) -> _Existing | None:
+        prefix = f"{self.root}/{name}"
+        try:
+            marker, tag = self.store.read_tagged(f"{prefix}/{layout.RUNTIME_JSON}")
+        except FileNotFoundError:
+            return None
+        files = _manifest_files(marker)
+        if files is not None:
+            sizes = self.store.sizes(prefix)
+            if any(sizes.get(n) != nbytes for n, (nbytes, _) in files.items()):
+                files = None
+        return _Existing(tag, files)
 
     def can_reuse(self, token: ReuseToken) -> bool:
         """True only on S3, for an object of at least 5 MiB still at the token's ETag and size.
@@ -273,27 +391,38 @@ class RemoteStorage:
         return head == (token.ident[0], token.nbytes)
 
     def replace_pointer(self, name: str, latest_json: bytes) -> None:
-        """Replace ``latest.json`` (naming ``name``) with one PUT.
+        """Replace ``latest.json`` (naming ``name``) with one conditional PUT.
 
         Raises:
+            DirectoryLockedError: this writer lost its lock (the pointer is not moved).
             StorageError: the upload failed.
         """
+        self._lock.check()
         path = f"{self.root}/{layout.LATEST_JSON}"
-        self._guard("updating latest.json in", self.location,
-                    lambda: self.store.put(path, latest_json))
+
+        def put() -> None:
+            # Someone else moving the pointer is no takeover: the holder moves it on.
+            self._pointer_tag = self._lock.put(path, latest_json, self._pointer_tag,
+                                               retake=True)
+
+        self._guard("updating latest.json in", self.location, put)
         self._step("latest_written")
 
     def delete(self, name: str) -> None:
         """Remove the marker (the checkpoint is gone for readers), then the rest.
 
         Raises:
+            DirectoryLockedError: this writer lost its lock (nothing is removed).
             StorageError: a removal failed (an unmarked prefix is cleaned at the next open).
         """
         prefix = f"{self.root}/{name}"
         url = self.store.url(prefix)
         marker = f"{prefix}/{layout.RUNTIME_JSON}"
+        self._guard("deleting checkpoint", url,
+                    lambda: self._lock.verify(max_age=self._proof_age))
         self._guard("deleting checkpoint", url, lambda: self.store.rm([marker]))
         self._committed.discard(name)
         self._step("marker_deleted")
+        self._lock.check()
         self._guard("deleting checkpoint", url, lambda: self.store.rm_tree(prefix))
         self._step("deleted")

@@ -27,6 +27,14 @@ PART_BYTES = 8 * 2**20
 MULTIPART_THRESHOLD = 16 * 2**20
 
 
+def _precondition_failed(exc: OSError) -> bool:
+    """A 412 on a conditional write (s3fs maps it to EINVAL, as it does other errors)."""
+    reply = getattr(exc.__cause__, "response", None)
+    if isinstance(reply, dict):
+        return reply.get("Error", {}).get("Code") in {"PreconditionFailed", "412"}
+    return exc.errno == errno.EINVAL or "pre-condition" in str(exc).lower()
+
+
 class S3ObjectStore(ObjectStore):
     """An S3 bucket through s3fs: conditional writes, concurrent multipart, UploadPartCopy.
 
@@ -68,10 +76,36 @@ class S3ObjectStore(ObjectStore):
 
     def create(self, path: str, data: bytes) -> str:
         bucket, key = self._split(path)
-        resp = self._call("put_object", Bucket=bucket, Key=key, Body=data,
-                          IfNoneMatch="*")
+        try:
+            resp = self._call("put_object", Bucket=bucket, Key=key, Body=data,
+                              IfNoneMatch="*")
+        except OSError as exc:
+            # s3fs maps a 412 to FileExistsError only if the reply names the condition.
+            if isinstance(exc, FileExistsError) or not _precondition_failed(exc):
+                raise
+            raise FileExistsError(errno.EEXIST, "object exists", path) from exc
         self.fs.invalidate_cache(path)
         return str(resp["ETag"])
+
+    def tag(self, path: str) -> str | None:
+        found = self.etag_and_size(path)
+        return None if found is None else found[0]
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort every unfinished multipart upload whose key starts with ``prefix/``."""
+        bucket, key = self._split(prefix)
+        args: dict[str, str] = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/"}
+        aborted = 0
+        while True:
+            page = self._call("list_multipart_uploads", **args)
+            for up in page.get("Uploads", []):
+                self._call("abort_multipart_upload", Bucket=bucket, Key=up["Key"],
+                           UploadId=up["UploadId"])
+                aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            args["KeyMarker"] = page["NextKeyMarker"]
+            args["UploadIdMarker"] = page["NextUploadIdMarker"]
 
     def replace_if(self, path: str, data: bytes, tag: str) -> str:
         bucket, key = self._split(path)
@@ -81,8 +115,7 @@ class S3ObjectStore(ObjectStore):
         except FileNotFoundError:
             raise FileExistsError(errno.EEXIST, "object was removed", path) from None
         except OSError as exc:
-            # s3fs maps 412 PreconditionFailed on IfMatch to EINVAL.
-            if exc.errno == errno.EINVAL or "pre-condition" in str(exc).lower():
+            if _precondition_failed(exc):
                 raise FileExistsError(errno.EEXIST, "object changed", path) from exc
             raise
         self.fs.invalidate_cache(path)

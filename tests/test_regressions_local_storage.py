@@ -70,11 +70,10 @@ def test_incremental_commit_falls_back_when_copy_file_range_is_unsupported(
 class _RmtreeFailsOnOldCopy(LocalStorage):
     """Removing the replaced copy of a checkpoint fails (EBUSY; an NFS .nfsXXXX file)."""
 
-    @staticmethod
-    def _remove_tree(path: Path) -> None:
-        if path.name.startswith(".trash-"):
-            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
-        LocalStorage._remove_tree(path)
+    def _remove(self, name: str) -> None:
+        if name.startswith(".trash-"):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), name)
+        super()._remove(name)
 
 
 def test_recommitting_an_episode_never_loses_the_existing_checkpoint(tmp_path: Path) -> None:

@@ -236,13 +236,14 @@ async def test_everything_is_fsynced_before_latest_moves(
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
-    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    # Relative to the checkpoints directory's descriptor (src_dir_fd/dst_dir_fd).
+    def rename(src: str, dst: str, **kw: int) -> None:
         events.append(("rename", f"{src} -> {dst}"))
-        real_rename(src, dst)
+        real_rename(src, dst, **kw)
 
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    def replace(src: str, dst: str, **kw: int) -> None:
         events.append(("replace", f"{src} -> {dst}"))
-        real_replace(src, dst)
+        real_replace(src, dst, **kw)
 
     monkeypatch.setattr(local_mod.os, "fsync", fsync)
     monkeypatch.setattr(local_mod.os, "rename", rename)

@@ -1,10 +1,15 @@
 """The local POSIX backend: the read and write primitives of storage/base.py.
 
 Protocol (DESIGN.md): every file goes into ``.tmp-ep_N-<random>/`` and is fsynced,
-``runtime.json`` last; the temp directory is fsynced and renamed to ``ep_N``; the parent
-is fsynced. Only then are ``latest`` (a relative symlink renamed over the old one) and
+``runtime.json`` last; the temp directory is fsynced and renamed to ``ep_N`` (swapped
+with the old ``ep_N`` in one step when the episode is committed again); the parent is
+fsynced. Only then are ``latest`` (a relative symlink renamed over the old one) and
 ``latest.json`` (temp file, fsync, rename) replaced, and the parent fsynced again.
 Deletion renames to ``.trash-*`` first so a checkpoint vanishes in one step.
+
+Everything the writer creates, renames or removes is reached through the directory
+descriptor opened (and locked) at :meth:`LocalStorage.open`, never through a path
+(storage/dirfd.py).
 """
 
 from __future__ import annotations
@@ -12,141 +17,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import layout
 from ..errors import StorageError
-from .base import FileSpec, ReuseToken, StoreEntry
-from .local_lock import lock_directory
-from .posix_io import COPY_CHUNK, copy_prefix, fsync_dir, os_error, write_all
+from .base import FileSpec, ReuseToken
+from .dirfd import exchange, identity, open_below, open_dir, remove_entry
+from .local_leftovers import clean_leftovers
+from .local_lock import DirectoryLock, lock_directory
+from .local_store import LocalStore
+from .posix_io import copy_prefix, os_error, write_all
 
 __all__ = ["LocalStorage", "LocalStore"]
 
 # Never world-writable, whatever the umask: the umask still narrows these further.
 _FILE_MODE = 0o664
 _DIR_MODE = 0o775
-
-
-class LocalStore:
-    """The read primitives (storage/base.py) over the local filesystem.
-
-    A final symlink is never followed: checkpoints are real directories and files of
-    their checkpoints directory, so a planted link cannot lead a reader anywhere else.
-    """
-
-    marker_commits = False
-
-    def check_root(self, path: str) -> None:
-        """Nothing to check before reading a local path."""
-
-    def url(self, path: str) -> str:
-        """A local path is shown as it is."""
-        return path
-
-    def as_path(self, path: str) -> Path:
-        """The path as a Path."""
-        return Path(path)
-
-    def join(self, base: str, *names: str) -> str:
-        """A child path."""
-        return os.path.join(base, *names)
-
-    def parent(self, path: str) -> str:
-        """The containing directory."""
-        return os.path.dirname(os.path.normpath(path)) or "."
-
-    def stat(self, path: str) -> StoreEntry | None:
-        """What is at ``path``, a symlink reported as ``link``."""
-        try:
-            st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError:
-            # ENAMETOOLONG, ELOOP...: a name from a hostile pointer is simply not there.
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            return StoreEntry("link")
-        if stat.S_ISDIR(st.st_mode):
-            return StoreEntry("dir")
-        if stat.S_ISREG(st.st_mode):
-            return StoreEntry("file", st.st_size)
-        return StoreEntry("other")
-
-    def listdir(self, path: str) -> list[str] | None:
-        """Names in a directory (not through a final symlink); None if not a directory."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            return os.listdir(fd)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-
-    def read(self, path: str) -> bytes:
-        """A regular file's bytes, opened without following a final symlink."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise IsADirectoryError(errno.ELOOP, "is a symlink", path) from None
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is not a regular file", path)
-            chunks: list[bytes] = []
-            left = st.st_size
-            while True:
-                # One read of the recorded size, then until EOF: a file that grows while
-                # read is read whole, and its checksum decides whether it is usable.
-                chunk = os.read(fd, max(left, COPY_CHUNK))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left = 0
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        finally:
-            os.close(fd)
-
-    def readlink(self, path: str) -> str | None:
-        """A symlink's target, or None."""
-        try:
-            return os.readlink(path)
-        except OSError:
-            return None
-
-    def sizes(self, path: str) -> dict[str, int]:
-        """Regular files below ``path`` (symlinks neither followed nor counted)."""
-        out: dict[str, int] = {}
-        base = path.rstrip("/") or "/"
-        top = self.stat(base)
-        if top is None or top.kind != "dir":
-            # os.walk lists a symlinked top directory's target: a planted ep_* link must
-            # not make `du` (or a listing) count or read a tree outside (issue 10).
-            return out
-        for dirpath, _dirs, files in os.walk(base, followlinks=False):
-            rel = os.path.relpath(dirpath, base)
-            for f in files:
-                full = os.path.join(dirpath, f)
-                try:
-                    st = os.lstat(full)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    out[f if rel == "." else f"{rel}/{f}"] = st.st_size
-        return out
-
-    def error(self, exc: BaseException, action: str, path: str) -> Exception:
-        """An OSError as a StorageError with the fix."""
-        if isinstance(exc, OSError):
-            return os_error(exc, action, path)
-        return StorageError(f"{exc} while {action} {path}")
+# A new file only, never through a symlink, never kept open across exec.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# What renameat2(RENAME_EXCHANGE) answers where the filesystem or kernel has no swap.
+_NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
 class LocalStorage:
@@ -157,6 +49,13 @@ class LocalStorage:
     parent is fsynced. Only then are ``latest`` (a relative symlink renamed over the old
     one) and ``latest.json`` (temp file, fsync, rename) replaced, and the parent fsynced
     again. Deletion renames to ``.trash-*`` first so a checkpoint vanishes in one step.
+
+    Re-committing an episode (a retry, ``checkpoint_on_start`` after a resume in place)
+    swaps the new directory with the old one (``renameat2(RENAME_EXCHANGE)``), so
+    ``ep_N`` names a whole checkpoint at every instant, then removes the old copy. Where
+    the filesystem has no such swap (NFS, some FUSE, non-Linux), the old copy is renamed
+    to ``.replaced-*`` first: ``ep_N`` is missing for a moment, and a crash then leaves
+    it aside, put back by the next :meth:`open`.
 
     Args:
         root: the checkpoints directory (created if missing).
@@ -171,9 +70,11 @@ class LocalStorage:
         "tmp_dir_synced", "renamed", "parent_synced", "latest_link_replaced",
         "latest_json_replaced", "pointer_synced", "trash_renamed", "deleted",
     )
+    # Steps only a re-commit takes, after parent_synced (old_moved_aside: only where
+    # the swap is not supported, between moving the old copy aside and renaming).
+    RECOMMIT_STEPS = ("old_moved_aside", "old_copy_trashed", "old_copy_removed")
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        # Fixed now: a later chdir must not send checkpoints somewhere else.
         # Resolved once, here: a checkpoint_dir that is a symlink is written (and listed)
         # where it points now, never through the link, and a later chdir changes nothing.
         self.path = Path(os.path.realpath(root))
@@ -184,10 +85,19 @@ class LocalStorage:
         # Named in DirectoryLockedError: the process a user would stop. The writer
         # process sets it to its training process.
         self.owner = f"pid {os.getpid()}"
-        self._lock_fd: int | None = None
+        self._dir_fd: int | None = None
+        self._lock: DirectoryLock | None = None
+        self._ident: tuple[int, int] = (0, 0)
 
     def _step(self, name: str) -> None:
         """Called right after each protocol step; a no-op outside fault-injection tests."""
+
+    @property
+    def _fd(self) -> int:
+        if self._dir_fd is None:
+            raise StorageError(f"the checkpoints directory {self.root} is not open; "
+                               "open the writer before committing")
+        return self._dir_fd
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -201,11 +111,18 @@ class LocalStorage:
             ) from exc
         except OSError as exc:
             raise os_error(exc, "creating checkpoint_dir", self.root) from exc
-        self._lock()
         try:
-            for entry in sorted(os.listdir(self.path)):
-                if layout.is_leftover(entry) and not self._restore(entry, is_whole):
-                    self._remove_tree(self.path / entry)
+            self._dir_fd = open_dir(self.root)
+        except OSError as exc:
+            raise os_error(exc, "opening", self.root) from exc
+        try:
+            self._ident = identity(os.fstat(self._dir_fd))
+            # Never through a planted symlink or hard link (storage/local_lock.py).
+            self._lock = lock_directory(self._dir_fd, self.path / layout.LOCK_FILE,
+                                        directory=self.root, owner=self.owner,
+                                        mode=_FILE_MODE)
+            self._check_in_place("opening", self.root)
+            clean_leftovers(self._dir_fd, self.path, is_whole)
         except OSError as exc:
             self.close()
             raise os_error(exc, "opening", self.root) from exc
@@ -213,43 +130,91 @@ class LocalStorage:
             self.close()
             raise
 
-    def _lock(self) -> None:
-        # Never through a planted symlink or hard link (storage/local_lock.py).
-        self._lock_fd = lock_directory(self.path / layout.LOCK_FILE, directory=self.root,
-                                       owner=self.owner, mode=_FILE_MODE)
+    def _check_in_place(self, action: str, shown: Path | str) -> None:
+        """Fail unless the path still names the directory this writer opened and locked.
+
+        Writes go through the descriptor whatever happens to the path; this keeps them
+        from going on, silently, into a directory no longer where the user looks.
+        """
+        try:
+            st = os.stat(self.root)
+        except OSError as exc:
+            raise os_error(exc, action, shown) from exc
+        if identity(st) == self._ident and os.statvfs(self.root).f_flag & os.ST_RDONLY:
+            # The descriptor may still reach the directory through a writable mount
+            # while the path the user sees is now read-only (a bind, a remount): the
+            # user's view decides, as it would for a writer opened now.
+            err = OSError(errno.EROFS, os.strerror(errno.EROFS))
+            raise os_error(err, action, shown) from None
+        if identity(st) != self._ident:
+            raise StorageError(
+                f"checkpoint_dir {self.root} is no longer the directory this writer "
+                f"locked when it started (it was moved or replaced, or a component of "
+                f"the path now leads elsewhere) while {action} {shown}; nothing was "
+                "written there: put the directory back, or restart the run to write "
+                "where checkpoint_dir points now"
+            )
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     # -- commit ----------------------------------------------------------------------
 
     def begin(self, name: str) -> _LocalPending:
-        tmp = self.path / layout.temp_name(name)
+        fd = self._fd
+        self._check_in_place("writing checkpoint", self.path / name)
+        tmp = layout.temp_name(name)
         try:
-            os.mkdir(tmp, _DIR_MODE)
+            os.mkdir(tmp, _DIR_MODE, dir_fd=fd)
+            tmp_fd = open_dir(tmp, fd)
         except OSError as exc:
+            self._discard(tmp)
             raise os_error(exc, "writing checkpoint", self.path / name) from exc
+        pending = _LocalPending(self, name, tmp, tmp_fd)
         try:
             self._step("tmp_created")
         except BaseException:
-            self._discard(tmp)
+            pending.discard()
             raise
-        return _LocalPending(self, name, tmp)
+        return pending
 
-    def can_reuse(self, token: ReuseToken) -> bool:
+    def _relative(self, token: ReuseToken) -> str | None:
+        prefix = self.root.rstrip("/") + "/"
+        return token.path[len(prefix):] if token.path.startswith(prefix) else None
+
+    def open_reused(self, token: ReuseToken) -> int | None:
+        """The file ``token`` was issued for, opened below the directory, if unchanged."""
+        rel = self._relative(token)
+        if rel is None or self._dir_fd is None:
+            return None
         try:
-            st = os.stat(token.path, follow_symlinks=False)
+            fd = open_below(self._dir_fd, rel, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
-            return False
+            return None
+        st = os.fstat(fd)
         # A file replaced or edited in place since (same size, other bytes) must not be
         # extended with the checksum state carried for the old bytes.
-        return (st.st_size, st.st_ino, st.st_mtime_ns) == (token.nbytes, *token.ident)
+        if not stat.S_ISREG(st.st_mode) or \
+                (st.st_size, st.st_ino, st.st_mtime_ns) != (token.nbytes, *token.ident):
+            os.close(fd)
+            return None
+        return fd
 
-    def write_file(self, path: Path, data: bytes) -> None:
-        """Create ``path`` (never an existing file) holding ``data``, fsynced."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    def can_reuse(self, token: ReuseToken) -> bool:
+        fd = self.open_reused(token)
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
+
+    def _create(self, dir_fd: int, name: str, data: bytes) -> None:
+        """Create ``name`` in ``dir_fd`` (never an existing file) holding ``data``, fsynced."""
+        fd = os.open(name, _CREATE, _FILE_MODE, dir_fd=dir_fd)
         try:
             write_all(fd, [memoryview(data)])
             if self.fsync:
@@ -257,50 +222,82 @@ class LocalStorage:
         finally:
             os.close(fd)
 
+    def _install(self, tmp: str, name: str) -> None:
+        """Put the finished temp directory ``tmp`` in place as ``name``; fsync the parent."""
+        fd = self._fd
+        old: str | None = tmp
+        try:
+            exchange(fd, tmp, name)
+        except FileNotFoundError:
+            old = None  # a first commit of this episode: nothing to swap with
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError as exc:
+            if exc.errno not in _NO_EXCHANGE:
+                raise
+            old = self._install_without_swap(tmp, name)
+        self._step("renamed")
+        if self.fsync:
+            os.fsync(fd)
+        self._step("parent_synced")
+        if old is not None:
+            # The new copy is durable in place: the old one (now at ``old``) goes the
+            # way retention's deletions go. A failure leaves a leftover for the next
+            # start, never a failed commit.
+            trash = layout.trash_name(name)
+            try:
+                os.rename(old, trash, src_dir_fd=fd, dst_dir_fd=fd)
+            except OSError:
+                return
+            self._step("old_copy_trashed")
+            self._discard(trash)
+            self._step("old_copy_removed")
+
+    def _install_without_swap(self, tmp: str, name: str) -> str | None:
+        fd = self._fd
+        try:
+            os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            return None
+        # Not atomic for readers: name is missing until the second rename. A crash in
+        # between leaves the old copy in .replaced-*, which open() puts back.
+        aside = layout.replaced_name(name)
+        os.rename(name, aside, src_dir_fd=fd, dst_dir_fd=fd)
+        try:
+            self._step("old_moved_aside")
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(aside, name, src_dir_fd=fd, dst_dir_fd=fd)
+            raise
+        return aside
+
     # -- pointer ---------------------------------------------------------------------
 
     def replace_pointer(self, name: str, latest_json: bytes) -> None:
-        link_tmp = self.path / layout.temp_name("latest")
-        json_tmp = self.path / layout.temp_name("latest.json")
+        fd = self._fd
+        link_tmp = layout.temp_name("latest")
+        json_tmp = layout.temp_name("latest.json")
         try:
-            os.symlink(name, link_tmp)
-            os.replace(link_tmp, self.path / layout.LATEST_LINK)
+            os.symlink(name, link_tmp, dir_fd=fd)
+            os.replace(link_tmp, layout.LATEST_LINK, src_dir_fd=fd, dst_dir_fd=fd)
             self._step("latest_link_replaced")
-            self.write_file(json_tmp, latest_json)
-            os.replace(json_tmp, self.path / layout.LATEST_JSON)
+            self._create(fd, json_tmp, latest_json)
+            os.replace(json_tmp, layout.LATEST_JSON, src_dir_fd=fd, dst_dir_fd=fd)
             self._step("latest_json_replaced")
             if self.fsync:
-                fsync_dir(self.path)
+                os.fsync(fd)
             self._step("pointer_synced")
         except BaseException as exc:
             # ENOSPC on latest.json (its first page) used to leave its temp file behind.
             for leftover in (link_tmp, json_tmp):
                 with contextlib.suppress(OSError):
-                    leftover.unlink()
+                    os.unlink(leftover, dir_fd=fd)
             if isinstance(exc, OSError):
                 raise os_error(exc, "updating the latest pointer in", self.root) from exc
             raise
 
     # -- deletion --------------------------------------------------------------------
-
-    def _restore(self, entry: str, is_whole: Callable[[str], bool]) -> bool:
-        """Put back a checkpoint a crash left aside while a re-commit replaced it.
-
-        Only ``.replaced-*``: ``.trash-*`` holds what retention deletes, which stays
-        deleted (and may be half removed).
-        """
-        if not entry.startswith(layout.REPLACED_PREFIX):
-            return False
-        name = entry[len(layout.REPLACED_PREFIX) :].rpartition("-")[0]
-        path = self.path / entry
-        if layout.parse_checkpoint_name(name) is None or os.path.lexists(self.path / name):
-            return False
-        # Only a whole checkpoint comes back: a trash dir whose rmtree was killed
-        # half-way still has runtime.json but not all its files (found by the torture).
-        if path.is_symlink() or not is_whole(str(path)):
-            return False
-        os.rename(path, self.path / name)
-        return True
 
     def delete(self, name: str) -> None:
         try:
@@ -313,40 +310,42 @@ class LocalStorage:
         # is still reported (a retention error), and the next pass finds the name gone.
         try:
             self._step("trash_renamed")
-            self._remove_tree(trash)
+            self._remove(trash)
             self._step("deleted")
         except OSError as exc:
-            raise os_error(exc, "removing deleted checkpoint", trash) from exc
+            raise os_error(exc, "removing deleted checkpoint", self.path / trash) from exc
 
-    def _to_trash(self, name: str) -> Path:
-        trash = self.path / layout.trash_name(name)
-        os.rename(self.path / name, trash)
+    def _to_trash(self, name: str) -> str:
+        trash = layout.trash_name(name)
+        os.rename(name, trash, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         return trash
 
-    @classmethod
-    def _discard(cls, path: Path) -> None:
+    def _discard(self, name: str) -> None:
         # Cleanup after a failure must not mask it: on a read-only filesystem even
         # unlinking a missing temp dir fails (EROFS). A next writer start removes leftovers.
-        with contextlib.suppress(OSError):
-            cls._remove_tree(path)
+        with contextlib.suppress(OSError, StorageError):
+            self._remove(name)
 
-    @staticmethod
-    def _remove_tree(path: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if path.is_symlink() or not path.is_dir():
-                path.unlink()
-            else:
-                shutil.rmtree(path)
+    def _remove(self, name: str) -> None:
+        """Remove entry ``name`` and its tree: links unlinked, never followed."""
+        remove_entry(self._fd, name)
 
 
 class _LocalPending:
-    """A checkpoint being written into its temp directory."""
+    """A checkpoint being written into its temp directory (held open as ``tmp_fd``)."""
 
-    def __init__(self, storage: LocalStorage, name: str, tmp: Path) -> None:
+    def __init__(self, storage: LocalStorage, name: str, tmp: str, tmp_fd: int) -> None:
         self.name = name
         self._s = storage
         self._tmp = tmp
+        self._tmp_fd: int | None = tmp_fd
         self._final = storage.path / name
+
+    @property
+    def _fd(self) -> int:
+        if self._tmp_fd is None:
+            raise StorageError(f"checkpoint {self._final} is already finalized or discarded")
+        return self._tmp_fd
 
     def write(self, files: Sequence[FileSpec]) -> dict[str, ReuseToken]:
         tokens: dict[str, ReuseToken] = {}
@@ -358,11 +357,17 @@ class _LocalPending:
         return tokens
 
     def _write_one(self, spec: FileSpec) -> ReuseToken:
-        fd = os.open(self._tmp / spec.name,
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        fd = os.open(spec.name, _CREATE, _FILE_MODE, dir_fd=self._fd)
         try:
             if spec.reuse is not None:
-                copy_prefix(spec.reuse.path, fd, spec.reuse.nbytes)
+                src = self._s.open_reused(spec.reuse)
+                if src is None:
+                    raise OSError(errno.ESTALE, "the previous memory file changed on disk",
+                                  spec.reuse.path)
+                try:
+                    copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path)
+                finally:
+                    os.close(src)
             write_all(fd, [memoryview(d) for d in spec.data])
             if self._s.fsync:
                 os.fsync(fd)
@@ -373,30 +378,26 @@ class _LocalPending:
         return ReuseToken(str(self._final / spec.name), st.st_size, (st.st_ino, st.st_mtime_ns))
 
     def finalize(self, marker: bytes) -> str:
-        s, tmp, final = self._s, self._tmp, self._final
+        s = self._s
         try:
-            s.write_file(tmp / layout.RUNTIME_JSON, marker)
+            s._create(self._fd, layout.RUNTIME_JSON, marker)
             s._step("runtime_written")
             if s.fsync:
-                fsync_dir(tmp)
+                os.fsync(self._fd)
             s._step("tmp_dir_synced")
-            # Same episode written again (a retry, a resume into the same directory): the
-            # old copy is moved aside only now and removed only once the new one is in
-            # place; a crash in between leaves it in .replaced-*, which open() puts back.
-            old = None
-            if os.path.lexists(final):
-                old = s.path / layout.replaced_name(self.name)
-                os.rename(final, old)
-            os.rename(tmp, final)
-            if old is not None:
-                s._discard(old)
-            s._step("renamed")
-            if s.fsync:
-                fsync_dir(s.path)
-            s._step("parent_synced")
+            s._install(self._tmp, self.name)
         except OSError as exc:
-            raise os_error(exc, "writing checkpoint", final) from exc
-        return str(final)
+            raise os_error(exc, "writing checkpoint", self._final) from exc
+        finally:
+            self._close()
+        return str(self._final)
+
+    def _close(self) -> None:
+        fd, self._tmp_fd = self._tmp_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def discard(self) -> None:
+        # After a swap the temp name holds the old copy, which goes too: ep_N is whole.
+        self._close()
         self._s._discard(self._tmp)

@@ -9,6 +9,12 @@ Refused rather than replaced: a fresh file renamed over the planted entry would 
 unconditional rename, so two writers that both found it unsafe could each rename one in
 and each lock a file of its own, and both would own the directory.
 
+Forks: a child forked by the training process (a data loader, ``multiprocessing``)
+inherits the lock's descriptor, and ``flock`` lasts until every copy is closed, so the
+child kept the directory locked after its parent died. Every lock still held is closed
+in a forked child right after ``fork`` (closing the child's copy leaves the parent's lock
+in place); descriptors are close-on-exec as well.
+
 Error handling:
     :func:`lock_directory` raises :class:`DirectoryLockedError` when another live
     writer holds the lock, and :class:`StorageError` when the lock file cannot be
@@ -17,15 +23,18 @@ Error handling:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DirectoryLockedError, StorageError
 from .posix_io import os_error
 
-__all__ = ["lock_directory"]
+__all__ = ["DirectoryLock", "lock_directory"]
 
 # Opened without following a final symlink, without blocking on a FIFO planted in its
 # place, and without it becoming a controlling terminal.
@@ -34,27 +43,72 @@ _LOCK_FLAGS = (
 )
 
 
-def lock_directory(path: Path, *, directory: str, owner: str, mode: int) -> int:
-    """Lock ``directory`` through its lock file ``path``; the fd that holds the lock.
+class DirectoryLock:
+    """A held lock: its descriptor, closed by :meth:`close` (or in a forked child)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        _HELD.add(self)
+
+    def close(self) -> None:
+        """Release the lock (a no-op once closed)."""
+        fd, self.fd = self.fd, None
+        _HELD.discard(self)
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # Like a file object: a lock nobody can close any more is released (``os`` may
+        # already be torn down at interpreter exit, hence the bound ``_close``).
+        self._drop(_close)
+
+    def _drop(self, close: Callable[[int], None] = os.close) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                close(fd)
+
+
+# Weak: a lock dropped without close() closes its descriptor as it goes (``__del__``),
+# so a child never closes a number since reused for something else.
+_HELD: weakref.WeakSet[DirectoryLock] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Runs in the child only, single-threaded: no lock may be taken here.
+    for lock in list(_HELD):
+        lock._drop()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def lock_directory(dir_fd: int, path: Path, *, directory: str, owner: str,
+                   mode: int) -> DirectoryLock:
+    """Lock ``directory`` through its lock file ``path``, opened relative to ``dir_fd``.
 
     Args:
-        path: the lock file (created with ``mode`` if missing).
+        dir_fd: the open checkpoints directory; the lock file is its entry ``path.name``.
+        path: the lock file (created with ``mode`` if missing), as named in errors.
         directory: the checkpoints directory, as named in the error.
         owner: who holds the lock, written into the file for the next writer's error.
         mode: the lock file's mode when it is created.
 
     Returns:
-        the open file descriptor; the lock lasts until it is closed or the process dies.
+        the held lock; it lasts until closed or the process dies.
 
     Raises:
         DirectoryLockedError: another live writer holds the lock.
         StorageError: the lock file cannot be created, or is not a file the writer made.
     """
+    name = path.name
     try:
-        fd = os.open(path, _LOCK_FLAGS, mode)
+        fd = os.open(name, _LOCK_FLAGS, mode, dir_fd=dir_fd)
     except OSError as exc:
         # O_NOFOLLOW: a symlinked .lock (a dangling one too) fails here, never followed.
-        found = _not_a_file(path)
+        found = _not_a_file(dir_fd, name)
         if found is not None:
             raise _unsafe(path, found) from None
         raise os_error(exc, "creating the lock file", path) from exc
@@ -79,7 +133,7 @@ def lock_directory(path: Path, *, directory: str, owner: str, mode: int) -> int:
         # A lock on a file that is no longer .lock excludes nobody: the entry must still
         # be the file we locked (the writer never replaces or removes it).
         try:
-            now = os.stat(path, follow_symlinks=False)
+            now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError:
             now = None
         if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
@@ -89,13 +143,13 @@ def lock_directory(path: Path, *, directory: str, owner: str, mode: int) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return DirectoryLock(fd)
 
 
-def _not_a_file(path: Path) -> str | None:
-    """What the entry at ``path`` is, unless it is missing or a regular file (not followed)."""
+def _not_a_file(dir_fd: int, name: str) -> str | None:
+    """What entry ``name`` is, unless it is missing or a regular file (not followed)."""
     try:
-        mode = os.lstat(path).st_mode
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except OSError:
         return None
     if stat.S_ISREG(mode):

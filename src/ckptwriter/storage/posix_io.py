@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import StorageError
 
-__all__ = ["COPY_CHUNK", "copy_prefix", "fsync_dir", "os_error", "write_all"]
+__all__ = ["COPY_CHUNK", "copy_prefix", "os_error", "write_all"]
 
 # Linux caps one writev at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
@@ -25,15 +25,6 @@ def os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
         errno.ENOENT: "the checkpoints directory was removed while the run was going",
     }.get(exc.errno or 0, "check the disk and the path")
     return StorageError(f"{reason} while {action} {path} [errno {exc.errno}]: {hint}")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creates, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_all(fd: int, views: list[memoryview]) -> None:
@@ -59,27 +50,23 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, er
 COPY_CHUNK = 4 * 1024 * 1024
 
 
-def copy_prefix(src: str, dst_fd: int, nbytes: int) -> None:
-    """Copy ``src``'s first ``nbytes`` into ``dst_fd`` in the kernel (a reflink where the
-    filesystem has one); ``src`` is never reached through a final symlink."""
-    with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
-        src_fd = f.fileno()
-        copied = 0
-        try:
-            while copied < nbytes:
-                n = os.copy_file_range(src_fd, dst_fd, nbytes - copied, copied, copied)
-                if n == 0:
-                    raise OSError(errno.EIO, f"{src} is shorter than expected")
-                copied += n
-        except (AttributeError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
-                raise
-            while copied < nbytes:
-                chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - copied), copied)
-                if not chunk:
-                    raise OSError(errno.EIO, f"{src} is shorter than expected") from None
-                os.pwrite(dst_fd, chunk, copied)
-                copied += len(chunk)
+def copy_prefix(src_fd: int, dst_fd: int, nbytes: int, shown: str) -> None:
+    """Copy the first ``nbytes`` of open file ``src_fd`` (named ``shown`` in errors) into
+    ``dst_fd`` in the kernel (a reflink where the filesystem has one)."""
+    copied = 0
+    try:
+        while copied < nbytes:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - copied, copied, copied)
+            if n == 0:
+                raise OSError(errno.EIO, f"{shown} is shorter than expected")
+            copied += n
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
+            raise
+        while copied < nbytes:
+            chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - copied), copied)
+            if not chunk:
+                raise OSError(errno.EIO, f"{shown} is shorter than expected") from None
+            os.pwrite(dst_fd, chunk, copied)
+            copied += len(chunk)
     os.lseek(dst_fd, nbytes, os.SEEK_SET)
-
-

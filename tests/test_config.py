@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,16 @@ def test_override_without_equals(tmp_path: Path) -> None:
     """An override that is not KEY=VALUE says how to write one."""
     with pytest.raises(ConfigError, match=r"^--set 'runtime\.fsync': expected KEY=VALUE"):
         parse_overrides(["runtime.fsync"])
+
+
+def test_override_that_is_not_utf8_names_it_and_the_fix() -> None:
+    """A --set value holding a non-UTF-8 file name (the shell passes bytes) is refused clearly."""
+    value = os.fsdecode(b"runtime.checkpoint_dir=/data/caf\xe9")
+    with pytest.raises(ConfigError, match=(
+        r"^--set runtime\.checkpoint_dir=/data/caf\\xe9: the value is not valid UTF-8 text "
+        r"\(a file name in another encoding\?\), which a config cannot hold; rename it, or "
+        r"name it through a symlink whose name is UTF-8 \(ln -s <it> <name>\)$")):
+        parse_overrides([value])
 
 
 def test_override_unknown_key_names_the_override(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """The ``ckptwriter`` command line: train, ls, show, verify, du, bench.
 
-Exit codes: 0 success; 1 a checkpoint error (not found, broken, write failed) or a
-failed ``verify``; 2 a configuration or usage error; 130/143 training stopped by
-SIGINT/SIGTERM after its final checkpoint.
+Exit codes: 0 success; 1 a checkpoint error (not found, broken, write failed), an
+error raised by the agent, or a failed ``verify``; 2 a configuration or usage error;
+130/143/129 training stopped by SIGINT/SIGTERM/SIGHUP after its final checkpoint. A
+training that ends early, by a signal or an error, names the last durable checkpoint and
+the ``resume_from`` that continues from it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import anyio
 from rich.console import Console
@@ -25,6 +29,9 @@ from rich.table import Table
 from . import layout
 from .errors import CheckpointCorruptError, CheckpointError, ConfigError
 from .reader import CheckpointFallbackWarning
+
+if TYPE_CHECKING:
+    from .runtime import TrainResult
 
 __all__ = ["main"]
 
@@ -94,14 +101,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _verify(args.path, out)
             return _du(args.path, out)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_CONFIG
     except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _print_error(exc: BaseException) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+    for note in getattr(exc, "__notes__", ()):
+        print(note, file=sys.stderr)
+
+
+def _terminal_gone() -> None:
+    """Point stdout and stderr at /dev/null: the terminal they wrote to is gone.
+
+    A dropped ssh connection hangs up the run (SIGHUP) and makes every later write to
+    its terminal fail with EIO. The run still saves its final checkpoint and exits 129;
+    without this, the first failed write (the progress bar's last frame, the summary,
+    Python's final flush) would turn that exit code into 1 or 120.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _stdout() -> Console:
@@ -130,7 +159,7 @@ def _warnings_to_log() -> Iterator[None]:
 def _train(config: str, overrides: list[str], *, quiet: bool) -> int:
     from .config import load_config
     from .runtime import NullReporter, RichReporter, run_training
-    from .runtime.progress import Reporter, progress_enabled
+    from .runtime.progress import Reporter, is_terminal_error, progress_enabled
 
     cfg = load_config(config, overrides)
     search_dirs = (str(Path.cwd()), str(Path(config).resolve().parent))
@@ -149,9 +178,33 @@ def _train(config: str, overrides: list[str], *, quiet: bool) -> int:
                 lambda: run_training(cfg, reporter=reporter, handle_signals=True,
                                      search_dirs=search_dirs)
             )
+    except (CheckpointError, ConfigError):
+        raise
+    except Exception as exc:
+        # The agent's (or the environment's) own exception: its traceback, then where to
+        # continue from (tracebacks print notes themselves from Python 3.11 on).
+        traceback.print_exc()
+        if sys.version_info < (3, 11):
+            for note in getattr(exc, "__notes__", ()):
+                print(note, file=sys.stderr)
+        return EXIT_ERROR
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
+    if bar is not None and bar.terminal_lost:
+        _terminal_gone()
+    try:
+        _summary(result)
+    except OSError as exc:
+        if not is_terminal_error(exc):
+            raise
+        _terminal_gone()
+    return result.exit_code
+
+
+def _summary(result: TrainResult) -> None:
+    from .runtime.loop import resume_hint
+
     out = Console(highlight=False, soft_wrap=True)
     done = result.last_episode - result.first_episode
     how = "Stopped" if result.stopped_by else "Finished"
@@ -161,10 +214,12 @@ def _train(config: str, overrides: list[str], *, quiet: bool) -> int:
               f"{result.elapsed_seconds:.2f} s)", markup=False)
     if result.checkpoint_dir is None:
         out.print(f"Checkpointing was off; run directory: {result.run_dir}", markup=False)
-    else:
-        latest = f" (latest -> {result.latest_checkpoint})" if result.latest_checkpoint else ""
-        out.print(f"Checkpoints are in {result.checkpoint_dir}{latest}", markup=False)
-    return result.exit_code
+        return
+    latest = f" (latest -> {result.latest_checkpoint})" if result.latest_checkpoint else ""
+    out.print(f"Checkpoints are in {result.checkpoint_dir}{latest}", markup=False)
+    if result.stopped_by:
+        out.print(resume_hint(result.durable_checkpoint), markup=False)
+    out.file.flush()
 
 
 # -- ls / show / verify / du -----------------------------------------------------------

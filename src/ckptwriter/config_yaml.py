@@ -219,6 +219,17 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any, str]
             raise ConfigError(
                 f"--set {item!r}: expected KEY=VALUE, e.g. --set runtime.max_envs_to_visit=200"
             )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A path whose name is not UTF-8 (the shell passes bytes): a config is text,
+            # and config.yaml records every value, so it cannot hold one.
+            shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ConfigError(
+                f"--set {shown}: the value is not valid UTF-8 text (a file name in another "
+                "encoding?), which a config cannot hold; rename it, or name it through a "
+                "symlink whose name is UTF-8 (ln -s <it> <name>)"
+            ) from None
         out.append((parts, parse_yaml(value, f"--set {item}"), item))
     return out
 

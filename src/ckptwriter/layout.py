@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 __all__ = [
     "AGENT_JSON",
+    "BEST_JSON",
+    "BEST_LINK",
     "LATEST_JSON",
     "LATEST_LINK",
     "RUNTIME_JSON",
@@ -17,6 +19,7 @@ __all__ = [
     "create_run_dir",
     "memory_file_name",
     "parse_checkpoint_name",
+    "path_text",
     "run_sort_key",
 ]
 
@@ -24,6 +27,9 @@ RUNTIME_JSON = "runtime.json"
 AGENT_JSON = "agent.json"
 LATEST_LINK = "latest"
 LATEST_JSON = "latest.json"
+# The best-scoring checkpoint by the writer's mode, a pointer like latest (same schema).
+BEST_LINK = "best"
+BEST_JSON = "best.json"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -117,17 +123,40 @@ def make_dirs(path: Path) -> None:
         raise FileExistsError(17, "not a directory", str(path))
 
 
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 def create_run_dir(output_dir: str | os.PathLike[str], run_name: str,
                    now: datetime | None = None) -> Path:
-    """Create ``<output_dir>/<run_name>/<YYYYmmdd_HHMMSS>/``, unique even within a second.
+    """Create ``<output_dir>/<run_name>/<YYYYmmdd_HHMMSS>/``, the newest run there.
 
-    Two runs that start in the same second get ``..._HHMMSS`` and ``..._HHMMSS_1``;
-    ``mkdir`` without ``exist_ok`` makes the choice race-free across processes.
+    Runs are ordered by their names (:func:`run_sort_key`): ``resume_from:
+    outputs/<run_name>`` takes the last one. So a new name must sort after every run
+    already there, whatever the clock does. The stamp is UTC (the end of daylight saving
+    time repeats an hour of local time, never of UTC); and when the clock says a time
+    before the newest run's (an NTP step back, a run named by local time before UTC
+    stamps, a clock that was ahead), the run is named after that newest run with the
+    next ``_N``. Two runs that start in the same second get ``..._HHMMSS`` and
+    ``..._HHMMSS_1``; ``mkdir`` without ``exist_ok`` makes the choice race-free across
+    processes.
+
+    Args:
+        now: the start time (default: the clock); a naive one is taken as UTC.
     """
-    stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
+    when = now or _utc_now()
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc)
+    stamp, first = when.strftime("%Y%m%d_%H%M%S"), 0
     parent = Path(output_dir) / run_name
     make_dirs(parent)
-    for n in range(10_000):
+    runs = [name for name in os.listdir(parent) if RUN_DIR_RE.match(name)]
+    if runs:
+        newest = max(runs, key=run_sort_key)
+        if run_sort_key(newest) >= run_sort_key(stamp):
+            # "<YYYYmmdd_HHMMSS>" is 15 characters; "_N" may follow.
+            stamp, first = newest[:15], int(newest[16:] or 0) + 1
+    for n in range(first, first + 10_000):
         candidate = parent / (stamp if n == 0 else f"{stamp}_{n}")
         try:
             candidate.mkdir(mode=DIR_MODE)
@@ -135,3 +164,17 @@ def create_run_dir(output_dir: str | os.PathLike[str], run_name: str,
             continue
         return candidate
     raise FileExistsError(f"could not create a fresh run directory under {parent}")
+
+
+def path_text(path: str) -> str:
+    """A path as text any JSON can hold: itself, or its ``file:`` URI if not UTF-8.
+
+    A POSIX name is any bytes; JSON text is UTF-8. The URI's percent-escapes keep every
+    byte (``urllib.parse.unquote_to_bytes`` gives them back), where a replacement
+    character would lose them.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return Path(os.path.abspath(path)).as_uri()
+    return path

@@ -12,18 +12,18 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import uuid
+import weakref
 from pathlib import Path
 from typing import TypeVar
 
 import anyio
 import anyio.lowlevel
 import msgspec
-from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from . import wire
 from .commit import CommitReport
@@ -45,11 +45,19 @@ _PIPE_BYTES = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 # The child runs this, with its own package directory first on sys.path: `-m` would put
-# the user's working directory there, where a local `secrets.py` could shadow stdlib.
+# the user's working directory there, where a local `secrets.py` could shadow stdlib. A
+# child that cannot even import says so with its own exit code, after its traceback.
 _CHILD_CODE = (
-    "import sys; sys.path[0] = sys.argv[1]; "
-    "from ckptwriter.writer_process import main; sys.exit(main())"
+    "import sys\nsys.path[0] = sys.argv[1]\n"
+    "try:\n    from ckptwriter.writer_process import main\n"
+    "except Exception:\n    import traceback; traceback.print_exc()\n"
+    f"    sys.exit({wire.EXIT_CRASHED})\n"
+    "sys.exit(main())"
 )
+# Signals a terminal or a process manager sends to the whole process group. The child
+# is started with them blocked (the mask survives fork and exec) and ignores them before
+# it unblocks them: no moment of its life can be killed by the stop the parent handles.
+_GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # A delta that does not fit the pipe goes to the writer process in memory shared through
 # a file (a memfd: RAM, never written back to disk), and the child maps it. The loop copies
 # it in itself, a slice per iteration: a memcpy never blocks, and a worker thread would
@@ -67,6 +75,101 @@ _COMMIT_REPLY = wire.decoder(wire.CommitReply)
 # What a dead or dying child looks like from this side of the pipe.
 _PIPE_ERRORS = (OSError, anyio.EndOfStream, anyio.IncompleteRead,
                 anyio.ClosedResourceError, anyio.BrokenResourceError)
+# Every executor with a live writer process, for the fork handler below.
+_LIVE: weakref.WeakSet[ProcessExecutor] = weakref.WeakSet()
+# In a forked child: the parent's writer processes, kept referenced so that collecting
+# them never warns about (or tries to reap) a process that is not this one's child.
+_INHERITED: list[_Child] = []
+
+
+def _forget_in_forked_child() -> None:
+    # A child forked by the training process (a worker, multiprocessing's fork) inherits
+    # our end of the writer's stdin: while it lives, closing the writer would never reach
+    # EOF and would wait for the kill fallback. The copy in the fork is not ours to use.
+    for executor in list(_LIVE):
+        executor._forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_forked_child)
+
+
+def _describe_exit(code: int | None) -> str:
+    """How a writer process ended, as a message says it: never an error that is not there."""
+    if code is None:
+        return "was not started"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    if code == wire.EXIT_CRASHED:
+        return f"failed (exit code {code}; its traceback is printed above, on stderr)"
+    return f"exited with code {code}"
+
+
+def _spawn(stdin: int, stdout: int) -> subprocess.Popen[bytes]:
+    """Start the child with the group signals blocked (run in a worker thread)."""
+    # Only this worker thread's mask changes: a signal arriving meanwhile goes to the
+    # main thread, whose handlers the parent's stop relies on.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+    try:
+        return subprocess.Popen([sys.executable, "-c", _CHILD_CODE, _PKG_ROOT],
+                                stdin=stdin, stdout=stdout, stderr=None)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _Child:
+    """A running writer process: its replies pipe and its exit, awaited without a thread."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], out: int) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.out: int | None = out
+        os.set_blocking(out, False)
+        try:
+            self.pidfd: int | None = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):
+            self.pidfd = None  # not Linux: poll for the exit
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def receive_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            if self.out is None:
+                raise anyio.ClosedResourceError
+            try:
+                chunk = os.read(self.out, n - len(buf))
+            except BlockingIOError:
+                await anyio.wait_readable(self.out)
+                continue
+            if not chunk:
+                raise anyio.IncompleteRead
+            buf += chunk
+        return bytes(buf)
+
+    async def wait(self) -> int:
+        while (code := self._popen.poll()) is None:
+            if self.pidfd is not None:
+                await anyio.wait_readable(self.pidfd)
+            else:
+                await anyio.sleep(0.02)
+        return code
+
+    def kill(self) -> None:
+        if self._popen.returncode is None:
+            self._popen.kill()
+
+    def close(self) -> None:
+        """Close our fds (the process itself is left alone)."""
+        for fd in (self.out, self.pidfd):
+            if fd is not None:
+                os.close(fd)
+        self.out = self.pidfd = None
 
 
 def _new_delta_fd() -> int:
@@ -83,20 +186,24 @@ def _new_delta_fd() -> int:
 class ProcessExecutor:
     """A long-lived writer process, started by :meth:`open`, stopped by :meth:`aclose`.
 
-    The process dies with its parent, ignores SIGINT/SIGTERM (the parent decides when to
-    stop and drains first) and exits when its stdin closes. If it dies unexpectedly, the
-    checkpoint in flight fails and the next one starts a new one.
+    The process dies with its parent, is immune to SIGINT/SIGTERM/SIGHUP from its first
+    instruction on (the parent decides when to stop and drains first) and exits when its
+    stdin closes. If it dies unexpectedly, the checkpoint in flight fails and the next one
+    starts a new one. A child forked by the training process drops its copy of the pipes,
+    so it never holds the writer process open.
     """
 
     kind = "process"
 
     def __init__(self, location: str, options: WriterOptions) -> None:
         self._open_msg = wire.encode(
-            wire.OpenRequest(location, options.to_wire(), os.getpid(), uuid.uuid4().hex)
+            wire.OpenRequest(os.fsencode(location), options.to_wire(), os.getpid(),
+                             uuid.uuid4().hex)
         )
-        self._proc: Process | None = None
-        self._rx: BufferedByteReceiveStream | None = None
+        self._shown = location
+        self._proc: _Child | None = None
         self._wfd: int | None = None
+        self._forked = False
         self._pipe_bytes = 65536
         # (log_id, nbytes) of the memory file the process committed last: deltas start there.
         self._base: tuple[str, int] | None = None
@@ -110,27 +217,38 @@ class ProcessExecutor:
         return sorted(self._known.values(), key=lambda r: r.episode_index)
 
     async def _start(self) -> wire.OpenReply:
-        # Our own pipe for the child's stdin: a blocking fd the loop writes small frames
-        # to directly (large deltas go through a memfd).
+        if self._forked:
+            raise StorageError(
+                "this CheckpointWriter belongs to the process that forked this one; a "
+                "forked child cannot write through it: open a new CheckpointWriter here"
+            )
+        # Our own pipes for the child's stdin and stdout: a blocking fd the loop writes
+        # small frames to directly (large deltas go through a memfd), and a non-blocking
+        # one its replies are awaited on.
         rfd, wfd = os.pipe()
+        out_r, out_w = os.pipe()
         try:
             try:
                 fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_BYTES)
             except OSError:
                 pass  # keep the default size
             self._pipe_bytes = fcntl.fcntl(wfd, _F_GETPIPE_SZ)
-            self._proc = await anyio.open_process(
-                [sys.executable, "-c", _CHILD_CODE, _PKG_ROOT],
-                stdin=rfd, stdout=subprocess.PIPE, stderr=None,
-            )
+            # Shielded: a cancelled start must still see (and stop) the process it made.
+            # Its own limiter: an application that fills anyio's shared default of 40
+            # threads must not delay the writer's start.
+            with anyio.CancelScope(shield=True):
+                popen = await anyio.to_thread.run_sync(
+                    _spawn, rfd, out_w, limiter=anyio.CapacityLimiter(1))
         except BaseException:
             os.close(wfd)
+            os.close(out_r)
             raise
         finally:
             os.close(rfd)
+            os.close(out_w)
         self._wfd = wfd
-        assert self._proc.stdout is not None
-        self._rx = BufferedByteReceiveStream(self._proc.stdout)
+        self._proc = _Child(popen, out_r)
+        _LIVE.add(self)
         self._base = None
         try:
             write_all(wfd, [memoryview(self._open_msg)])
@@ -140,8 +258,8 @@ class ProcessExecutor:
                 code = await self._stop()
             if isinstance(exc, Exception):
                 raise StorageError(
-                    f"the checkpoint writer process exited at start-up (exit code {code}); "
-                    "its error is printed above"
+                    f"the checkpoint writer process {_describe_exit(code)} at start-up, "
+                    f"before it opened {self._shown}"
                 ) from exc
             raise
         if reply.error is not None:
@@ -167,14 +285,14 @@ class ProcessExecutor:
         except _PIPE_ERRORS as exc:
             code = await self._stop()
             raise StorageError(
-                f"the checkpoint writer process exited unexpectedly (exit code {code}) "
+                f"the checkpoint writer process exited unexpectedly (it {_describe_exit(code)}) "
                 f"while writing episode {snap.episode_index}; a new one starts with the "
                 f"next checkpoint"
             ) from exc
         if reply.error is not None or reply.report is None:
             self._base = None
             raise wire.rebuild_error(reply.error or wire.WireError("", "no report"))
-        report = reply.report
+        report = wire.report_of(reply)
         # A backend that cannot extend the file it just wrote (no server-side copy) gets
         # the whole memory next time at once, not a delta and then a resend.
         self._base = (report.log_id, report.nbytes) if report.extendable else None
@@ -217,26 +335,38 @@ class ProcessExecutor:
             os.close(fd)
 
     async def _receive(self, dec: msgspec.msgpack.Decoder[_T]) -> _T:
-        assert self._rx is not None
-        (n,) = wire.FRAME.unpack(await self._rx.receive_exactly(wire.FRAME.size))
-        return wire.decode(dec, await self._rx.receive_exactly(n))
+        assert self._proc is not None
+        (n,) = wire.FRAME.unpack(await self._proc.receive_exactly(wire.FRAME.size))
+        return wire.decode(dec, await self._proc.receive_exactly(n))
 
     async def _stop(self) -> int | None:
-        proc, self._proc, self._rx = self._proc, None, None
+        proc, self._proc = self._proc, None
         wfd, self._wfd = self._wfd, None
         self._base = None
+        _LIVE.discard(self)
         if wfd is not None:
             os.close(wfd)  # EOF: the child finishes and exits
         if proc is None:
             return None
-        with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
-            await proc.wait()
-        if scope.cancelled_caught:
-            proc.kill()
-            await proc.wait()
-        if proc.stdout is not None:
-            await proc.stdout.aclose()
+        try:
+            with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
+                await proc.wait()
+            if scope.cancelled_caught:
+                proc.kill()
+                await proc.wait()
+        finally:
+            proc.close()
         return proc.returncode
+
+    def _forget(self) -> None:
+        """In a forked child: drop the parent's writer process without touching it."""
+        self._forked = True
+        if self._wfd is not None:
+            os.close(self._wfd)
+        if self._proc is not None:
+            self._proc.close()
+            _INHERITED.append(self._proc)
+        self._wfd, self._proc, self._base = None, None, None
 
     async def aclose(self) -> None:
         code = await self._stop()

@@ -7,10 +7,14 @@ is handed over in a memfd instead, named by ``delta_file``).
 
 Parent -> child: :class:`OpenRequest`, then one :class:`CommitRequest` per checkpoint.
 Child -> parent: :class:`OpenReply`, then one :class:`CommitReply` per request.
+
+Paths cross as bytes (``os.fsencode``) wherever they may not be valid UTF-8 (a POSIX
+name is any bytes; msgpack strings must be UTF-8): the location, a commit's path.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any, TypeVar
 
@@ -30,10 +34,20 @@ __all__ = [
     "decode",
     "encode",
     "rebuild_error",
+    "reply_for",
+    "report_of",
 ]
 
 FRAME = struct.Struct(">I")
 _T = TypeVar("_T")
+# The writer process's exit code after an error it printed itself (a traceback on
+# stderr); with any other code there is no traceback of ours to point at.
+EXIT_CRASHED = 3
+
+
+def _text(s: str) -> str:
+    # An error message naming a non-UTF-8 path: shown with the odd bytes escaped.
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class WireError(msgspec.Struct, frozen=True):
@@ -45,13 +59,13 @@ class WireError(msgspec.Struct, frozen=True):
     @classmethod
     def of(cls, exc: BaseException) -> WireError:
         """The wire form of an exception."""
-        return cls(type(exc).__name__, str(exc))
+        return cls(type(exc).__name__, _text(str(exc)))
 
 
 class OpenRequest(msgspec.Struct, frozen=True):
     """Open a checkpoints location: lock it, clean leftovers, list what is there."""
 
-    location: str
+    location: bytes
     options: dict[str, Any]
     # The training process: named in DirectoryLockedError, not this helper.
     owner_pid: int
@@ -84,6 +98,30 @@ class CommitReply(msgspec.Struct, frozen=True):
     report: CommitReport | None = None
     error: WireError | None = None
     resend_full: bool = False
+    # The report's path when it is not valid UTF-8 (the report then carries "").
+    path: bytes | None = None
+
+
+def reply_for(report: CommitReport) -> CommitReply:
+    """The reply that carries ``report`` whatever bytes its path and messages hold."""
+    try:
+        report.path.encode("utf-8")
+    except UnicodeEncodeError:
+        path: bytes | None = os.fsencode(report.path)
+        report = msgspec.structs.replace(report, path="")
+    else:
+        path = None
+    if report.retention_error is not None:
+        report = msgspec.structs.replace(report, retention_error=_text(report.retention_error))
+    return CommitReply(report=report, path=path)
+
+
+def report_of(reply: CommitReply) -> CommitReport:
+    """The report :func:`reply_for` sent, its path restored."""
+    assert reply.report is not None
+    if reply.path is None:
+        return reply.report
+    return msgspec.structs.replace(reply.report, path=os.fsdecode(reply.path))
 
 
 _ENCODER = msgspec.msgpack.Encoder()

@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from typing import BinaryIO, TypeVar
 
 import msgspec
@@ -88,13 +89,13 @@ def _snapshot(req: wire.CommitRequest, delta: bytes | mmap.mmap) -> CapturedSnap
 
 def _open(req: wire.OpenRequest) -> CommitPipeline:
     options = WriterOptions.from_wire(req.options)
-    backend = open_backend(req.location, fsync=options.fsync,
+    backend = open_backend(os.fsdecode(req.location), fsync=options.fsync,
                            storage_options=dict(options.storage_options))
     if isinstance(backend, LocalStorage):
         backend.owner = f"pid {req.owner_pid}"  # the training run, not this helper
     elif isinstance(backend, RemoteStorage):
         backend.claim_as(f"pid {req.owner_pid} on {socket.gethostname()}", req.lock_token)
-    return CommitPipeline(backend, options.policy, options.protect)
+    return CommitPipeline(backend, options.policy, options.protect, mode=options.mode)
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> int:
@@ -132,7 +133,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
             except Exception as exc:
                 _reply(out, wire.CommitReply(error=wire.WireError.of(exc)))
                 continue
-            _reply(out, wire.CommitReply(report=report))
+            _reply(out, wire.reply_for(report))
     finally:
         pipeline.close()
 
@@ -140,16 +141,25 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
 def main() -> int:
     """Entry point of the writer process."""
     # First: a Ctrl-C, SIGTERM or hangup (SIGHUP) sent to the whole process group must not
-    # kill the writer before the final checkpoint is written; the parent drains and stops us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # kill the writer before the final checkpoint is written; the parent drains and stops
+    # us. The parent started us with them blocked, so until here they wait; ignored
+    # before they are unblocked, any that came meanwhile are discarded.
+    group = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for sig in group:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, group)
     parent = os.getppid()
     _die_with_parent(parent)
     out = sys.stdout.buffer
     # Anything printed by accident must not corrupt the frames on stdout.
     sys.stdout = sys.stderr
-    return serve(sys.stdin.buffer, out)
+    try:
+        return serve(sys.stdin.buffer, out)
+    except Exception:
+        # A bug or a broken pipe: the traceback goes to stderr, and the exit code tells
+        # the parent there is one to point at.
+        traceback.print_exc()
+        return wire.EXIT_CRASHED
 
 
 if __name__ == "__main__":

@@ -144,6 +144,13 @@ def load_validation_dataset(config: ValidationConfig, env: ArithmeticEnvironment
         try:
             obj = json.loads(line)
             tasks.append(Task(str(obj["question"]), str(obj["answer"]).strip()))
+        except RecursionError:
+            # json.loads recurses once per nesting level: a hostile line of "[[[[..."
+            # exhausts the stack before it is seen not to be a task.
+            raise ConfigError(
+                f"validation.validation_dataset {name}: line {no} is nested too deeply to be "
+                '{"question": ..., "answer": ...}'
+            ) from None
         except (ValueError, KeyError, TypeError):
             raise ConfigError(
                 f"validation.validation_dataset {name}: line {no} is not "

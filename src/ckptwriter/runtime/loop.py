@@ -23,6 +23,7 @@ episode.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from .. import layout
 from ..config import Config
 from ..errors import CheckpointError, WriterFailedError
 from ..gil import switch_interval
@@ -39,6 +41,7 @@ from ..handles import CheckpointHandle
 from ..memory import Action, Feedback, Observation, Reflection
 from ..snapshot import Snapshot
 from ..stats import WriterStats
+from ..storage.urlpath import URLPath
 from ..writer import CheckpointWriter
 from .environments import Task
 from .plan import RunPlan, prepare_run
@@ -46,7 +49,7 @@ from .progress import UPDATE_SECONDS, NullReporter, Reporter, TrainStatus
 from .run_dir import check_not_shared, effective_config, make_run_dir
 from .signals import StopFlag, watch_signals
 
-__all__ = ["TrainResult", "run_training"]
+__all__ = ["TrainResult", "resume_hint", "run_training"]
 
 log = logging.getLogger("ckptwriter.runtime")
 
@@ -68,6 +71,8 @@ class TrainResult:
     stopped_by: int | None
     elapsed_seconds: float
     writer_stats: WriterStats | None
+    # The newest checkpoint known durable: this run's last, else the one it resumed from.
+    durable_checkpoint: Path | None = None
 
     @property
     def exit_code(self) -> int:
@@ -100,6 +105,11 @@ async def run_training(
         CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError:
             ``resume_from`` cannot be used.
         WriterFailedError: a checkpoint failed to write (``on_error: raise``).
+
+    Error handling:
+        An error raised once training has begun (a failed checkpoint, the agent's own
+        exception) carries a note (``__notes__``, see :func:`resume_hint`) naming the
+        last durable checkpoint and the ``resume_from`` that continues from it.
     """
     plan = prepare_run(cfg, search_dirs)
     check_not_shared(cfg, plan)
@@ -114,11 +124,11 @@ async def run_training(
                         plan.resumed.agent.agent_type, cfg.agent.type)
     stop = StopFlag()
     failure: Exception | None = None
+    trainer = _Trainer(plan, run_dir, ckpt_dir, stop, reporter or NullReporter())
     async with anyio.create_task_group() as tg:
         if handle_signals:
             await tg.start(watch_signals, stop)
         try:
-            trainer = _Trainer(plan, run_dir, ckpt_dir, stop, reporter or NullReporter())
             # A writer thread (executor: thread, object storage) needs the GIL for each
             # step of a commit. This loop is CPU-bound and rarely blocks, so at CPython's
             # default 5 ms switch interval every GIL hand-off to the writer can cost 5 ms
@@ -134,11 +144,44 @@ async def run_training(
             # Re-raised outside the task group, so callers get the error itself rather
             # than an ExceptionGroup around it (cancellation still propagates as is).
             failure = _unwrap(exc)
+            if ckpt_dir is not None:
+                _add_note(failure, resume_hint(trainer.durable()))
         finally:
             tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
     return result
+
+
+def resume_hint(checkpoint: Path | None) -> str:
+    """The line that says where a run that ended early can continue from."""
+    if checkpoint is None:
+        return "no checkpoint was written: there is nothing to resume from"
+    return (f"the last durable checkpoint is {checkpoint}; to continue from it, set "
+            f"runtime.resume_from: {checkpoint}")
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    # BaseException.add_note is 3.11+; tracebacks print __notes__ from 3.11 on, and the
+    # command line prints them itself.
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        notes.append(note)
+    else:
+        exc.__notes__ = [note]  # type: ignore[attr-defined]
+
+
+def _resumes_in_place(plan: RunPlan, ckpt_dir: Path | None) -> bool:
+    """True if the run writes into the checkpoints directory it resumed from."""
+    if plan.resumed is None or ckpt_dir is None:
+        return False
+    src = plan.resumed.path.parent
+    if isinstance(src, URLPath) or isinstance(ckpt_dir, URLPath):
+        return str(src).rstrip("/") == str(ckpt_dir).rstrip("/")
+    try:
+        return os.path.samefile(src, ckpt_dir)
+    except OSError:
+        return False
 
 
 def _unwrap(exc: Exception) -> Exception:
@@ -170,9 +213,28 @@ class _Trainer:
         self.written = 0
         self.pending: list[CheckpointHandle] = []
         self.writer: CheckpointWriter | None = None
-        self.resumed_from = str(plan.resumed.path.resolve()) if plan.resumed else None
+        # runtime.json is JSON: a path that is not UTF-8 is recorded as its file: URI.
+        self.resumed_from = (layout.path_text(str(plan.resumed.path.resolve()))
+                             if plan.resumed else None)
+        self.in_place = _resumes_in_place(plan, ckpt_dir)
         self.agent_config: dict[str, Any] = dict(plan.agent.config)
         self._t_start = time.perf_counter()
+
+    def durable(self) -> Path | None:
+        """The newest checkpoint known durable: this run's last, or the one it resumed from.
+
+        What the writer acknowledged, still there: a local checkpoint deleted behind the
+        writer's back (the fault that may have ended the run) is not offered.
+        """
+        candidates: list[Path] = []
+        if self.writer is not None and self.ckpt_dir is not None:
+            candidates += [self.ckpt_dir / r.name for r in reversed(self.writer.checkpoints)]
+        if self.plan.resumed is not None:
+            candidates.append(self.plan.resumed.path)
+        for path in candidates:
+            if isinstance(path, URLPath) or path.is_dir():
+                return path
+        return None
 
     async def run(self) -> TrainResult:
         t0 = time.perf_counter()
@@ -197,7 +259,7 @@ class _Trainer:
             val_score=self.val_score, latest_checkpoint=self.latest,
             checkpoints_written=self.written, resumed_from=self.resumed_from,
             stopped_by=self.stop.signum, elapsed_seconds=time.perf_counter() - t0,
-            writer_stats=stats,
+            writer_stats=stats, durable_checkpoint=self.durable(),
         )
 
     async def _train(self) -> None:
@@ -208,7 +270,12 @@ class _Trainer:
         start_val: float | None = None
         if rt.run_validation_at_start:
             start_val = await self._validate(first)
-        if rt.checkpoint_on_start or (top_k and start_val is not None):
+        if self.in_place:
+            # Continuing a run in its own directory: episode `first` is the checkpoint
+            # just resumed from, already there. Committing it again would only replace
+            # it with itself (and for a moment leave readers of `latest` without it).
+            self.saved_episode = first
+        elif rt.checkpoint_on_start or (top_k and start_val is not None):
             await self._save(first, start_val)
         self._t_start = time.perf_counter()
         next_report = 0.0

@@ -6,6 +6,7 @@ reporter never costs the loop per-episode work.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from types import TracebackType
@@ -16,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 __all__ = ["UPDATE_SECONDS", "NullReporter", "Reporter", "RichReporter", "TrainStatus",
-           "progress_enabled"]
+           "is_terminal_error", "progress_enabled"]
 
 # Ten refreshes a second is smooth to the eye and invisible in the loop's cost.
 UPDATE_SECONDS = 0.1
@@ -56,11 +57,18 @@ def progress_enabled(stream: IO[str], quiet: bool) -> bool:
     return not quiet and bool(isatty and isatty())
 
 
+def is_terminal_error(exc: OSError) -> bool:
+    """True for a write to a terminal (EIO) or a pipe (EPIPE) whose other side is gone."""
+    return exc.errno in (errno.EIO, errno.EPIPE)
+
+
 class RichReporter:
     """A rich progress bar on stderr; log lines print above it while it is live.
 
     Use as a context manager; :attr:`log_handler` routes ``logging`` through the bar's
-    console so lines never tear the bar.
+    console so lines never tear the bar. A terminal that is gone when the bar stops (a
+    dropped ssh connection) sets :attr:`terminal_lost` instead of raising: the run's own
+    outcome is what the caller reports.
     """
 
     def __init__(self, console: Console | None = None) -> None:
@@ -82,6 +90,7 @@ class RichReporter:
         self.log_handler: logging.Handler = RichHandler(
             console=self.console, show_path=False, markup=False, rich_tracebacks=False
         )
+        self.terminal_lost = False
 
     def __enter__(self) -> RichReporter:
         self._progress.start()
@@ -93,7 +102,12 @@ class RichReporter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._progress.stop()
+        try:
+            self._progress.stop()
+        except OSError as err:
+            if not is_terminal_error(err):
+                raise
+            self.terminal_lost = True
 
     def update(self, status: TrainStatus) -> None:
         """Move the bar."""

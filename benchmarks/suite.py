@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .baselines import BASELINES
+from .loading import bench_load
 from .loop import Variant
 from .machine import machine_info
 from .overhead import bench_overhead
@@ -29,7 +30,8 @@ from .workload import calibrate_burn, entry_pool
 
 __all__ = ["BENCHMARKS", "RESULTS", "build_parser", "config_from_args", "main", "run_suite"]
 
-BENCHMARKS = ("encode", "stall", "overhead", "options", "throughput", "incremental")
+BENCHMARKS = ("encode", "stall", "overhead", "options", "throughput", "incremental",
+              "load")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -78,6 +80,7 @@ def run_suite(
                                              log=log),
         "throughput": lambda: bench_throughput(cfg, base, report, log=log),
         "incremental": lambda: bench_incremental(cfg, base, report, pool=pool, log=log),
+        "load": lambda: bench_load(cfg, base, report, pool=pool, log=log),
     }
     for name in BENCHMARKS:
         if name in only:

@@ -24,7 +24,7 @@ def _reference(entries: list[AnyEntry]) -> bytes:
 
 
 class _Note(Observation):
-    """A subclass with an extra field, which the file must not contain."""
+    """A subclass with an extra field: refused unless registered (it would be dropped)."""
 
     note: str = "internal"
 
@@ -62,10 +62,13 @@ def test_extend_across_batches_keeps_order_and_count() -> None:
     assert log.to_jsonl() == _reference(entries)
 
 
-def test_subclass_entry_writes_base_fields_only() -> None:
-    """A subclass of an entry type is written with its base type's fields."""
-    log = MemoryLog([_Note(content="x")])
-    assert log.to_jsonl() == b'{"type":"Observation","content":"x"}\n'
+def test_subclass_entry_is_refused_not_written_as_its_base() -> None:
+    """An unregistered subclass of an entry type is a TypeError, nothing written."""
+    log = MemoryLog()
+    with pytest.raises(TypeError, match=r"^_Note is a subclass of Observation with its own "
+                                        r"fields \(note\)"):
+        log.append(_Note(content="x"))
+    assert log.to_jsonl() == b""
 
 
 def test_extend_rejects_foreign_object_after_earlier_entries() -> None:

@@ -3,7 +3,12 @@
 Entries are encoded to JSON Lines once, when they are appended, into immutable byte
 chunks. That is what makes a snapshot O(1) (a chunk count and a byte length) and lets
 the writer persist only what was appended since its previous checkpoint, without any
-per-entry Python work off the training loop.
+per-entry Python work off the training loop (the writer process sees only bytes).
+
+Entry types are the four built-ins (:mod:`ckptwriter.entries`) and the caller's own,
+passed as ``entry_types=`` (:mod:`ckptwriter.entry_codec`). ``append`` writes only what
+loads back equal; a log read back from a file builds its entries when they are read
+(:mod:`ckptwriter.memory_file`).
 """
 
 from __future__ import annotations
@@ -13,13 +18,27 @@ import mmap
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal, TypeAlias, overload
+from typing import Any, overload
 
-import msgspec
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from .entries import (
+    FEEDBACK_PREFIX,
+    TEXT_PREFIXES,
+    Action,
+    AnyEntry,
+    Feedback,
+    FeedbackContent,
+    MemoryEntry,
+    Observation,
+    Reflection,
+    builtin_dicts,
+)
+from .entry_codec import FIELDS_ENCODER
+from .entry_codec import entry_types as entry_types_of
+from .memory_file import StoredEntries
 
 __all__ = [
     "Action",
+    "AnyEntry",
     "Feedback",
     "FeedbackContent",
     "MemoryCapture",
@@ -35,78 +54,12 @@ __all__ = [
 _SEAL_BYTES = 64 * 1024
 # Entries encoded per msgspec call in extend(): amortizes the call, keeps the tail small.
 _BATCH = 256
-
-
-class _Entry(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Observation(_Entry):
-    """What the environment showed the agent."""
-
-    type: Literal["Observation"] = "Observation"
-    content: str
-
-
-class Action(_Entry):
-    """What the agent did."""
-
-    type: Literal["Action"] = "Action"
-    content: str
-
-
-class FeedbackContent(_Entry):
-    """The environment's verdict on an action."""
-
-    # NaN/inf would be written as null and refused on load, making every later checkpoint
-    # of the append-only log unloadable: refuse them at the source.
-    score: float = Field(allow_inf_nan=False)
-    message: str
-
-
-class Feedback(_Entry):
-    """The environment's verdict, ``{"score": ..., "message": ...}``."""
-
-    type: Literal["Feedback"] = "Feedback"
-    content: FeedbackContent
-
-
-class Reflection(_Entry):
-    """A lesson the agent wrote for itself."""
-
-    type: Literal["Reflection"] = "Reflection"
-    content: str
-
-
-MemoryEntry = Annotated[
-    Observation | Action | Feedback | Reflection, Field(discriminator="type")
-]
-AnyEntry: TypeAlias = Observation | Action | Feedback | Reflection
-_ENTRY_ADAPTER: TypeAdapter[AnyEntry] = TypeAdapter(MemoryEntry)
-_ENCODER = msgspec.json.Encoder()
-_DECODER = msgspec.json.Decoder()
-
-
-def _builtin(entry: AnyEntry) -> dict[str, object]:
-    # Hand-built dict: ~10x faster than model_dump on the append path, same bytes.
-    if isinstance(entry, Feedback):
-        c = entry.content
-        return {"type": "Feedback", "content": {"score": c.score, "message": c.message}}
-    return {"type": entry.type, "content": entry.content}
-
-
-def _fields(obj: object) -> dict[str, object]:
-    # msgspec calls this for a nested model (Feedback's content): its field values.
-    if isinstance(obj, _Entry):
-        return obj.__dict__
-    raise NotImplementedError(f"cannot encode {type(obj).__name__} in a memory entry")
-
-
-# A pydantic model's __dict__ holds exactly its field values, in declaration order
-# ("type" first), so encoding it gives _builtin's bytes without building a dict:
-# about 2x the entries per second on the append path (benchmarks: target 5).
-_FIELDS_ENCODER = msgspec.json.Encoder(enc_hook=_fields)
-_EXACT_TYPES = frozenset({Observation, Action, Feedback, Reflection})
+_encode_into = FIELDS_ENCODER.encode_into
+_encode_lines = FIELDS_ENCODER.encode_lines
+_TEXT_PREFIXES = TEXT_PREFIXES
+_FEEDBACK_PREFIX = FEEDBACK_PREFIX
+_RAW_READ_ONLY = ("this MemoryLog was loaded with raw=True (plain dicts) and cannot be "
+                  "appended to; load it with entry_types=[...] to go on appending")
 
 
 class NeedFullMemory(Exception):
@@ -155,20 +108,30 @@ class MemoryLog:
 
     Args:
         entries: entries to start with.
+        entry_types: the caller's own entry types besides the four built-ins: frozen
+            pydantic models, msgspec Structs or dataclasses. Each line's first key is
+            the entry's ``type`` tag: its ``type`` field's Literal, else its class name.
         memory_type: a label stored in ``agent.json`` and checked on resume.
+
+    Raises:
+        TypeError: an entry type cannot be stored faithfully (the message says why).
     """
 
-    __slots__ = ("_chunk_ends", "_chunks", "_entries", "_log_id", "_tail", "memory_type")
+    __slots__ = ("_chunk_ends", "_chunks", "_entries", "_log_id", "_stored", "_tail",
+                 "_types", "memory_type")
 
     def __init__(
         self,
-        entries: Iterable[AnyEntry] = (),
+        entries: Iterable[Any] = (),
         *,
+        entry_types: Iterable[type] = (),
         memory_type: str = "history",
     ) -> None:
         self.memory_type = memory_type
+        self._types = entry_types_of(entry_types)
         self._log_id = uuid.uuid4().hex
-        self._entries: list[AnyEntry] = []
+        self._stored: StoredEntries | None = None
+        self._entries: list[Any] = []
         self._chunks: list[bytes] = []
         self._chunk_ends: list[int] = []
         self._tail = bytearray()
@@ -179,45 +142,80 @@ class MemoryLog:
         """Identity of this log; the writer only appends to files of the same log."""
         return self._log_id
 
-    def append(self, entry: AnyEntry) -> None:
-        """Append one entry (encoded now, once, so snapshots never re-encode it)."""
+    @property
+    def entry_types(self) -> tuple[type, ...]:
+        """The entry types passed besides the built-ins (empty for a raw log)."""
+        return self._types.classes
+
+    def append(self, entry: Any) -> None:
+        """Append one entry (encoded now, once, so snapshots never re-encode it).
+
+        Raises:
+            TypeError: the entry's type is not registered (a subclass of a registered
+                type included); the message says how to register it.
+            ValueError: the entry would not load back equal: a NaN or infinity, or a
+                value that skipped validation (the field and the problem are named).
+        """
         tail = self._tail
         mark = len(tail)
+        if mark >= _SEAL_BYTES:  # the previous append filled the tail
+            self._seal()
+            mark = 0
         try:
-            if type(entry) in _EXACT_TYPES:
-                _FIELDS_ENCODER.encode_into(entry.__dict__, tail, -1)
-            elif isinstance(entry, (Observation, Action, Feedback, Reflection)):
-                # A subclass may carry more fields; the file holds the base fields only.
-                _ENCODER.encode_into(_builtin(entry), tail, -1)
+            # The fast path writes a built-in whose fields hold exactly what its model
+            # validates (exact types); anything else takes the checked path, which names
+            # the problem (model_copy and model_construct skip validation). Inlined, and
+            # the line written as its fixed prefix and the encoded content: each call or
+            # attribute of a pydantic model costs a few percent (benchmarks: target 5).
+            try:
+                d = entry.__dict__
+                c = d["content"]
+                if type(c) is str:
+                    # KeyError for any type but the three text types, or a wrong tag.
+                    prefix = _TEXT_PREFIXES[type(entry)][d["type"]] if len(d) == 2 else None
+                elif type(c) is FeedbackContent and type(entry) is Feedback \
+                        and d["type"] == "Feedback" and len(d) == 2:
+                    c = c.__dict__
+                    s = c["score"]
+                    # s - s is 0.0 for a finite float, NaN for NaN and both infinities.
+                    prefix = _FEEDBACK_PREFIX if type(s) is float and s - s == 0.0 \
+                        and type(c["message"]) is str and len(c) == 2 else None
+                else:
+                    prefix = None
+            except Exception:  # no __dict__, a missing field, an unhashable tag
+                prefix = None
+            if prefix is not None:
+                tail += prefix
+                _encode_into(c, tail, -1)
+                tail += b"}\n"
             else:
-                raise TypeError(
-                    f"MemoryLog entries must be Observation, Action, Feedback or Reflection, "
-                    f"got {type(entry).__name__}"
-                )
+                self._types.encode_checked(entry, tail)
+                tail += b"\n"
         except BaseException:
-            # A failed encode can leave a partial line (even stale buffer bytes) behind;
-            # they would corrupt every later memory file. The log stays as it was.
+            # A failed encode can leave a partial line behind; it would corrupt every
+            # later memory file. The log stays as it was.
             del tail[mark:]
             raise
-        tail += b"\n"
         self._entries.append(entry)
-        if len(tail) >= _SEAL_BYTES:
-            self._seal()
 
-    def extend(self, entries: Iterable[AnyEntry]) -> None:
-        """Append entries in order (encoded in batches: faster than one by one)."""
+    def extend(self, entries: Iterable[Any]) -> None:
+        """Append entries in order (built-ins are checked and encoded in batches: faster)."""
         batch = entries if isinstance(entries, list) else list(entries)
-        exact = _EXACT_TYPES
         for i in range(0, len(batch), _BATCH):
             part = batch[i : i + _BATCH]
-            if all(type(e) in exact for e in part):
-                self._tail += _FIELDS_ENCODER.encode_lines([e.__dict__ for e in part])
-                self._entries.extend(part)
-                if len(self._tail) >= _SEAL_BYTES:
-                    self._seal()
-            else:
+            dicts = builtin_dicts(part)
+            try:
+                lines = None if dicts is None else _encode_lines(dicts)
+            except Exception:  # e.g. a lone surrogate: append names the entry
+                lines = None
+            if lines is None:
                 for e in part:
                     self.append(e)
+                continue
+            self._tail += lines
+            self._entries.extend(part)
+            if len(self._tail) >= _SEAL_BYTES:
+                self._seal()
 
     def _seal(self) -> None:
         if self._tail:
@@ -227,12 +225,12 @@ class MemoryLog:
             self._tail.clear()
 
     def capture(self) -> MemoryCapture:
-        """Return an O(1) capture of the log as it is now (copies at most 64 KiB)."""
+        """Return an O(1) capture of the log as it is now (copies about 64 KiB at most)."""
         self._seal()
         n = len(self._chunks)
         return MemoryCapture(
             log_id=self._log_id,
-            entries=len(self._entries),
+            entries=len(self),
             nbytes=self._chunk_ends[-1] if n else 0,
             chunks=self._chunks,
             chunk_ends=self._chunk_ends,
@@ -249,57 +247,93 @@ class MemoryLog:
         return b"".join(self._chunks) + bytes(self._tail)
 
     @classmethod
-    def from_jsonl(cls, data: bytes, *, memory_type: str = "history") -> MemoryLog:
+    def from_jsonl(
+        cls,
+        data: bytes,
+        *,
+        memory_type: str = "history",
+        entry_types: Iterable[type] = (),
+        raw: bool = False,
+        source: str = "the memory file",
+    ) -> MemoryLog:
         """Rebuild a log from JSON Lines, keeping the bytes exactly as they were.
+
+        Every line is checked now; entry objects are built when they are read.
+
+        Args:
+            data: the JSON Lines.
+            memory_type: the log's label.
+            entry_types: the caller's own entry types (as for the constructor).
+            raw: entries are plain dicts, whatever their type; the log is read-only.
+            source: what to call ``data`` in errors (a checkpoint names itself).
 
         Raises:
             ValueError: a line is not a valid memory entry (the message names it).
+            UnknownEntryTypeError: lines hold tags of no type passed (names them).
+            TypeError: an entry type cannot be stored faithfully.
         """
-        log = cls(memory_type=memory_type)
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        else:
+        log = (_RawMemoryLog if raw else cls)(memory_type=memory_type, entry_types=entry_types)
+        if data and not data.endswith(b"\n"):
             raise ValueError("memory file does not end with a newline (truncated?)")
-        entries = log._entries
-        for no, line in enumerate(lines, 1):
-            try:
-                entries.append(_ENTRY_ADAPTER.validate_python(_DECODER.decode(line)))
-            except (msgspec.DecodeError, ValidationError) as exc:
-                first = str(exc).splitlines()[0]
-                raise ValueError(f"line {no} is not a valid memory entry: {first}") from exc
-            except RecursionError as exc:
-                # msgspec's depth limit (an entry nests two levels): a hostile or damaged
-                # line, not a bug, so it is named like any other invalid line.
-                raise ValueError(
-                    f"line {no} is not a valid memory entry: JSON nested too deeply ({exc})"
-                ) from exc
+        data = bytes(data)
+        log._stored = StoredEntries(data, None if raw else log._types, source)
         if data:
-            log._chunks.append(bytes(data))
+            log._chunks.append(data)
             log._chunk_ends.append(len(data))
         return log
 
     def __len__(self) -> int:
-        return len(self._entries)
+        stored = self._stored
+        return len(self._entries) + (len(stored) if stored is not None else 0)
 
     @overload
-    def __getitem__(self, i: int) -> AnyEntry: ...
+    def __getitem__(self, i: int) -> Any: ...
     @overload
-    def __getitem__(self, i: slice) -> list[AnyEntry]: ...
-    def __getitem__(
-        self, i: int | slice
-    ) -> AnyEntry | list[AnyEntry]:
-        return self._entries[i]
+    def __getitem__(self, i: slice) -> list[Any]: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        stored = self._stored
+        if stored is None:
+            return self._entries[i]
+        n = len(stored)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[k] for k in range(start, stop, step)]
+            head = stored.span(start, min(stop, n)) if start < n else []
+            return head + self._entries[max(0, start - n) : max(0, stop - n)]
+        k = i + len(self) if i < 0 else i
+        if not 0 <= k < len(self):
+            raise IndexError("MemoryLog index out of range")
+        return stored.get(k) if k < n else self._entries[k - n]
 
-    def __iter__(self) -> Iterator[AnyEntry]:
-        return iter(self._entries)
+    def __iter__(self) -> Iterator[Any]:
+        if self._stored is not None:
+            yield from self._stored
+        yield from self._entries
 
     def counts_by_type(self) -> dict[str, int]:
-        """Number of entries of each type."""
-        out: dict[str, int] = {}
+        """Number of entries of each type tag."""
+        out = dict(self._stored.counts) if self._stored is not None else {}
+        by_cls = self._types.by_cls
         for e in self._entries:
-            out[e.type] = out.get(e.type, 0) + 1
+            tag = by_cls[type(e)].tag
+            out[tag] = out.get(tag, 0) + 1
         return out
 
     def __repr__(self) -> str:
         return f"MemoryLog(entries={len(self)}, memory_type={self.memory_type!r})"
+
+
+class _RawMemoryLog(MemoryLog):
+    """A log read with ``raw=True``: its entries are plain dicts; nothing can be appended."""
+
+    __slots__ = ()
+
+    def append(self, entry: Any) -> None:
+        """Refused: a raw log is read-only."""
+        raise TypeError(_RAW_READ_ONLY)
+
+    def extend(self, entries: Iterable[Any]) -> None:
+        """Refused once there are entries: a raw log is read-only."""
+        if list(entries):
+            raise TypeError(_RAW_READ_ONLY)

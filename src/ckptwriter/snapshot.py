@@ -19,8 +19,10 @@ from typing import Any
 import msgspec
 
 from .errors import CheckpointError
+from .layout import path_text
 from .manifest import dump_json
 from .memory import MemoryCapture, MemoryLog
+from .nonfinite import NONFINITE_FIX, find_nonfinite, may_hold_nonfinite
 
 __all__ = ["CapturedSnapshot", "Snapshot", "SnapshotMeta"]
 
@@ -76,7 +78,9 @@ class Snapshot:
             raise CheckpointError(
                 f"Snapshot.memory must be a ckptwriter.MemoryLog, got {type(self.memory).__name__}"
             )
-        resumed_from = None if self.resumed_from is None else os.fspath(self.resumed_from)
+        # runtime.json is JSON (UTF-8): a path that is not UTF-8 goes in as its file: URI.
+        resumed_from = (None if self.resumed_from is None
+                        else path_text(os.fspath(self.resumed_from)))
         score = self.val_score
         if score is not None:
             score = float(score)
@@ -117,7 +121,10 @@ def _encode_extra(name: str, obj: Any) -> bytes:
         raise CheckpointError(f"extra_files name {name!r} is reserved by ckptwriter; rename it")
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return bytes(obj)
-    return _ENCODER.encode(obj)
+    data = _ENCODER.encode(obj)
+    if may_hold_nonfinite(data) and (where := find_nonfinite(obj, f"extra_files[{name!r}]")):
+        raise CheckpointError(f"{where}: {NONFINITE_FIX}")
+    return data
 
 
 class SnapshotMeta(msgspec.Struct, frozen=True):

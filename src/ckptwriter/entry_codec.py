@@ -1,0 +1,200 @@
+"""The entry types of one log: write an entry only if it loads back equal, check a file.
+
+:func:`entry_types` turns what a caller passes as ``entry_types=`` into an
+:class:`EntryTypes` (cached: logs are made often, decoders once). The built-in types are
+always part of it.
+
+Error handling:
+    ``TypeError`` for an entry of a type that is not registered (a subclass of a
+    registered type included: it would be written as its base) and for a class that
+    cannot be registered; ``ValueError`` for an entry whose value would not load back
+    equal (a NaN, a value that skipped validation), naming the field and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Iterable
+from typing import Any, Union
+
+import msgspec
+from pydantic import BaseModel, ValidationError
+
+from .entries import BUILTIN_TYPES, FeedbackContent
+from .entry_schema import Codec, codec_for, own_fields, register_hint
+from .nonfinite import NONFINITE_FIX, find_nonfinite, may_hold_nonfinite
+
+__all__ = ["FIELDS_ENCODER", "EntryTypes", "RawTag", "entry_types", "plain_lines"]
+
+_BYPASS = ("(model_copy(update=...) and model_construct skip validation: build it with "
+           "{name}(...) or {name}.model_validate(...))")
+
+
+def _fields(obj: object) -> Any:
+    # msgspec calls this for a nested pydantic model (Feedback's content): its fields.
+    if type(obj) is FeedbackContent or isinstance(obj, BaseModel):
+        return obj.__dict__
+    raise NotImplementedError(f"cannot encode {type(obj).__name__} in a memory entry")
+
+
+# A pydantic model's __dict__ holds exactly its field values, in declaration order
+# ("type" first), so encoding it gives the guide's bytes without building a dict.
+FIELDS_ENCODER = msgspec.json.Encoder(enc_hook=_fields)
+_PLAIN = msgspec.json.Decoder()
+
+
+class RawTag(msgspec.Struct):
+    """What raw mode checks of a line: an object with a string ``type``."""
+
+    type: str
+
+
+class EntryTypes:
+    """The registered entry types of a log: the built-ins and the caller's own.
+
+    Attributes:
+        by_cls: class -> codec.
+        by_tag: tag -> codec.
+        build: mirror class -> builder of the entry object.
+        decoder: checks and decodes lines of any registered type, by their tag.
+    """
+
+    def __init__(self, classes: tuple[type, ...]) -> None:
+        self.classes = classes
+        self.by_cls: dict[type, Codec] = {}
+        self.by_tag: dict[str, Codec] = {}
+        for cls in (*BUILTIN_TYPES, *classes):
+            if cls in self.by_cls:
+                continue
+            codec = codec_for(cls)
+            other = self.by_tag.get(codec.tag)
+            if other is not None:
+                raise TypeError(
+                    f"{cls.__name__} and {other.cls.__name__} both have the tag "
+                    f"{codec.tag!r}; give {cls.__name__} its own: a first field "
+                    f"`type: Literal[{cls.__name__!r}] = {cls.__name__!r}`"
+                )
+            self.by_cls[cls] = codec
+            self.by_tag[codec.tag] = codec
+        self.build = {c.mirror: c.build for c in self.by_cls.values()}
+        self.tag_of_mirror = {c.mirror: c.tag for c in self.by_cls.values()}
+        mirrors = tuple(c.mirror for c in self.by_cls.values())
+        self.decoder = msgspec.json.Decoder(Union[mirrors])  # noqa: UP007 (a tuple of types)
+        self._check = {c.cls: msgspec.json.Decoder(c.mirror) for c in self.by_cls.values()}
+
+    @property
+    def tags(self) -> list[str]:
+        """Every registered tag, built-ins first."""
+        return list(self.by_tag)
+
+    def encode_checked(self, entry: Any, buf: bytearray) -> None:
+        """Append ``entry``'s JSON line (no newline) to ``buf``, if it loads back equal.
+
+        Raises:
+            TypeError: the entry's type is not registered.
+            ValueError: the entry would not load back equal (the message says why).
+        """
+        codec = self.by_cls.get(type(entry))
+        if codec is None:
+            raise TypeError(self._unregistered(entry))
+        line = FIELDS_ENCODER.encode(codec.as_encodable(entry))
+        if codec.prefix is not None:
+            line = codec.prefix + line[1:] if line != b"{}" else codec.prefix[:-1] + b"}"
+        self._verify(codec, entry, line)
+        buf += line
+
+    def _verify(self, codec: Codec, entry: Any, line: bytes) -> None:
+        # Decoded as a load decodes it, built as a read builds it, compared: what append
+        # accepts loads back equal. A NaN (written as null) always fails here, so the
+        # walk that names its path runs only then.
+        name = codec.cls.__name__
+        try:
+            back = codec.build(self._check[codec.cls].decode(line))
+        except msgspec.ValidationError as exc:
+            problem = _msgspec_problem(name, str(exc)) + " " + _BYPASS.format(name=name)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                                   for p in err["loc"])
+            problem = f"{where}: {err['msg']} " + _BYPASS.format(name=name)
+        else:
+            if back == entry:
+                return
+            problem = _difference(name, entry, back)
+        if may_hold_nonfinite(line) and (bad := find_nonfinite(entry, name)) is not None:
+            problem = f"{bad}: {NONFINITE_FIX}"
+        raise ValueError(f"cannot append {name} entry: {problem}")
+
+    def _unregistered(self, entry: Any) -> str:
+        cls = type(entry)
+        name = cls.__name__
+        base = next((c for c in cls.__mro__[1:] if c in self.by_cls), None)
+        if base is not None:
+            own = own_fields(cls, base)
+            what = (f"with its own fields ({', '.join(own)})" if own
+                    else "without fields of its own")
+            return (
+                f"{name} is a subclass of {base.__name__} {what}, and is not a "
+                f"registered entry type: it would be written as a plain {base.__name__} "
+                f"and come back as one. Register it: give it its own tag (a first field "
+                f"`type: Literal[{cls.__name__!r}] = {cls.__name__!r}`) and "
+                + register_hint(name)
+            )
+        known = ", ".join(c.__name__ for c in self.by_cls)
+        return (
+            f"MemoryLog entries must be one of the registered types ({known}); to store "
+            f"{name} (a frozen pydantic model, msgspec Struct or dataclass), "
+            + register_hint(name) + f"; got {name}"
+        )
+
+
+def _msgspec_problem(name: str, message: str) -> str:
+    # "Expected `str`, got `object` - at `$.content`" -> "Cls.content: expected ..."
+    m = re.match(r"^(.*?)(?: - at `\$(.*)`)?$", message)
+    assert m is not None
+    problem, path = m.group(1), m.group(2) or ""
+    return f"{name}{path}: {problem[:1].lower()}{problem[1:]}"
+
+
+def _difference(name: str, entry: Any, back: Any) -> str:
+    for field, value in _items(entry):
+        again = getattr(back, field, None)
+        if again != value:
+            return (f"{name}.{field} = {value!r} would load back as {again!r}; store a "
+                    "value that JSON keeps as it is")
+    return f"it would load back as {back!r}, not equal to {entry!r}"
+
+
+def _items(entry: Any) -> Iterable[tuple[str, Any]]:
+    if isinstance(entry, BaseModel):
+        return entry.__dict__.items()
+    if isinstance(entry, msgspec.Struct):
+        return ((f, getattr(entry, f)) for f in entry.__struct_fields__)
+    return ((f.name, getattr(entry, f.name)) for f in dataclasses.fields(entry))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(classes: tuple[type, ...]) -> EntryTypes:
+    return EntryTypes(classes)
+
+
+def entry_types(classes: Iterable[type] = ()) -> EntryTypes:
+    """The :class:`EntryTypes` of the built-ins plus ``classes``.
+
+    Raises:
+        TypeError: a class cannot be an entry type, or two share a tag.
+    """
+    key = tuple(dict.fromkeys(classes))
+    try:
+        return _cached(key)
+    except TypeError as exc:
+        if "unhashable" in str(exc):
+            raise TypeError(f"entry_types must hold classes, got {key!r}") from None
+        raise
+
+
+def plain_lines(data: bytes | memoryview) -> list[Any]:
+    """Every line of ``data`` as plain JSON values (raw mode)."""
+    return _PLAIN.decode_lines(data)

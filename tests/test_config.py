@@ -99,7 +99,7 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path: Path) -> Non
                  id="bad-strategy"),
     pytest.param("runtime:\n  validation_freq: 0\n",
                  r"runtime\.validation_freq: Input should be greater than 0", id="zero-freq"),
-    pytest.param("runtime: [1, 2]\n", r"runtime: Input should be a valid dictionary",
+    pytest.param("runtime: [1, 2]\n", r"runtime: expected a mapping of settings",
                  id="list-section"),
 ])
 def test_wrong_type_is_named(tmp_path: Path, text: str, needle: str) -> None:

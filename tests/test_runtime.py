@@ -380,7 +380,8 @@ def test_bad_agent_type(type_name: str, needle: str) -> None:
 def test_history_agent_rejects_unknown_config(tmp_path: Path) -> None:
     """HistoryAgent validates agent.config before any episode."""
     cfg = config(tmp_path, overrides=["agent.config={lern: true}"], max_envs_to_visit=5)
-    with pytest.raises(ConfigError, match=r"^agent\.config\.lern: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError,
+                       match=r"run\.yaml: agent\.config\.lern: Extra inputs are not permitted"):
         train(cfg)
     assert not (tmp_path / "outputs").exists()
 

@@ -13,12 +13,21 @@ guide's rules below check what the types cannot.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+)
 
 from .config_errors import explain_validation_error
 from .config_yaml import (
@@ -31,11 +40,12 @@ from .config_yaml import (
 )
 from .errors import ConfigError
 from .options import DEFAULTS, ExecutorKind, OnBacklog, OnError, WriterOptions
-from .retention import DEFAULT_TOP_K, Strategy
+from .retention import DEFAULT_TOP_K, Mode, Strategy
 
 __all__ = [
     "DEFAULT_MAX_ENVS_TO_VISIT",
     "DEFAULT_TOP_K",
+    "RESUME_AUTO",
     "AgentConfig",
     "Config",
     "EnvironmentConfig",
@@ -50,6 +60,12 @@ __all__ = [
 # runs under 100 episodes "quick experiments".
 DEFAULT_MAX_ENVS_TO_VISIT = 100
 BUILTIN_DATASET = "built-in"
+# resume_from: auto resumes this run name's newest valid checkpoint, or starts fresh.
+RESUME_AUTO = "auto"
+# The keys holding a path: `~` and $VARS are expanded in them (as a shell would).
+_PATH_KEYS = ("output_dir", "runtime.checkpoint_dir", "runtime.resume_from",
+              "validation.validation_dataset")
+_UNSET_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
 
 class _Section(BaseModel):
@@ -70,10 +86,33 @@ class RuntimeConfig(_Section):
         description="checkpoints directory, relative to the run directory; null: no checkpoints",
     )
     checkpoint_every_episodes: PositiveInt | None = None
+    checkpoint_every_seconds: PositiveFloat | None = Field(
+        default=None,
+        description="also checkpoint once this many seconds passed since the last one "
+        "(checked at the end of each episode; with checkpoint_every_episodes, whichever "
+        "comes first)",
+    )
     checkpoint_keep_last: int | None = None
     checkpoint_strategy: Strategy | None = None
+    checkpoint_mode: Mode = Field(
+        default="max", description="max: a higher val_score is better (top_k_val, best); min: lower"
+    )
+    checkpoint_keep_every: int | None = Field(
+        default=None,
+        description="checkpoints whose episode is a multiple of this are never deleted",
+    )
     checkpoint_on_start: bool = False
-    resume_from: str | None = None
+    checkpoint_on_exception: bool = Field(
+        default=True,
+        description="when the agent or environment raises, checkpoint the last completed "
+        "episode before exiting",
+    )
+    resume_from: str | None = Field(
+        default=None,
+        description="a checkpoint, checkpoints dir, run dir, outputs/<run_name>, .../best, "
+        "best (this run name's newest best) or auto (newest checkpoint of this run name, "
+        "continued in place; a fresh start if there is none)",
+    )
     validation_freq: PositiveInt | None = None
     run_validation_at_start: bool = False
     # The writer's own types and defaults (WriterOptions), so YAML and library agree.
@@ -95,6 +134,7 @@ class RuntimeConfig(_Section):
         """
         return WriterOptions(
             strategy=self.checkpoint_strategy, keep_last=self.checkpoint_keep_last,
+            mode=self.checkpoint_mode, keep_every=self.checkpoint_keep_every,
             max_pending=self.max_pending, on_backlog=self.on_backlog, fsync=self.fsync,
             on_error=self.on_error, executor=self.executor,
         )
@@ -203,6 +243,7 @@ def build_config(
         ConfigError: see :func:`load_config`.
     """
     check_shape(data, source)
+    data = _expand_paths(data, source)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
@@ -211,6 +252,34 @@ def build_config(
         ) from None
     cfg._source = source
     return _check_rules(cfg)
+
+
+def _expand_paths(data: Mapping[str, Any], src: str) -> Mapping[str, Any]:
+    """``~`` and ``$VAR``/``${VAR}`` expanded in the path keys, as a shell would.
+
+    An unset variable is an error naming it: left as it is, ``$SCRATCH/ckpts`` would
+    become a directory literally named ``$SCRATCH`` under the run directory.
+    """
+    out = dict(data)
+    for dotted in _PATH_KEYS:
+        section, _, key = dotted.rpartition(".")
+        holder = out.get(section) if section else out
+        if not isinstance(holder, Mapping) or not isinstance(holder.get(key), str):
+            continue
+        value = os.path.expanduser(os.path.expandvars(holder[key]))
+        unset = _UNSET_VAR.search(value)
+        if unset is not None:
+            raise ConfigError(
+                f"{src}: {dotted} {holder[key]!r}: environment variable "
+                f"{unset.group(1).strip('{}')} is not set; set it or write the path out"
+            )
+        if value != holder[key]:
+            holder = {**holder, key: value}
+            if section:
+                out[section] = holder
+            else:
+                out = holder
+    return out
 
 
 # -- the guide's rules -----------------------------------------------------------------
@@ -226,8 +295,9 @@ def _check_rules(cfg: Config) -> Config:
     if not cfg.output_dir or "\x00" in cfg.output_dir:
         raise fail("output_dir must be a directory path, e.g. output_dir: outputs")
     if rt.checkpoint_dir is None:
-        used = [k for k in ("checkpoint_every_episodes", "checkpoint_keep_last",
-                            "checkpoint_strategy") if getattr(rt, k) is not None]
+        used = [k for k in ("checkpoint_every_episodes", "checkpoint_every_seconds",
+                            "checkpoint_keep_last", "checkpoint_strategy",
+                            "checkpoint_keep_every") if getattr(rt, k) is not None]
         if rt.checkpoint_on_start:
             used.append("checkpoint_on_start")
         if used:
@@ -237,6 +307,11 @@ def _check_rules(cfg: Config) -> Config:
             )
     else:
         _check_checkpoint_dir(rt.checkpoint_dir, src)
+    if rt.resume_from is not None and (not rt.resume_from.strip() or "\x00" in rt.resume_from):
+        raise fail(
+            f"runtime.resume_from {rt.resume_from!r} names no checkpoint; set it to a "
+            "checkpoint path, outputs/<run_name>, best or auto, or remove it to start fresh"
+        )
 
     if rt.checkpoint_strategy == "top_k_val":
         if rt.validation_freq is None:

@@ -42,7 +42,13 @@ def explain_validation_error(
             continue
         got = err.get("input")
         shown = "nothing" if err["type"] == "missing" else repr(got)
-        lines.append(f"{origin}: {dotted}: {err['msg']} (got {shown})")
+        msg = err["msg"]
+        if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            # pydantic says "a valid dictionary or instance of RuntimeConfig": the class
+            # is ours, not the user's; a section is keys indented under its name.
+            msg = (f"expected a mapping of settings (`{loc[-1]}:` then `key: value` lines "
+                   "indented under it)")
+        lines.append(f"{origin}: {dotted}: {msg} (got {shown})")
     return "\n".join(lines)
 
 

@@ -7,10 +7,14 @@
    sequence advanced past episodes 1..N without running them;
 2. a new run directory ``<output_dir>/<run_name>/<YYYYmmdd_HHMMSS>/`` gets the resolved
    ``config.yaml`` and the checkpoints directory (a resumed run never writes into the
-   directory it resumed from);
+   directory it resumed from, except under ``resume_from: auto``, which continues the
+   run it resumed in place);
 3. episodes N+1..``max_envs_to_visit``, validation every ``validation_freq``,
-   checkpoints every ``checkpoint_every_episodes`` (and after each validation under
-   ``top_k_val``), and a final checkpoint unless the last episode was just saved.
+   checkpoints every ``checkpoint_every_episodes`` or ``checkpoint_every_seconds``
+   (whichever comes first; and after each validation under ``top_k_val``), and a final
+   checkpoint unless the last episode was just saved. If the agent or the environment
+   raises, the last completed episode is checkpointed first
+   (``checkpoint_on_exception``).
 
 Snapshots go to a :class:`~ckptwriter.CheckpointWriter`, so the loop pays an O(1)
 capture per checkpoint and no per-episode I/O.
@@ -23,10 +27,9 @@ episode.
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,46 +41,37 @@ from ..config import Config
 from ..errors import CheckpointError, WriterFailedError
 from ..gil import switch_interval
 from ..handles import CheckpointHandle
-from ..memory import Action, Feedback, Observation, Reflection
+from ..memory import Action, Feedback, MemoryLog, Observation, Reflection
 from ..snapshot import Snapshot
 from ..stats import WriterStats
 from ..storage.urlpath import URLPath
 from ..writer import CheckpointWriter
+from .endings import (
+    TrainResult,
+    add_note,
+    failure_summary,
+    interval_warning,
+    memory_up_to,
+    nothing_to_do,
+    resume_hint,
+    unwrap,
+)
 from .environments import Task
 from .plan import RunPlan, prepare_run
-from .progress import UPDATE_SECONDS, NullReporter, Reporter, TrainStatus
-from .run_dir import check_not_shared, effective_config, make_run_dir
+from .progress import UPDATE_SECONDS, NullReporter, Reporter, TrainStatus, display_path
+from .run_dir import (
+    check_not_shared,
+    continue_run_dir,
+    effective_config,
+    make_run_dir,
+    record_config,
+    resumes_in_place,
+)
 from .signals import StopFlag, watch_signals
 
-__all__ = ["TrainResult", "resume_hint", "run_training"]
+__all__ = ["TrainResult", "failure_summary", "resume_hint", "run_training"]
 
 log = logging.getLogger("ckptwriter.runtime")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """How a run ended and where its checkpoints are."""
-
-    run_dir: Path
-    checkpoint_dir: Path | None
-    first_episode: int
-    last_episode: int
-    target_episode: int
-    train_steps_total: int
-    val_score: float | None
-    latest_checkpoint: str | None
-    checkpoints_written: int
-    resumed_from: str | None
-    stopped_by: int | None
-    elapsed_seconds: float
-    writer_stats: WriterStats | None
-    # The newest checkpoint known durable: this run's last, else the one it resumed from.
-    durable_checkpoint: Path | None = None
-
-    @property
-    def exit_code(self) -> int:
-        """0, or 128 + the signal that stopped the run (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
-        return 128 + self.stopped_by if self.stopped_by else 0
 
 
 async def run_training(
@@ -112,12 +106,23 @@ async def run_training(
         last durable checkpoint and the ``resume_from`` that continues from it.
     """
     plan = prepare_run(cfg, search_dirs)
+    if plan.complete:
+        return nothing_to_do(plan)
     check_not_shared(cfg, plan)
-    run_dir, ckpt_dir = make_run_dir(effective_config(cfg, plan))
-    log.info("Run directory: %s", run_dir)
+    record: Config | None = None
+    if plan.continue_in is not None:
+        run_dir, in_place_dir, record = continue_run_dir(effective_config(cfg, plan), plan)
+        ckpt_dir: Path | None = in_place_dir
+        log.info("Continuing run directory %s in place (resume_from: auto)",
+                 display_path(run_dir))
+    else:
+        run_dir, ckpt_dir = make_run_dir(effective_config(cfg, plan))
+        log.info("Run directory: %s", display_path(run_dir))
+    if ckpt_dir is not None and (no_interval := interval_warning(cfg)):
+        log.warning("%s", no_interval)
     if plan.resumed is not None:
         log.info("Resuming from episode %d (checkpoint %s)",
-                 plan.first_episode, plan.resumed.path)
+                 plan.first_episode, display_path(plan.resumed.path))
         if plan.resumed.agent.agent_type != cfg.agent.type:
             # Allowed (runtime settings may differ on resume), but rarely meant.
             log.warning("The checkpoint was written by agent %s; continuing with agent %s",
@@ -125,6 +130,10 @@ async def run_training(
     stop = StopFlag()
     failure: Exception | None = None
     trainer = _Trainer(plan, run_dir, ckpt_dir, stop, reporter or NullReporter())
+    if record is not None:
+        # Replaced once the writer holds the directory's lock: a run refused because
+        # another one is writing there leaves that run's record alone.
+        trainer.on_open = lambda: record_config(record, run_dir)
     async with anyio.create_task_group() as tg:
         if handle_signals:
             await tg.start(watch_signals, stop)
@@ -143,54 +152,19 @@ async def run_training(
         except Exception as exc:
             # Re-raised outside the task group, so callers get the error itself rather
             # than an ExceptionGroup around it (cancellation still propagates as is).
-            failure = _unwrap(exc)
-            if ckpt_dir is not None:
-                _add_note(failure, resume_hint(trainer.durable()))
+            failure = unwrap(exc)
+            if ckpt_dir is not None and trainer.writer is None and record is None:
+                # Refused before the writer opened (DirectoryLockedError: another run
+                # writes there): no run directory with a config.yaml of a run that
+                # never ran is left behind.
+                shutil.rmtree(run_dir, ignore_errors=True)
+            elif ckpt_dir is not None:
+                add_note(failure, resume_hint(trainer.durable()))
         finally:
             tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
     return result
-
-
-def resume_hint(checkpoint: Path | None) -> str:
-    """The line that says where a run that ended early can continue from."""
-    if checkpoint is None:
-        return "no checkpoint was written: there is nothing to resume from"
-    return (f"the last durable checkpoint is {checkpoint}; to continue from it, set "
-            f"runtime.resume_from: {checkpoint}")
-
-
-def _add_note(exc: BaseException, note: str) -> None:
-    # BaseException.add_note is 3.11+; tracebacks print __notes__ from 3.11 on, and the
-    # command line prints them itself.
-    notes = getattr(exc, "__notes__", None)
-    if isinstance(notes, list):
-        notes.append(note)
-    else:
-        exc.__notes__ = [note]  # type: ignore[attr-defined]
-
-
-def _resumes_in_place(plan: RunPlan, ckpt_dir: Path | None) -> bool:
-    """True if the run writes into the checkpoints directory it resumed from."""
-    if plan.resumed is None or ckpt_dir is None:
-        return False
-    src = plan.resumed.path.parent
-    if isinstance(src, URLPath) or isinstance(ckpt_dir, URLPath):
-        return str(src).rstrip("/") == str(ckpt_dir).rstrip("/")
-    try:
-        return os.path.samefile(src, ckpt_dir)
-    except OSError:
-        return False
-
-
-def _unwrap(exc: Exception) -> Exception:
-    # The writer's own task group may wrap a single error in an ExceptionGroup.
-    while True:
-        inner = getattr(exc, "exceptions", None)
-        if not isinstance(inner, tuple) or len(inner) != 1 or not isinstance(inner[0], Exception):
-            return exc
-        exc = inner[0]
 
 
 class _Trainer:
@@ -216,9 +190,15 @@ class _Trainer:
         # runtime.json is JSON: a path that is not UTF-8 is recorded as its file: URI.
         self.resumed_from = (layout.path_text(str(plan.resumed.path.resolve()))
                              if plan.resumed else None)
-        self.in_place = _resumes_in_place(plan, ckpt_dir)
+        self.in_place = resumes_in_place(plan, ckpt_dir)
         self.agent_config: dict[str, Any] = dict(plan.agent.config)
         self._t_start = time.perf_counter()
+        self.failed = 0
+        self.on_open: Any = None
+        # The end of the last completed episode: (episode, memory length, steps), what
+        # checkpoint_on_exception saves when the agent or environment raises mid-episode.
+        self._completed = (plan.first_episode, len(plan.memory), plan.train_steps)
+        self._saved_at = time.monotonic()
 
     def durable(self) -> Path | None:
         """The newest checkpoint known durable: this run's last, or the one it resumed from.
@@ -247,6 +227,8 @@ class _Trainer:
                 self.ckpt_dir, **self.rt.writer_options().writer_kwargs()
             ) as writer:
                 self.writer = writer
+                if self.on_open is not None:
+                    self.on_open()
                 await self._train()
                 await writer.flush()
                 await self._collect(wait=True)
@@ -260,6 +242,7 @@ class _Trainer:
             checkpoints_written=self.written, resumed_from=self.resumed_from,
             stopped_by=self.stop.signum, elapsed_seconds=time.perf_counter() - t0,
             writer_stats=stats, durable_checkpoint=self.durable(),
+            checkpoints_failed=self.failed,
         )
 
     async def _train(self) -> None:
@@ -280,13 +263,22 @@ class _Trainer:
         self._t_start = time.perf_counter()
         next_report = 0.0
         val: float | None = start_val
+        every_s = rt.checkpoint_every_seconds
+        self._saved_at = time.monotonic()
         for ep in range(first + 1, target + 1):
-            await self._run_episode(next(plan.sequence))
-            self.episode = ep
-            val = None
-            if vfreq is not None and ep % vfreq == 0:
-                val = await self._validate(ep)
-            if (every is not None and ep % every == 0) or (top_k and val is not None):
+            try:
+                await self._run_episode(next(plan.sequence))
+                self.episode = ep
+                self._completed = (ep, len(self.memory), self.steps)
+                val = None
+                if vfreq is not None and ep % vfreq == 0:
+                    val = await self._validate(ep)
+            except Exception as exc:
+                await self._save_on_exception(exc)
+                raise
+            # A monotonic clock: a wall clock stepped back (NTP) must not stop checkpoints.
+            if ((every is not None and ep % every == 0) or (top_k and val is not None)
+                    or (every_s is not None and time.monotonic() - self._saved_at >= every_s)):
                 await self._save(ep, val)
             if self.pending:
                 await self._collect(wait=False)
@@ -326,6 +318,9 @@ class _Trainer:
                 return
 
     async def _validate(self, episode: int) -> float:
+        if self.pending:
+            # Saves already durable are logged first: lines stay in the order things happened.
+            await self._collect(wait=False)
         tasks = self.plan.validation
         correct = 0.0
         for task in tasks:
@@ -336,21 +331,43 @@ class _Trainer:
                  episode, score, int(correct), len(tasks))
         return score
 
-    async def _save(self, episode: int, val_score: float | None) -> None:
+    async def _save(self, episode: int, val_score: float | None,
+                    at: tuple[MemoryLog, int] | None = None) -> None:
         if self.writer is None:
             return
+        memory, steps = at or (self.memory, self.steps)
         handle = await self.writer.submit(Snapshot(
             episode_index=episode,
-            train_steps_total=self.steps,
+            train_steps_total=steps,
             agent_type=self.cfg.agent.type,
-            memory=self.memory,
+            memory=memory,
             agent_config=self.agent_config,
             memory_type=self.cfg.agent.memory_type,
             val_score=val_score,
             resumed_from=self.resumed_from,
         ))
         self.saved_episode = episode
+        self._saved_at = time.monotonic()
         self.pending.append(handle)
+
+    async def _save_on_exception(self, exc: Exception) -> None:
+        """Checkpoint the last completed episode before ``exc`` ends the run.
+
+        The failed episode's entries are left out, so resuming from this checkpoint runs
+        that episode again from its start, as an uninterrupted run would.
+        """
+        episode, length, steps = self._completed
+        # Nothing completed since the start (or the resumed checkpoint): nothing to add.
+        if (self.writer is None or not self.rt.checkpoint_on_exception
+                or episode in (self.saved_episode, self.plan.first_episode)):
+            return
+        log.info("%s raised during episode %d: checkpointing episode %d before exiting",
+                 type(exc).__name__, episode + 1, episode)
+        try:
+            await self._save(episode, None, (memory_up_to(self.memory, length), steps))
+            await self._collect(wait=True)
+        except CheckpointError as err:
+            log.warning("The checkpoint of episode %d failed too: %s", episode, err)
 
     async def _collect(self, *, wait: bool) -> None:
         still: list[CheckpointHandle] = []
@@ -363,7 +380,12 @@ class _Trainer:
             except WriterFailedError as exc:
                 if self.rt.on_error == "raise":
                     raise
-                log.warning("Checkpoint for episode %d failed: %s", handle.episode_index, exc)
+                self.failed += 1
+                # The writer logs each failure it sees (once is enough); not one that was
+                # a WriterFailedError already (a writer that has itself failed).
+                level = (logging.WARNING if isinstance(exc.__cause__, WriterFailedError)
+                         else logging.DEBUG)
+                log.log(level, "Checkpoint for episode %d failed: %s", handle.episode_index, exc)
                 continue
             if handle.coalesced:
                 # on_backlog: coalesce replaced this snapshot by a newer one, which
@@ -374,8 +396,13 @@ class _Trainer:
             self.written += 1
             self.latest = res.name
             deleted = f", deleted {', '.join(res.deleted)}" if res.deleted else ""
-            log.info("Checkpoint %s saved: %s, %.1f KiB in %.1f ms%s",
-                     res.name, res.path, res.bytes_written / 1024,
+            # Logged when durable, so in time order with the other lines: a write that
+            # ran in the background while later episodes (and their validation lines)
+            # went by says when it became durable.
+            late = (f" (durable by episode {self.episode})"
+                    if self.episode > handle.episode_index else "")
+            log.info("Checkpoint %s saved%s: %s, %.1f KiB in %.1f ms%s",
+                     res.name, late, display_path(res.path), res.bytes_written / 1024,
                      res.latency_seconds * 1000, deleted)
         self.pending = still
 
@@ -388,6 +415,9 @@ class _Trainer:
             last_episode=self.plan.target_episode,
             episodes_per_second=done / elapsed if elapsed > 0 else 0.0,
             last_checkpoint=self.latest,
-            pending_writes=len(self.pending),
             val_score=self.val_score,
+            # The writer's count (queued + writing), not self.pending: handles done but
+            # not yet logged are not the user's max_pending.
+            writer_pending=self.writer.stats.pending if self.writer else 0,
+            max_pending=self.rt.max_pending,
         ))

@@ -4,20 +4,28 @@ Steps 1-2 and 4 of the guide's "What happens": under ``resume_from`` the checkpo
 loaded and verified, its memory type checked and its memory restored, and the task
 sequence is advanced past episodes 1..N. Everything here runs before any episode, so a
 configuration that cannot run fails before it writes anything.
+
+``resume_from: auto`` and ``best`` name checkpoints of this run name's runs
+(:mod:`.resume`); an auto-resumed run continues in the run directory it resumed from.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..config import Config
+from ..config import DEFAULT_MAX_ENVS_TO_VISIT, RESUME_AUTO, Config
 from ..errors import ConfigError
 from ..memory import MemoryLog
-from ..reader import LoadedCheckpoint, load_checkpoint
+from ..reader import LoadedCheckpoint
 from .agents import Agent, create_agent
 from .environments import ArithmeticEnvironment, Task, TaskSequence, load_validation_dataset
+from .resume import find_resume
 
 __all__ = ["RunPlan", "prepare_run"]
+
+log = logging.getLogger("ckptwriter.runtime")
 
 
 @dataclass
@@ -33,6 +41,11 @@ class RunPlan:
     target_episode: int
     train_steps: int
     resumed: LoadedCheckpoint | None
+    # resume_from: auto: the run directory continued in place (its checkpoints directory
+    # is the resumed checkpoint's); None: a new run directory.
+    continue_in: Path | None = None
+    # resume_from: auto found the run already at its last episode: nothing to do.
+    complete: bool = False
 
 
 def prepare_run(cfg: Config, search_dirs: tuple[str, ...] | None) -> RunPlan:
@@ -53,24 +66,32 @@ def prepare_run(cfg: Config, search_dirs: tuple[str, ...] | None) -> RunPlan:
             ``resume_from`` cannot be used.
     """
     rt = cfg.runtime
-    resumed: LoadedCheckpoint | None = None
     first, steps = 0, 0
-    if rt.resume_from is not None:
-        # Steps 1-2 of the guide's "What happens": manifest loaded (and verified against
-        # its checksums), memory restored, with the memory type checked against ours.
-        resumed = load_checkpoint(rt.resume_from, expected_memory_type=cfg.agent.memory_type)
+    auto = rt.resume_from == RESUME_AUTO
+    # Steps 1-2 of the guide's "What happens": manifest loaded (and verified against its
+    # checksums), memory restored, with the memory type checked against ours.
+    resumed, continue_in = find_resume(cfg)
+    if resumed is not None:
         memory = resumed.memory
         first, steps = resumed.runtime.episode_index, resumed.runtime.train_steps_total
     else:
         memory = MemoryLog(memory_type=cfg.agent.memory_type)
-    target = rt.episodes_for(first)
+    # A requeued job runs the same command again: under auto the last episode is fixed
+    # (not "100 more than the checkpoint"), so every attempt aims at the same end.
+    target = (rt.max_envs_to_visit or DEFAULT_MAX_ENVS_TO_VISIT) if auto else rt.episodes_for(
+        first)
+    agent = create_agent_for(cfg, memory, search_dirs)
+    if auto and resumed is not None and target <= first:
+        log.info("Run %s is already complete at episode %d (%s); nothing to train",
+                 cfg.name, first, resumed.path)
+        return RunPlan(cfg, agent, memory, ArithmeticEnvironment(cfg.environment).sequence(),
+                       [], first, first, steps, resumed, continue_in, complete=True)
     if target <= first:
         raise ConfigError(
             f"{cfg.source}: the checkpoint {rt.resume_from} is at episode {first} and "
             f"runtime.max_envs_to_visit is {target}: nothing left to train. "
             f"Set max_envs_to_visit above {first} to continue"
         )
-    agent = create_agent(cfg.agent, memory, search_dirs)
     env = ArithmeticEnvironment(cfg.environment)
     sequence = env.sequence()
     # Step 4: episodes 1..N are skipped by advancing the task sequence, so the resumed
@@ -78,4 +99,16 @@ def prepare_run(cfg: Config, search_dirs: tuple[str, ...] | None) -> RunPlan:
     sequence.skip(first)
     validating = rt.validation_freq is not None or rt.run_validation_at_start
     validation = load_validation_dataset(cfg.validation, env) if validating else []
-    return RunPlan(cfg, agent, memory, sequence, validation, first, target, steps, resumed)
+    return RunPlan(cfg, agent, memory, sequence, validation, first, target, steps, resumed,
+                   continue_in)
+
+
+def create_agent_for(cfg: Config, memory: MemoryLog, search_dirs: tuple[str, ...] | None
+                     ) -> Agent:
+    """The configured agent; a ConfigError names the config file, as every other one does."""
+    try:
+        return create_agent(cfg.agent, memory, search_dirs)
+    except ConfigError as exc:
+        if str(exc).startswith(f"{cfg.source}:"):
+            raise
+        raise ConfigError(f"{cfg.source}: {exc}") from exc.__cause__

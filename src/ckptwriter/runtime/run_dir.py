@@ -3,7 +3,8 @@
 Step 2 of :func:`~ckptwriter.runtime.run_training`: refuse a ``checkpoint_dir`` that
 holds another history, then create the run directory with the resolved ``config.yaml``
 and the checkpoints directory. A resumed run never writes into the directory it resumed
-from unless it continues that run in place.
+from unless it continues that run in place (``resume_from: auto``, or an absolute
+``checkpoint_dir`` that is the resumed checkpoint's own directory).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..storage.location import parse_location
 from ..storage.urlpath import URLPath
 from .plan import RunPlan
 
-__all__ = ["check_not_shared", "effective_config", "make_run_dir"]
+__all__ = ["check_not_shared", "continue_run_dir", "effective_config", "make_run_dir",
+           "record_config", "resumes_in_place"]
 
 
 def check_not_shared(cfg: Config, plan: RunPlan) -> None:
@@ -71,6 +73,50 @@ def effective_config(cfg: Config, plan: RunPlan) -> Config:
         "max_envs_to_visit": plan.target_episode, "checkpoint_strategy": strategy,
     })
     return cfg.model_copy(update={"runtime": runtime})
+
+
+def resumes_in_place(plan: RunPlan, ckpt_dir: Path | None) -> bool:
+    """True if the run writes into the checkpoints directory it resumed from."""
+    if plan.resumed is None or ckpt_dir is None:
+        return False
+    src = plan.resumed.path.parent
+    if isinstance(src, URLPath) or isinstance(ckpt_dir, URLPath):
+        return str(src).rstrip("/") == str(ckpt_dir).rstrip("/")
+    try:
+        return os.path.samefile(src, ckpt_dir)
+    except OSError:
+        return False
+
+
+def continue_run_dir(cfg: Config, plan: RunPlan) -> tuple[Path, Path, Config]:
+    """The run directory and checkpoints directory an auto-resumed run continues in.
+
+    Returns:
+        the run directory, its checkpoints directory (the resumed checkpoint's) and the
+        config to record there, whose ``checkpoint_dir`` names that directory.
+    """
+    assert plan.continue_in is not None
+    assert plan.resumed is not None
+    run_dir, ckpt_dir = plan.continue_in, plan.resumed.path.parent
+    recorded: str = str(ckpt_dir)
+    if not isinstance(ckpt_dir, URLPath):
+        try:
+            recorded = str(ckpt_dir.relative_to(run_dir))
+        except ValueError:
+            recorded = str(ckpt_dir.resolve())
+    rt = cfg.runtime.model_copy(update={"checkpoint_dir": recorded})
+    return run_dir, ckpt_dir, cfg.model_copy(update={"runtime": rt})
+
+
+def record_config(cfg: Config, run_dir: Path) -> None:
+    """Replace ``config.yaml`` of a run continued in place (whole, never half written)."""
+    tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(dump_config(cfg))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / "config.yaml")
 
 
 def make_run_dir(cfg: Config) -> tuple[Path, Path | None]:

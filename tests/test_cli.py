@@ -66,7 +66,8 @@ def test_train_logs_one_line_per_checkpoint_and_validation(
 
 def test_train_quiet_hides_info_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--quiet keeps stderr free of per-checkpoint lines."""
-    cfg = write_config(tmp_path, "q", "runtime:\n  executor: thread\n")
+    cfg = write_config(tmp_path, "q", "runtime:\n  executor: thread\n"
+                       "  checkpoint_every_episodes: 50\n")
     assert cli(["train", "--config", str(cfg), "--quiet"], tmp_path) == 0
     out, err = capsys.readouterr()
     assert err == ""
@@ -118,15 +119,16 @@ def test_progress_only_on_a_terminal(stream: io.StringIO, quiet: bool, expected:
 
 
 def test_progress_bar_shows_status() -> None:
-    """The bar shows episode, rate, last checkpoint, pending writes and val_score."""
+    """The bar shows episode, rate, last checkpoint, the writer's queue, val_score, ETA."""
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=200)
     with RichReporter(console) as bar:
         bar.update(TrainStatus(episode=50, first_episode=0, last_episode=100,
                                episodes_per_second=1234.0, last_checkpoint="ep_000050",
-                               pending_writes=1, val_score=0.52))
+                               writer_pending=3, max_pending=2, val_score=0.52))
     text = buf.getvalue()
-    for part in ("episode 50/100", "1,234 ep/s", "last ckpt ep_000050", "pending 1", "val 0.520"):
+    for part in ("episode 50/100", "1,234 ep/s", "last ckpt ep_000050", "queued 2/2, writing 1",
+                 "val 0.520", "eta"):
         assert part in text
 
 
@@ -145,7 +147,7 @@ def test_ls_checkpoints_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "<- latest" in rows[1]
     assert "<- latest" not in rows[0]
     assert "0.620" in rows[0]
-    for col in ("name", "episode", "steps", "val_score", "size", "age", "latest", "status"):
+    for col in ("name", "episode", "steps", "val_score", "size", "age", "pointer", "status"):
         assert col in out
 
 
@@ -340,6 +342,9 @@ def test_signal_finishes_episode_and_writes_final_checkpoint(
     latest = json.loads((ck / "latest.json").read_text())
     assert latest["episode_index"] == stopped
     assert f"Checkpoints are in outputs/long/{ck.parent.name}/checkpoints" in out
+    final = f"outputs/long/{ck.parent.name}/checkpoints/ep_{stopped:06d}"
+    assert f"the last durable checkpoint is {final}; to continue from it, set " \
+           f"runtime.resume_from: {final}" in out
     assert cli(["verify", str(ck)], tmp_path) == 0
 
 
@@ -417,33 +422,51 @@ def test_error_inside_training_is_one_message(tmp_path: Path,
         "    async def act(self, observation):\n"
         "        return 5\n"
     )
-    cfg = write_config(tmp_path, "bad", "agent:\n  type: int_agent:IntAgent\n")
+    cfg = write_config(tmp_path, "bad", "agent:\n  type: int_agent:IntAgent\n"
+                       "runtime:\n  checkpoint_every_episodes: 10\n")
     assert cli(["train", "-q", "--config", str(cfg)], tmp_path) == 1
     err = capsys.readouterr().err
-    assert err == "error: IntAgent.act returned int, expected str (see ckptwriter.runtime.Agent)\n"
+    assert err == ("error: IntAgent.act returned int, expected str (see ckptwriter.runtime.Agent)\n"
+                   "no checkpoint was written: there is nothing to resume from\n")
 
 
 def test_failed_checkpoint_write_stops_training_with_exit_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """on_error: raise: a checkpoint that cannot be written ends the run with exit 1."""
+    # Episode 30's act: the writer is left to finish ep_000020 (latest.json names it, the
+    # last step of a keep-all commit) before the directory goes, so no commit is in flight
+    # (ep_000030 is submitted after this act) and ep_000030 is the first checkpoint that
+    # cannot be written, on any machine: no race between rmtree and the writer.
     (tmp_path / "vandal.py").write_text(
-        "import shutil, pathlib\n"
+        "import json, pathlib, shutil, time\n"
+        "import anyio\n"
         "from ckptwriter.runtime import HistoryAgent\n"
+        "def latest(ckpts):\n"
+        "    try:\n"
+        "        return json.loads((ckpts / 'latest.json').read_text())['checkpoint']\n"
+        "    except (FileNotFoundError, ValueError):\n"
+        "        return None\n"
         "class Vandal(HistoryAgent):\n"
         "    calls = 0\n"
         "    async def act(self, observation):\n"
         "        Vandal.calls += 1\n"
         "        if Vandal.calls == 30:\n"
-        "            for d in pathlib.Path('outputs').glob('*/*/checkpoints'):\n"
-        "                shutil.rmtree(d)\n"
+        "            [ckpts] = pathlib.Path('outputs').glob('*/*/checkpoints')\n"
+        "            deadline = time.monotonic() + 120\n"
+        "            while latest(ckpts) != 'ep_000020':\n"
+        "                assert time.monotonic() < deadline, 'ep_000020 never committed'\n"
+        "                await anyio.sleep(0.005)\n"
+        "            shutil.rmtree(ckpts)\n"
         "        return await super().act(observation)\n"
     )
-    cfg = write_config(tmp_path, "gone", "agent:\n  type: vandal:Vandal\nruntime:\n"
+    # One attempt per episode: act call N is episode N.
+    cfg = write_config(tmp_path, "gone", "agent:\n  type: vandal:Vandal\n"
+                       "environment:\n  max_attempts: 1\nruntime:\n"
                        "  checkpoint_every_episodes: 10\n  max_envs_to_visit: 200\n")
     assert cli(["train", "-q", "--config", str(cfg)], tmp_path) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint for episode ")
+    assert err.startswith("error: checkpoint for episode 30 ")
     assert "Traceback" not in err
 
 

@@ -39,14 +39,23 @@ log = logging.getLogger("ckptwriter")
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+# Where `train` writes by default (the config's output_dir), so `ls`/`du` look there.
+DEFAULT_OUTPUTS = "outputs"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="ckptwriter",
         description="Train with crash-safe asynchronous checkpoints, and inspect them.",
+        epilog="`ckptwriter --config FILE` (and `python -m ckptwriter --config FILE`) is "
+               "short for `ckptwriter train --config FILE`.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"ckptwriter {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (`ckptwriter COMMAND --help` for more)")
 
     train = sub.add_parser("train", help="run a training configuration")
     train.add_argument("--config", required=True, metavar="FILE", help="YAML configuration")
@@ -56,15 +65,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", "-q", action="store_true",
                        help="no progress bar and only warnings in the log")
+    train.add_argument(
+        "--resume", metavar="auto|best|PATH",
+        help="set runtime.resume_from: auto (this run name's newest checkpoint, continued "
+        "in place; a fresh start if none), best, or a checkpoint path",
+    )
 
-    for name, text in (
-        ("ls", "list checkpoints (checkpoints dir, run dir or outputs/<run_name>/)"),
-        ("show", "show one checkpoint's manifests and memory entry counts"),
-        ("verify", "check every file's size and sha256; non-zero exit if one is broken"),
-        ("du", "disk use per run and per checkpoint"),
+    for name, text, what in (
+        ("ls", "list checkpoints (checkpoints dir, run dir or outputs/<run_name>/)",
+         "what to list"),
+        ("show", "show one checkpoint's manifests and memory entry counts",
+         "a checkpoint directory, or a `latest`/`best` pointer"),
+        ("verify", "check every file's size and sha256; non-zero exit if one is broken",
+         "a checkpoint, a checkpoints dir, a run dir or outputs/<run_name>/"),
+        ("du", "disk use per run and per checkpoint", "what to measure"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("path", metavar="PATH")
+        if name in ("ls", "du"):
+            p.add_argument("path", metavar="PATH", nargs="?", default=DEFAULT_OUTPUTS,
+                           help=f"{what}: a checkpoints dir, a run dir, outputs/<run_name>/ "
+                                f"or outputs/ (default: {DEFAULT_OUTPUTS})")
+        else:
+            p.add_argument("path", metavar="PATH", help=what)
     sub.add_parser("bench", add_help=False, help="measure submit() stall, freshness and "
                    "throughput on your disk (see `ckptwriter bench --help`)")
     return parser
@@ -91,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _warnings_to_log():
             if args.command == "train":
-                return _train(args.config, args.overrides, quiet=args.quiet)
+                # --resume is resume_from as given (a path is not parsed as YAML).
+                resume = [] if args.resume is None else [
+                    f"runtime.resume_from={json.dumps(args.resume)}"]
+                return _train(args.config, [*args.overrides, *resume], quiet=args.quiet)
             out = _stdout()
             if args.command == "ls":
                 return _ls(args.path, out)
@@ -159,15 +184,14 @@ def _warnings_to_log() -> Iterator[None]:
 def _train(config: str, overrides: list[str], *, quiet: bool) -> int:
     from .config import load_config
     from .runtime import NullReporter, RichReporter, run_training
-    from .runtime.progress import Reporter, is_terminal_error, progress_enabled
+    from .runtime.progress import Reporter, is_terminal_error, log_formatter, progress_enabled
 
     cfg = load_config(config, overrides)
     search_dirs = (str(Path.cwd()), str(Path(config).resolve().parent))
     bar = RichReporter() if progress_enabled(sys.stderr, quiet) else None
     handler: logging.Handler = bar.log_handler if bar else logging.StreamHandler(sys.stderr)
-    if bar is None:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                               "%H:%M:%S"))
+    # The same lines above the bar as in a pipe or a log file.
+    handler.setFormatter(log_formatter())
     old_level = log.level
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -203,7 +227,8 @@ def _train(config: str, overrides: list[str], *, quiet: bool) -> int:
 
 
 def _summary(result: TrainResult) -> None:
-    from .runtime.loop import resume_hint
+    from .runtime.loop import failure_summary, resume_hint
+    from .runtime.progress import display_path
 
     out = Console(highlight=False, soft_wrap=True)
     done = result.last_episode - result.first_episode
@@ -213,10 +238,15 @@ def _summary(result: TrainResult) -> None:
               f"({done} episodes, {result.train_steps_total} steps total{val}, "
               f"{result.elapsed_seconds:.2f} s)", markup=False)
     if result.checkpoint_dir is None:
-        out.print(f"Checkpointing was off; run directory: {result.run_dir}", markup=False)
+        out.print(f"Checkpointing was off; run directory: {display_path(result.run_dir)}",
+                  markup=False)
         return
     latest = f" (latest -> {result.latest_checkpoint})" if result.latest_checkpoint else ""
-    out.print(f"Checkpoints are in {result.checkpoint_dir}{latest}", markup=False)
+    out.print(f"Checkpoints are in {display_path(result.checkpoint_dir)}{latest}",
+              markup=False)
+    failed = failure_summary(result.checkpoints_failed, result.durable_checkpoint)
+    if failed:
+        out.print(failed, markup=False)
     if result.stopped_by:
         out.print(resume_hint(result.durable_checkpoint), markup=False)
     out.file.flush()
@@ -227,32 +257,35 @@ def _summary(result: TrainResult) -> None:
 
 def _ls(path: str, out: Console) -> int:
     from .runtime.inspection import (
+        best_name,
+        disk_usage,
         find_checkpoint_dirs,
         format_age,
         format_size,
         latest_name,
-        tree_size,
     )
 
     for cdir in find_checkpoint_dirs(path):
-        latest = latest_name(cdir.path)
+        pointers = {layout.LATEST_LINK: latest_name(cdir.path),
+                    layout.BEST_LINK: best_name(cdir.path)}
         table = Table(title=str(cdir.path), title_justify="left")
         for col, kw in (("name", {"no_wrap": True}), ("episode", {"justify": "right"}),
                         ("steps", {"justify": "right"}), ("val_score", {"justify": "right"}),
                         ("size", {"justify": "right"}), ("age", {"justify": "right"}),
-                        ("latest", {}), ("status", {})):
+                        ("pointer", {}), ("status", {})):
             table.add_column(col, **kw)
         infos = cdir.checkpoints()
         for info in infos:
             rt = info.runtime
+            marks = [p for p, name in pointers.items() if name == info.name]
             table.add_row(
                 info.name,
                 str(info.episode_index),
                 str(rt.train_steps_total) if rt else "-",
                 f"{rt.val_score:.3f}" if rt and rt.val_score is not None else "-",
-                format_size(tree_size(info.path)) if info.complete else "-",
+                format_size(disk_usage(info.path)) if info.complete else "-",
                 format_age(rt.timestamp if rt else None),
-                "<- latest" if info.name == latest else "",
+                f"<- {', '.join(marks)}" if marks else "",
                 "complete" if info.complete else f"INCOMPLETE ({info.problem})",
             )
         out.print(table)
@@ -325,18 +358,21 @@ def _verify(path: str, out: Console) -> int:
 
 
 def _du(path: str, out: Console) -> int:
-    from .runtime.inspection import find_checkpoint_dirs, format_size, tree_size
+    from .runtime.inspection import disk_usage, find_checkpoint_dirs, format_size
 
     grand = 0
+    # Shared by the run totals, as `du -s A B` shares them: a file hard-linked into two
+    # runs counts in the first only, and the grand total is the disk the runs occupy.
+    seen: set[tuple[int, int]] = set()
     seen_runs: set[Path] = set()
     for cdir in find_checkpoint_dirs(path):
         for info in cdir.checkpoints():
-            out.print(f"{format_size(tree_size(info.path)):>12}  {info.path}", markup=False)
+            out.print(f"{format_size(disk_usage(info.path)):>12}  {info.path}", markup=False)
         top = cdir.run_dir or cdir.path
         if top in seen_runs:
             continue
         seen_runs.add(top)
-        size = tree_size(top)
+        size = disk_usage(top, seen)
         grand += size
         out.print(f"{format_size(size):>12}  {top}  (run total)", markup=False)
     if len(seen_runs) > 1:

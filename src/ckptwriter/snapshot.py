@@ -94,9 +94,11 @@ class Snapshot:
             )
             extras = {name: _encode_extra(name, obj) for name, obj in self.extra_files.items()}
         except (TypeError, msgspec.EncodeError) as exc:
+            # The extra files raise their own error, naming the file.
             raise CheckpointError(
-                f"Snapshot for episode {self.episode_index} is not JSON-able: {exc}. "
-                "Pass bytes in extra_files for state that is not JSON."
+                f"Snapshot for episode {self.episode_index}: agent_config is not JSON-able "
+                f"({_json_problem(exc)}). Keep it JSON; pass bytes in extra_files for "
+                "state that is not JSON."
             ) from exc
         meta = SnapshotMeta(
             episode_index=self.episode_index,
@@ -112,6 +114,13 @@ class Snapshot:
         return CapturedSnapshot(meta, self.memory.capture(), time.perf_counter())
 
 
+def _json_problem(exc: Exception) -> str:
+    text = str(exc)
+    if "str keys" in text:
+        return "a dict has a key that is not a str; convert keys with str(key)"
+    return text
+
+
 def _encode_extra(name: str, obj: Any) -> bytes:
     if not name or "/" in name or "\\" in name or name in {".", ".."} or name.startswith("."):
         raise CheckpointError(
@@ -121,7 +130,16 @@ def _encode_extra(name: str, obj: Any) -> bytes:
         raise CheckpointError(f"extra_files name {name!r} is reserved by ckptwriter; rename it")
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return bytes(obj)
-    data = _ENCODER.encode(obj)
+    try:
+        data = _ENCODER.encode(obj)
+    except (TypeError, msgspec.EncodeError) as exc:
+        # msgspec's own words ("Only dicts with str keys are supported when `order` is
+        # not `None`") name neither the file nor the fix.
+        raise CheckpointError(
+            f"extra_files[{name!r}] is not JSON-able ({_json_problem(exc)}). Make it "
+            "JSON (dicts with str keys, lists, str, numbers, bools, None) or pass bytes "
+            "for state that is not JSON."
+        ) from exc
     if may_hold_nonfinite(data) and (where := find_nonfinite(obj, f"extra_files[{name!r}]")):
         raise CheckpointError(f"{where}: {NONFINITE_FIX}")
     return data

@@ -9,17 +9,23 @@ storage alike (the reader's discovery rules, :mod:`ckptwriter.discovery`).
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import layout
 from ..discovery import checkpoints_dirs, followed, guarded, name_of, open_location
-from ..reader import CheckpointInfo, latest_status, list_checkpoints
+from ..errors import CheckpointCorruptError
+from ..reader import CheckpointInfo, _pointer, latest_status, list_checkpoints
+from ..storage.urlpath import URLPath
 
 __all__ = [
     "CheckpointsDir",
+    "best_name",
     "checkpoint_at",
+    "disk_usage",
     "find_checkpoint_dirs",
     "format_age",
     "format_size",
@@ -74,6 +80,24 @@ def latest_name(ckpt_dir: str | os.PathLike[str]) -> str | None:
     return latest_status(ckpt_dir).name
 
 
+def best_name(ckpt_dir: str | os.PathLike[str]) -> str | None:
+    """The checkpoint name ``best`` (symlink, else ``best.json``) points at, if any.
+
+    An unreadable or unsafe ``best`` is shown as no best: ``verify`` is the command that
+    reports broken files, ``ls`` only lists.
+    """
+    store, where = open_location(ckpt_dir)
+
+    def read() -> str | None:
+        try:
+            name, _ = _pointer(store, followed(store, where), layout.BEST_LINK)
+        except CheckpointCorruptError:
+            return None
+        return name
+
+    return guarded(store, where, "reading best in", read)
+
+
 def tree_size(path: str | os.PathLike[str]) -> int:
     """Bytes of the regular files (objects) under ``path``, from one listing.
 
@@ -82,6 +106,49 @@ def tree_size(path: str | os.PathLike[str]) -> int:
     """
     store, where = open_location(path)
     return guarded(store, where, "listing", lambda: sum(store.sizes(where).values()))
+
+
+def disk_usage(path: str | os.PathLike[str], seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes ``path`` occupies on disk, as ``du`` counts them (``st_blocks * 512``).
+
+    Directories count (as in ``du``); a file hard-linked more than once counts once,
+    also across calls sharing ``seen``; symlinks are neither followed (``path`` itself
+    included) nor counted, so a symlinked ``ep_*`` adds nothing. On object storage,
+    which has no blocks: the objects' sizes (:func:`tree_size`).
+    """
+    if isinstance(path, URLPath):
+        return tree_size(path)
+    inodes = set() if seen is None else seen
+    return sum(_blocks(_walk(os.fspath(path)), inodes))
+
+
+def _walk(top: str) -> Iterable[os.stat_result]:
+    # An entry that vanishes mid-walk (retention deleting a checkpoint) counts nothing.
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return
+    yield st
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    for dirpath, dirs, files in os.walk(top, followlinks=False):
+        for name in (*dirs, *files):
+            try:
+                yield os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+
+
+def _blocks(stats: Iterable[os.stat_result], seen: set[tuple[int, int]]) -> Iterable[int]:
+    for st in stats:
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            continue
+        seen.add(key)
+        # st_blocks is in 512-byte units whatever the filesystem's block size (POSIX).
+        yield st.st_blocks * 512
 
 
 def format_size(n: int) -> str:

@@ -1,23 +1,38 @@
 """How a training run reports progress: a rich progress bar on a terminal, or nothing.
 
 The loop calls :meth:`Reporter.update` at most every :data:`UPDATE_SECONDS`, so a
-reporter never costs the loop per-episode work.
+reporter never costs the loop per-episode work. Log lines have one format
+(:data:`LOG_FORMAT`) on a terminal and in a pipe, and paths one style
+(:func:`display_path`).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Protocol
 
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-__all__ = ["UPDATE_SECONDS", "NullReporter", "Reporter", "RichReporter", "TrainStatus",
-           "is_terminal_error", "progress_enabled"]
+from ..storage.urlpath import URLPath
+
+__all__ = ["LOG_DATEFMT", "LOG_FORMAT", "UPDATE_SECONDS", "NullReporter", "Reporter",
+           "RichReporter", "TrainStatus", "display_path", "is_terminal_error",
+           "log_formatter", "progress_enabled"]
+
+# The one format of the run's log lines, above a progress bar or into a pipe or file.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
 
 # Ten refreshes a second is smooth to the eye and invisible in the loop's cost.
 UPDATE_SECONDS = 0.1
@@ -32,8 +47,36 @@ class TrainStatus:
     last_episode: int
     episodes_per_second: float
     last_checkpoint: str | None
-    pending_writes: int
     val_score: float | None
+    # Snapshots the writer has not finished: queued plus the one being written.
+    writer_pending: int = 0
+    max_pending: int | None = None
+
+    @property
+    def writing(self) -> int:
+        """The snapshot being written: 0 or 1."""
+        return min(1, self.writer_pending)
+
+    @property
+    def queued(self) -> int:
+        """Snapshots waiting besides the one being written: at most ``max_pending``, so
+        ``queued 2/2, writing 1`` is a full queue."""
+        return max(0, self.writer_pending - 1)
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A local path as the run's messages print it: relative to the working directory
+    when under it, else absolute; a URL as it is."""
+    if isinstance(path, URLPath):
+        return str(path)
+    absolute = os.path.abspath(os.fspath(path))
+    rel = os.path.relpath(absolute, os.getcwd())
+    return absolute if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def log_formatter() -> logging.Formatter:
+    """The formatter of :data:`LOG_FORMAT`."""
+    return logging.Formatter(LOG_FORMAT, LOG_DATEFMT)
 
 
 class Reporter(Protocol):
@@ -78,18 +121,18 @@ class RichReporter:
             BarColumn(),
             TextColumn("{task.fields[rate]} ep/s"),
             TextColumn("last ckpt {task.fields[ckpt]}"),
-            TextColumn("pending {task.fields[pending]}"),
+            TextColumn("{task.fields[queue]}"),
             TextColumn("val {task.fields[val]}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=self.console,
             transient=False,
         )
         self._task = self._progress.add_task(
-            "train", total=None, episode="-", rate="-", ckpt="-", pending=0, val="-"
+            "train", total=None, episode="-", rate="-", ckpt="-", queue="queued -", val="-"
         )
-        self.log_handler: logging.Handler = RichHandler(
-            console=self.console, show_path=False, markup=False, rich_tracebacks=False
-        )
+        self.log_handler: logging.Handler = _ConsoleHandler(self.console)
         self.terminal_lost = False
 
     def __enter__(self) -> RichReporter:
@@ -118,6 +161,28 @@ class RichReporter:
             episode=f"{status.episode}/{status.last_episode}",
             rate=f"{status.episodes_per_second:,.0f}",
             ckpt=status.last_checkpoint or "-",
-            pending=status.pending_writes,
+            queue=_queue_text(status),
             val="-" if status.val_score is None else f"{status.val_score:.3f}",
         )
+
+
+def _queue_text(status: TrainStatus) -> str:
+    limit = "" if status.max_pending is None else f"/{status.max_pending}"
+    return f"queued {status.queued}{limit}, writing {status.writing}"
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log lines in :data:`LOG_FORMAT`, printed above the live bar (never tearing it)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+        self.setFormatter(log_formatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False,
+                               soft_wrap=True)
+        except OSError as exc:
+            if not is_terminal_error(exc):
+                self.handleError(record)

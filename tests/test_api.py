@@ -9,12 +9,14 @@ from ckptwriter import MemoryLog, SyncCheckpointWriter, load_checkpoint
 from conftest import add_episode, snapshot
 
 EXPORTED = {
-    "Action", "CheckpointCorruptError", "CheckpointError", "CheckpointFallbackWarning",
+    "Action", "CheckpointCorruptError", "CheckpointError", "CheckpointExistsError",
+    "CheckpointFallbackWarning",
     "CheckpointHandle", "CheckpointInfo", "CheckpointNotFoundError", "CheckpointResult",
     "CheckpointWriter", "ConfigError", "DirectoryLockedError", "Feedback", "FeedbackContent",
     "LoadedCheckpoint", "MemoryEntry", "MemoryLog", "MemoryTypeMismatchError", "Observation",
     "Reflection", "Snapshot", "StorageError", "SyncCheckpointHandle", "SyncCheckpointWriter",
-    "UnsafePathError", "WriterClosedError", "WriterFailedError", "WriterStats",
+    "UnknownEntryTypeError", "UnsafePathError", "WriterClosedError", "WriterFailedError",
+    "WriterStats",
     "list_checkpoints", "load_checkpoint", "resolve_checkpoint", "switch_interval",
     "verify_checkpoint",
 }

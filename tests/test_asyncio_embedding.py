@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from pathlib import Path
 
@@ -17,18 +18,20 @@ from conftest import add_episode, snapshot
 async def test_writer_shared_by_concurrent_agent_tasks(tmp_path: Path) -> None:
     """Agent tasks in an asyncio.TaskGroup submit through one writer; all become durable."""
     mem = MemoryLog()
+    # One run, so one episode counter: a writer refuses to go back to a lower episode.
+    episodes = itertools.count(1)
     async with CheckpointWriter(tmp_path, keep_last=3) as writer:
 
-        async def agent(offset: int) -> None:
-            for i in range(5):
-                ep = offset + i
+        async def agent() -> None:
+            for _ in range(5):
+                ep = next(episodes)
                 add_episode(mem, ep)
                 await writer.submit(snapshot(mem, ep))
                 await asyncio.sleep(0.001)
 
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(agent(100))
-            tg.create_task(agent(200))
+            tg.create_task(agent())
+            tg.create_task(agent())
         await writer.flush()
         assert writer.stats.written == 10
     assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()

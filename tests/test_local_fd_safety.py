@@ -144,7 +144,7 @@ def test_live_reader_never_fails_while_an_episode_is_recommitted(
             log = recommitted(0)
             for n in range(1, commits + 1):
                 log.append(Observation(content=f"re-commit {n}"))
-                w.submit(snapshot(5, log)).wait()
+                w.submit(snapshot(5, log), replace=True).wait()
         finally:
             stop.touch()
             out, err = reader.communicate(timeout=120)
@@ -166,7 +166,7 @@ def test_recommit_without_a_swap_falls_back_and_loses_nothing(
     root = tmp_path / "ck"
     with SyncCheckpointWriter(root, keep_last=1, executor="thread") as w:
         for n in range(3):
-            w.submit(snapshot(5, recommitted(n))).wait()
+            w.submit(snapshot(5, recommitted(n)), replace=n > 0).wait()
     assert leftovers(root) == []
     assert load_checkpoint(root).memory.to_jsonl() == recommitted(2).to_jsonl()
 
@@ -202,7 +202,7 @@ def _one_crash(root: str, step: str, keep: int, fallback: bool) -> None:
     # A second writer on the same directory commits episode 5 again (a resume in place
     # with checkpoint_on_start, a retry), with other contents.
     with SyncCheckpointWriter(storage=_DieAt(root, step), keep_last=keep) as w:
-        w.submit(snapshot(5, recommitted(1))).wait()
+        w.submit(snapshot(5, recommitted(1)), replace=True).wait()
 
 
 def _child_recommit_crashes(base: str, *cases: str) -> None:

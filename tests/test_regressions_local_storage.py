@@ -84,7 +84,7 @@ def test_recommitting_an_episode_never_loses_the_existing_checkpoint(tmp_path: P
         w.submit(snapshot(mem, 100)).wait()
     # Same episode again: checkpoint_on_start after resuming into an absolute checkpoint_dir.
     with SyncCheckpointWriter(storage=_RmtreeFailsOnOldCopy(tmp_path / "ck")) as w:
-        w.submit(snapshot(mem, 100)).wait()
+        w.submit(snapshot(mem, 100), replace=True).wait()
     # As reviewed: the old copy was renamed to .trash-* before the new one was in place,
     # the new one was then discarded, `latest` dangles and the next writer start deletes
     # the only copy. Either copy is fine; none is data loss.

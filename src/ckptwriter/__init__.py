@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from .errors import CheckpointCorruptError as CheckpointCorruptError
 from .errors import CheckpointError as CheckpointError
+from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .errors import ConfigError as ConfigError
 from .errors import DirectoryLockedError as DirectoryLockedError
 from .errors import MemoryTypeMismatchError as MemoryTypeMismatchError
 from .errors import StorageError as StorageError
+from .errors import UnknownEntryTypeError as UnknownEntryTypeError
 from .errors import UnsafePathError as UnsafePathError
 from .errors import WriterClosedError as WriterClosedError
 from .errors import WriterFailedError as WriterFailedError
@@ -45,6 +47,7 @@ __all__ = [
     "Action",
     "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointExistsError",
     "CheckpointFallbackWarning",
     "CheckpointHandle",
     "CheckpointInfo",
@@ -65,6 +68,7 @@ __all__ = [
     "StorageError",
     "SyncCheckpointHandle",
     "SyncCheckpointWriter",
+    "UnknownEntryTypeError",
     "UnsafePathError",
     "WriterClosedError",
     "WriterFailedError",

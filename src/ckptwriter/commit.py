@@ -5,7 +5,16 @@ file can be extended (same log, still intact), write the bytes appended since th
 (the backend copies the prefix: a kernel-side copy or reflink locally, a server-side
 copy remotely) while the sha256 state carried from the previous commit is extended,
 write ``agent.json`` and the extra files, then ``runtime.json`` last as the commit
-marker (:meth:`PendingCheckpoint.finalize`), move ``latest``, and run a retention pass.
+marker (:meth:`PendingCheckpoint.finalize`), move ``latest``, move ``best`` if the new
+checkpoint beats it, and run a retention pass.
+
+The best checkpoint is the one with the best ``val_score`` by the writer's ``mode``
+(``max`` or ``min``), ties going to the newer episode: :func:`best_of`, the rule
+``top_k_val`` ranks by. Checkpoints without a score are never best, and without any
+scored checkpoint there is no ``best`` pointer. Retention never deletes a checkpoint
+the ``best`` pointer names (or may still name, after a failed move), and the pointer is
+put right at open when what is on disk says otherwise (a crash between ``latest`` and
+``best``, a re-commit, a writer of the other ``mode``).
 
 The backend owns atomicity and durability; this module owns the format.
 """
@@ -15,27 +24,34 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
+from pydantic import ValidationError
 
 from . import layout
 from .discovery import guarded
 from .errors import CheckpointError
 from .layout import FORMAT_VERSION
-from .manifest import dump_json, format_timestamp
+from .manifest import LatestPointer, dump_json, format_timestamp
 from .reader import is_whole, scan
-from .retention import CheckpointRecord, RetentionPolicy, select_for_deletion
+from .retention import (
+    CheckpointRecord,
+    KeepTopKByScore,
+    Mode,
+    RetentionPolicy,
+    select_for_deletion,
+)
 from .snapshot import CapturedSnapshot, SnapshotMeta
 from .storage.base import Backend, FileSpec, PendingCheckpoint, ReuseToken
 
 if TYPE_CHECKING:
     from hashlib import _Hash
 
-__all__ = ["CommitPipeline", "CommitReport"]
+__all__ = ["CommitPipeline", "CommitReport", "best_of"]
 
 # Above this size, hashing runs in another thread while this one writes and fsyncs:
 # both release the GIL, so a full write costs what a raw write + fsync costs.
@@ -61,6 +77,8 @@ class CommitReport(msgspec.Struct, frozen=True):
     nbytes: int
     # The next commit can extend this memory file (the backend can reuse it).
     extendable: bool = True
+    # The best pointer could not be moved (the commit itself is durable).
+    best_error: str | None = None
 
     @property
     def record(self) -> CheckpointRecord:
@@ -77,6 +95,26 @@ class _Carry:
     nbytes: int
     sha: _Hash
     token: ReuseToken
+
+
+def best_of(records: Iterable[CheckpointRecord], mode: Mode) -> CheckpointRecord | None:
+    """The best scored checkpoint by ``mode``, ties to the newer; None if none has a score.
+
+    The very rule ``top_k_val`` keeps by: the best one is always among its top K.
+    """
+    scored = [r for r in records if r.val_score is not None]
+    if not scored:
+        return None
+    return scored[KeepTopKByScore(1, mode).should_preserve(scored).index(True)]
+
+
+def _pointer_document(name: str, episode: int, timestamp: str | None,
+                      score: float | None) -> bytes:
+    """``latest.json`` (and ``best.json``: the same schema) naming checkpoint ``name``."""
+    return dump_json({
+        "checkpoint": name, "episode_index": episode, "timestamp": timestamp,
+        "val_score": score,
+    })
 
 
 def commit_documents(
@@ -96,11 +134,7 @@ def commit_documents(
         "resumed_from": snap.resumed_from,
         "files": files,
     })
-    latest = dump_json({
-        "checkpoint": name, "episode_index": snap.episode_index,
-        "timestamp": timestamp, "val_score": snap.val_score,
-    })
-    return runtime, latest
+    return runtime, _pointer_document(name, snap.episode_index, timestamp, snap.val_score)
 
 
 def _hash_views(sha: _Hash, views: Sequence[memoryview]) -> None:
@@ -115,14 +149,24 @@ class CommitPipeline:
         backend: where checkpoints go.
         policy: which checkpoints retention keeps.
         protect: names retention never deletes.
+        mode: ``max`` or ``min``: which ``val_score`` the ``best`` pointer follows.
     """
 
     def __init__(self, backend: Backend, policy: RetentionPolicy,
-                 protect: Collection[str] = ()) -> None:
+                 protect: Collection[str] = (), *, mode: Mode = "max") -> None:
         self.backend = backend
         self.policy = policy
         self.protect = frozenset(protect)
+        self.mode: Mode = mode
         self.known: dict[str, CheckpointRecord] = {}
+        # Each known checkpoint's pointer document, which best.json holds when it is best.
+        self._docs: dict[str, bytes] = {}
+        self.best: CheckpointRecord | None = None
+        # What the best pointer on disk may name: more than one name after a failed move.
+        # Retention spares them all until a move succeeds.
+        self._best_named: set[str] = set()
+        # A checkpoint joined ``known`` without being ranked (its latest move failed).
+        self._rank_all = False
         self._carry: _Carry | None = None
         # An immutable copy of ``known``, replaced whole after each change, for readers
         # in other threads (the writer's event loop) while a commit runs.
@@ -134,12 +178,20 @@ class CommitPipeline:
         b.open(partial(is_whole, b.store))
         try:
             infos = guarded(b.store, b.root, "opening", lambda: scan(b.store, b.root))
-            records = [i.record for i in infos if i.complete]
+            whole = [i for i in infos if i.complete]
+            records = [i.record for i in whole]
+            self.known = {r.name: r for r in records}
+            self.committed = tuple(records)
+            self._docs = {i.name: _pointer_document(
+                i.name, i.episode_index, i.runtime.timestamp if i.runtime else None,
+                i.record.val_score) for i in whole}
+            self.best = best_of(records, self.mode)
+            self._best_named = {self.best.name} if self.best is not None else set()
+            if not guarded(b.store, b.root, "opening", self._best_is_current):
+                self._move_best()
         except BaseException:
             b.close()
             raise
-        self.known = {r.name: r for r in records}
-        self.committed = tuple(records)
         return records
 
     def close(self) -> None:
@@ -205,8 +257,14 @@ class CommitPipeline:
         record = CheckpointRecord(name, meta.episode_index, meta.val_score)
         # Known before the pointer moves: if that fails, retention still sees it later.
         self.known[name] = record
+        self._docs[name] = latest_json
         self.committed = tuple(self.known.values())
-        b.replace_pointer(name, latest_json)
+        try:
+            b.replace_pointer(name, latest_json)
+        except BaseException:
+            self._rank_all = True
+            raise
+        best_error = self._update_best(record)
         deleted, retention_error = self._retain(name)
         try:
             extendable = b.can_reuse(tokens[mem_name])
@@ -221,12 +279,71 @@ class CommitPipeline:
             incremental=carry is not None, serialize_seconds=serialize_s,
             write_seconds=total - serialize_s, deleted=tuple(deleted),
             retention_error=retention_error, log_id=mem.log_id, nbytes=mem.nbytes,
-            extendable=extendable,
+            extendable=extendable, best_error=best_error,
         )
 
+    # -- the best pointer -------------------------------------------------------------
+
+    def _best_is_current(self) -> bool:
+        """True if ``best`` and ``best.json`` on disk name exactly :attr:`best`, as it is."""
+        store, root, best = self.backend.store, self.backend.root, self.best
+        want = best.name if best is not None else None
+        # Object storage has no symlinks: best.json alone is the pointer there.
+        link = store.readlink(store.join(root, layout.BEST_LINK))
+        if link != (None if store.marker_commits else want):
+            return False
+        try:
+            doc = store.read(store.join(root, layout.BEST_JSON))
+        except FileNotFoundError:
+            return best is None
+        except OSError:
+            return False  # not a readable file: rewritten (or the rewrite says why)
+        if best is None:
+            return False
+        try:
+            return LatestPointer.model_validate_json(doc) == \
+                LatestPointer.model_validate_json(self._docs[best.name])
+        except ValidationError:
+            return False
+
+    def _move_best(self) -> None:
+        if self.best is None:
+            self.backend.remove_pointer(layout.BEST_LINK)
+        else:
+            self.backend.replace_pointer(self.best.name, self._docs[self.best.name],
+                                         pointer=layout.BEST_LINK)
+
+    def _update_best(self, new: CheckpointRecord) -> str | None:
+        """Move ``best`` if ``new`` beats it or replaced it; why that failed, if it did."""
+        prev = self.best
+        if self._rank_all or (prev is not None and prev.name == new.name):
+            # The best itself was re-committed (maybe with another score): rank them all.
+            self._rank_all = False
+            best = best_of(self.known.values(), self.mode)
+        else:
+            best = best_of([new] if prev is None else [prev, new], self.mode)
+        self.best = best
+        want = {best.name} if best is not None else set()
+        if self._best_named == want and (best is None or best.name != new.name):
+            return None
+        try:
+            self._move_best()
+        except CheckpointError as exc:
+            was = ", ".join(sorted(self._best_named)) or "nothing"
+            self._best_named |= want
+            msg = (f"{new.name} is committed, but best could not be moved to "
+                   f"{best.name if best is not None else 'nothing'} (it still names {was}; "
+                   f"the next checkpoint tries again): {exc}")
+            # Crosses the pipe from the writer process, where text must be UTF-8.
+            return msg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        self._best_named = want
+        return None
+
     def _retain(self, newest: str) -> tuple[list[str], str | None]:
+        # What the best pointer names (or may still name) stays, whatever the policy.
         doomed = select_for_deletion(
-            list(self.known.values()), self.policy, protected=self.protect | {newest}
+            list(self.known.values()), self.policy,
+            protected=self.protect | {newest} | self._best_named,
         )
         deleted: list[str] = []
         error = None
@@ -239,6 +356,7 @@ class CommitPipeline:
                 error = str(exc)
                 continue
             del self.known[name]
+            self._docs.pop(name, None)
             deleted.append(name)
         self.committed = tuple(self.known.values())
         return deleted, error

@@ -6,9 +6,11 @@ Every error the library raises on purpose derives from :class:`CheckpointError`,
     CheckpointError
     ├── ConfigError                  a configuration file or value is unusable
     ├── CheckpointNotFoundError      a path names no checkpoint ("Checkpoint not found")
+    ├── CheckpointExistsError        submit of an episode already there, or below the newest
     ├── CheckpointCorruptError       a checkpoint exists but a file is missing or damaged
     │   └── UnsafePathError          a manifest or pointer tries to leave its directory
     ├── MemoryTypeMismatchError      the checkpoint's memory type differs from the agent's
+    │   └── UnknownEntryTypeError    the memory holds entry types the caller did not pass
     ├── StorageError                 the disk or store refused an operation (ENOSPC, EACCES...)
     ├── DirectoryLockedError         another live writer owns the checkpoints directory
     ├── WriterClosedError            submit/flush on a writer that is closed or not started
@@ -24,11 +26,13 @@ from pathlib import Path
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ConfigError",
     "DirectoryLockedError",
     "MemoryTypeMismatchError",
     "StorageError",
+    "UnknownEntryTypeError",
     "UnsafePathError",
     "WriterClosedError",
     "WriterFailedError",
@@ -46,7 +50,8 @@ class ConfigError(CheckpointError):
 class CheckpointNotFoundError(CheckpointError):
     """A path does not name a checkpoint."""
 
-    def __init__(self, path: str | Path, nearby: list[str] | None = None, hint: str = "") -> None:
+    def __init__(self, path: str | Path, nearby: list[str] | None = None, hint: str = "",
+                 *, searched: bool = True) -> None:
         self.path = str(path)
         self.nearby = list(nearby or [])
         lines = [f"Checkpoint not found: {self.path}"]
@@ -55,9 +60,46 @@ class CheckpointNotFoundError(CheckpointError):
         if self.nearby:
             lines.append("Checkpoints that do exist nearby:")
             lines.extend(f"  {p}" for p in self.nearby)
-        else:
-            lines.append("No checkpoints exist nearby; check the path with `ckptwriter ls`.")
+        elif searched:
+            lines.append("No checkpoints exist nearby either.")
         super().__init__("\n".join(lines))
+
+
+class CheckpointExistsError(CheckpointError):
+    """``submit`` of an episode the directory (or this writer's queue) already holds, or
+    of one below the newest there: raised at once, unless ``submit(..., replace=True)``.
+
+    Attributes:
+        episode_index: the episode submitted.
+        directory: the checkpoints directory.
+        newest_episode: the newest episode committed there or submitted to the writer.
+        reason: ``"exists"`` (committed there), ``"pending"`` (submitted to this writer,
+            not written yet) or ``"behind"`` (below the newest, another history).
+    """
+
+    def __init__(self, episode_index: int, directory: str, newest_episode: int,
+                 reason: str) -> None:
+        self.episode_index = episode_index
+        self.directory = directory
+        self.newest_episode = newest_episode
+        self.reason = reason
+        name = f"ep_{episode_index:06d}"
+        what = {
+            "exists": f"episode {episode_index} is already checkpointed in {directory} "
+                      f"({name}; the newest there is episode {newest_episode})",
+            "pending": f"episode {episode_index} was already submitted to this writer and "
+                       f"is not written yet (to {directory}; the newest submitted is "
+                       f"episode {newest_episode})",
+            "behind": f"episode {episode_index} is below the newest checkpoint in "
+                      f"{directory}, episode {newest_episode}: writing it would go back "
+                      "in that history (retention, which orders by episode, would delete "
+                      "it first, and latest would move back)",
+        }[reason]
+        super().__init__(
+            f"Not saved: {what}. Write to a new checkpoint directory, continue from an "
+            f"episode above {newest_episode}, or pass replace=True to submit() to write "
+            f"{name} anyway (latest then names it)."
+        )
 
 
 class CheckpointCorruptError(CheckpointError):
@@ -89,6 +131,33 @@ class MemoryTypeMismatchError(CheckpointError):
             f"but the agent uses memory_type {expected!r}. "
             f"Set agent.memory_type: {found} or resume from a checkpoint of a {expected!r} agent."
         )
+
+
+class UnknownEntryTypeError(MemoryTypeMismatchError):
+    """A memory file holds entries whose ``type`` tag names no type the caller passed.
+
+    A checkpoint never imports code: the classes of its entries are the caller's to
+    pass, as ``load_checkpoint(..., entry_types=[...])``.
+    """
+
+    def __init__(self, source: str, tags: dict[str, int], known: list[str]) -> None:
+        # Not MemoryTypeMismatchError.__init__: the message is about entry tags.
+        CheckpointError.__init__(self, _unknown_tags_message(source, tags, known))
+        self.source = source
+        self.tags = dict(tags)
+        self.found = ", ".join(tags)
+        self.expected = ", ".join(known)
+
+
+def _unknown_tags_message(source: str, tags: dict[str, int], known: list[str]) -> str:
+    found = ", ".join(f"{t!r} (first on line {line})" for t, line in tags.items())
+    names = ", ".join(tags)
+    return (
+        f"Memory not restored: {source} holds entries of type {found}, which no type "
+        f"passed in entry_types= has as its tag (known: {', '.join(known)}). Pass the "
+        f"classes: load_checkpoint(path, entry_types=[{names}]), or read plain dicts "
+        "with load_checkpoint(path, raw=True)."
+    )
 
 
 class StorageError(CheckpointError):

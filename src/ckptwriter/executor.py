@@ -97,7 +97,8 @@ def make_executor(
                 "(the writer process opens the location itself), not a storage object; "
                 "pass checkpoint_dir, or use executor='thread'"
             )
-        return ThreadExecutor(CommitPipeline(storage, options.policy, options.protect)), \
+        return ThreadExecutor(CommitPipeline(storage, options.policy, options.protect,
+                                             mode=options.mode)), \
             storage.location
     if checkpoint_dir is None:
         raise ConfigError("CheckpointWriter needs checkpoint_dir or storage")
@@ -115,5 +116,6 @@ def make_executor(
         return ProcessExecutor(location, options), location
     backend = open_backend(location, fsync=options.fsync,
                            storage_options=dict(options.storage_options))
-    return ThreadExecutor(CommitPipeline(backend, options.policy, options.protect)), \
+    return ThreadExecutor(CommitPipeline(backend, options.policy, options.protect,
+                                         mode=options.mode)), \
         backend.location

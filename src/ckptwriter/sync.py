@@ -168,17 +168,23 @@ class SyncCheckpointWriter:
             )
         return self._portal
 
-    def submit(self, snapshot: Snapshot | CapturedSnapshot) -> SyncCheckpointHandle:
+    def submit(self, snapshot: Snapshot | CapturedSnapshot, *,
+               replace: bool = False) -> SyncCheckpointHandle:
         """Capture and queue a snapshot; see :meth:`CheckpointWriter.submit`.
 
         ``stats`` counts the loop time from here, capture and thread hop included.
+
+        Raises:
+            CheckpointExistsError: the episode is already in the directory, not written
+                yet, or below the newest there; pass ``replace=True`` to write it anyway.
         """
         portal = self._require()
         t0 = time.perf_counter()
         captured = snapshot.capture() if isinstance(snapshot, Snapshot) else snapshot
         # The writer counts from t0, so its stats include this capture and the hop to
         # its thread (everything but the return hop, which nothing can count there).
-        handle = portal.call(partial(self._writer.submit, captured, started_at=t0))
+        handle = portal.call(partial(self._writer.submit, captured, replace=replace,
+                                     started_at=t0))
         return SyncCheckpointHandle(handle, portal)
 
     def flush(self) -> None:
@@ -204,3 +210,8 @@ class SyncCheckpointWriter:
     def checkpoints(self) -> list[CheckpointRecord]:
         """Checkpoints the writer knows are committed, oldest first."""
         return self._writer.checkpoints
+
+    @property
+    def best(self) -> CheckpointRecord | None:
+        """See :attr:`CheckpointWriter.best`."""
+        return self._writer.best

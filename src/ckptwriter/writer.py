@@ -27,9 +27,10 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .commit import CommitReport
+from .commit import CommitReport, best_of
 from .errors import WriterClosedError, WriterFailedError
 from .executor import make_executor
+from .existing_steps import EpisodeGuard
 from .gil import warn_starved
 from .handles import CheckpointHandle, CheckpointResult, Job
 from .options import DEFAULTS, ExecutorKind, OnBacklog, OnError, WriterOptions
@@ -68,7 +69,7 @@ class CheckpointWriter:
             ``keep_last`` and ``last_n`` with it.
         keep_last: N for ``last_n``, K for ``top_k_val``.
         mode: ``max`` (default) or ``min``: whether a higher or lower ``val_score`` is
-            better for ``top_k_val``.
+            better, for ``top_k_val`` and the ``best`` pointer.
         keep_every: checkpoints whose episode is a multiple of this are never deleted.
         max_pending: snapshots that may wait in the queue besides the one being written.
         on_backlog: ``block`` (submit waits for room) or ``coalesce`` (replace the newest
@@ -122,6 +123,7 @@ class CheckpointWriter:
         })
         self._options = options
         self._executor, self._location = make_executor(checkpoint_dir, storage, options)
+        self._steps = EpisodeGuard(self._location)
         self._state = _State.NEW
         self._error: WriterFailedError | None = None
         self._queued: deque[Job] = deque()
@@ -155,7 +157,7 @@ class CheckpointWriter:
         # Open the storage first (lock, leftovers, listing) so its errors reach the caller
         # as they are, not wrapped in the task group's ExceptionGroup.
         try:
-            await self._executor.open()
+            self._steps.opened(await self._executor.open())
         except BaseException:
             # Cancelled while opening: the open may have completed (lock taken) anyway.
             with anyio.CancelScope(shield=True):
@@ -184,9 +186,7 @@ class CheckpointWriter:
         return self
 
     async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
         await self._close(exc_type, exc, tb)
@@ -204,9 +204,7 @@ class CheckpointWriter:
         self._raise_if_failed()
 
     async def _close(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         if self._state is not _State.OPEN:
@@ -248,12 +246,15 @@ class CheckpointWriter:
             )
 
     async def submit(
-        self, snapshot: Snapshot | CapturedSnapshot, *, started_at: float | None = None
+        self, snapshot: Snapshot | CapturedSnapshot, *, replace: bool = False,
+        started_at: float | None = None,
     ) -> CheckpointHandle:
         """Capture ``snapshot`` and queue it; return as soon as it is queued.
 
         Args:
             snapshot: the state to save (captured here unless already captured).
+            replace: write it even if its episode is already there (it is replaced), not
+                written yet, or below the newest there (``latest`` then names it).
             started_at: a :func:`time.perf_counter` reading from when the caller began
                 paying for this checkpoint; the loop time (``stats``, the result's
                 ``loop_seconds``) is counted from it. A wrapper that captures and hops
@@ -266,6 +267,7 @@ class CheckpointWriter:
         Raises:
             WriterFailedError: an earlier checkpoint failed (``on_error="raise"``).
             WriterClosedError: the writer is not open.
+            CheckpointExistsError: the episode is there or below the newest (``replace``).
             CheckpointError: the snapshot cannot be captured.
 
         Cancellation:
@@ -282,8 +284,11 @@ class CheckpointWriter:
             self._warned_starved = True
             warn_starved(self._in_flight.snap.episode_index, t0 - self._in_flight_since)
         job = Job(snapshot.capture() if isinstance(snapshot, Snapshot) else snapshot)
-        handle = CheckpointHandle(job)
-        job.handle = handle
+        if not replace:
+            self._steps.check(job.snap.episode_index,
+                              [j.snap.episode_index for j in self._pending()],
+                              self._executor.checkpoints)
+        job.handle = handle = CheckpointHandle(job)
         assert self._send is not None
         self._c.submitted += 1
         try:
@@ -310,12 +315,13 @@ class CheckpointWriter:
                 job.enqueued_at = time.perf_counter()
                 self._c.stall_seconds += job.enqueued_at - s0
         start = t0 if started_at is None else min(started_at, t0)
-        self._record_loop_time(handle, time.perf_counter() - start)
+        handle._job.loop_seconds = dt = time.perf_counter() - start
+        self._c.add_loop_time(dt)
         return handle
 
-    def _record_loop_time(self, handle: CheckpointHandle, dt: float) -> None:
-        handle._job.loop_seconds = dt
-        self._c.add_loop_time(dt)
+    def _pending(self) -> list[Job]:
+        """Jobs submitted and not done: queued, then the one being written."""
+        return [*self._queued, *([self._in_flight] if self._in_flight is not None else [])]
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is durable (or has failed).
@@ -324,10 +330,7 @@ class CheckpointWriter:
             WriterFailedError: a checkpoint failed (``on_error="raise"``).
         """
         self._check_open()
-        jobs = list(self._queued)
-        if self._in_flight is not None:
-            jobs.append(self._in_flight)
-        for job in jobs:
+        for job in self._pending():
             await job.event.wait()
         self._raise_if_failed()
 
@@ -340,6 +343,11 @@ class CheckpointWriter:
     def checkpoints(self) -> list[CheckpointRecord]:
         """Checkpoints the writer knows are committed, oldest first."""
         return self._executor.checkpoints()
+
+    @property
+    def best(self) -> CheckpointRecord | None:
+        """The checkpoint ``best`` names: best ``val_score`` by ``mode``, ties to the newer."""
+        return best_of(self._executor.checkpoints(), self._options.mode)
 
     # -- the writer task -------------------------------------------------------------
 
@@ -395,8 +403,11 @@ class CheckpointWriter:
 
     def _succeed(self, job: Job, o: CommitReport, wait: float) -> None:
         self._c.add_report(o, wait)
+        self._steps.committed(o.episode_index)
         if o.retention_error is not None:
             log.warning("retention could not delete an old checkpoint: %s", o.retention_error)
+        if o.best_error is not None:
+            log.warning("%s", o.best_error)
         job.result = CheckpointResult.from_report(
             o, loop_seconds=job.loop_seconds, queue_wait_seconds=wait,
             latency_seconds=time.perf_counter() - job.snap.captured_at,

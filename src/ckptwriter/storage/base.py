@@ -8,7 +8,7 @@ and fsspec's transactions:
 - :class:`Backend`: one checkpoints directory a writer owns: lock it, clean what a
   crashed writer left, :meth:`~Backend.begin` a :class:`PendingCheckpoint` to write
   files into and then finalize (rename locally, commit marker remotely) or discard,
-  replace the ``latest`` pointer, delete a checkpoint.
+  replace the ``latest`` and ``best`` pointers, delete a checkpoint.
 
 The commit pipeline (``commit.py``) decides file order, checksums and what is reused;
 a backend never builds a manifest. Store paths are ``/``-separated strings: absolute
@@ -204,8 +204,19 @@ class Backend(Protocol):
         """True if ``token``'s file still holds exactly the bytes it was issued for."""
         ...
 
-    def replace_pointer(self, name: str, latest_json: bytes) -> None:
-        """Point ``latest`` at finalized checkpoint ``name``, atomically."""
+    def replace_pointer(self, name: str, pointer_json: bytes, *, pointer: str = "latest") -> None:
+        """Point ``pointer`` (``latest`` or ``best``) at finalized checkpoint ``name``.
+
+        Atomically: a reader (and a crash) sees the old target or the new one. Locally the
+        symlink moves first, then ``<pointer>.json``; on object storage only the JSON.
+        """
+        ...
+
+    def remove_pointer(self, pointer: str) -> None:
+        """Remove ``pointer`` and ``<pointer>.json`` (``best`` once nothing has a score).
+
+        Each step leaves either nothing or a name of a checkpoint that is still whole.
+        """
         ...
 
     def delete(self, name: str) -> None:

@@ -4,7 +4,8 @@ Protocol (DESIGN.md): every file goes into ``.tmp-ep_N-<random>/`` and is fsynce
 ``runtime.json`` last; the temp directory is fsynced and renamed to ``ep_N`` (swapped
 with the old ``ep_N`` in one step when the episode is committed again); the parent is
 fsynced. Only then are ``latest`` (a relative symlink renamed over the old one) and
-``latest.json`` (temp file, fsync, rename) replaced, and the parent fsynced again.
+``latest.json`` (temp file, fsync, rename) replaced, and the parent fsynced again;
+``best`` and ``best.json`` move the same way, next, when a commit beats the best score.
 Deletion renames to ``.trash-*`` first so a checkpoint vanishes in one step.
 
 Everything the writer creates, renames or removes is reached through the directory
@@ -39,16 +40,11 @@ _DIR_MODE = 0o775
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # What renameat2(RENAME_EXCHANGE) answers where the filesystem or kernel has no swap.
 _NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+_POINTER_JSON = {layout.LATEST_LINK: layout.LATEST_JSON, layout.BEST_LINK: layout.BEST_JSON}
 
 
 class LocalStorage:
-    """A checkpoints directory on a local POSIX filesystem.
-
-    Protocol (DESIGN.md): every file goes into ``.tmp-ep_N-<random>/`` and is fsynced,
-    ``runtime.json`` last; the temp directory is fsynced and renamed to ``ep_N``; the
-    parent is fsynced. Only then are ``latest`` (a relative symlink renamed over the old
-    one) and ``latest.json`` (temp file, fsync, rename) replaced, and the parent fsynced
-    again. Deletion renames to ``.trash-*`` first so a checkpoint vanishes in one step.
+    """A checkpoints directory on a local POSIX filesystem (protocol: module docstring).
 
     Re-committing an episode (a retry, ``checkpoint_on_start`` after a resume in place)
     swaps the new directory with the old one (``renameat2(RENAME_EXCHANGE)``), so
@@ -73,6 +69,10 @@ class LocalStorage:
     # Steps only a re-commit takes, after parent_synced (old_moved_aside: only where
     # the swap is not supported, between moving the old copy aside and renaming).
     RECOMMIT_STEPS = ("old_moved_aside", "old_copy_trashed", "old_copy_removed")
+    # Steps of the best pointer, after pointer_synced and before retention: taken only
+    # when best moves (a commit that beats it), or is removed (nothing has a score).
+    BEST_STEPS = ("best_link_replaced", "best_json_replaced", "best_synced",
+                  "best_json_removed", "best_link_removed")
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         # Resolved once, here: a checkpoint_dir that is a symlink is written (and listed)
@@ -274,28 +274,46 @@ class LocalStorage:
 
     # -- pointer ---------------------------------------------------------------------
 
-    def replace_pointer(self, name: str, latest_json: bytes) -> None:
+    def replace_pointer(self, name: str, pointer_json: bytes, *,
+                        pointer: str = layout.LATEST_LINK) -> None:
         fd = self._fd
-        link_tmp = layout.temp_name("latest")
-        json_tmp = layout.temp_name("latest.json")
+        json_name = _POINTER_JSON[pointer]
+        link_tmp = layout.temp_name(pointer)
+        json_tmp = layout.temp_name(json_name)
         try:
             os.symlink(name, link_tmp, dir_fd=fd)
-            os.replace(link_tmp, layout.LATEST_LINK, src_dir_fd=fd, dst_dir_fd=fd)
-            self._step("latest_link_replaced")
-            self._create(fd, json_tmp, latest_json)
-            os.replace(json_tmp, layout.LATEST_JSON, src_dir_fd=fd, dst_dir_fd=fd)
-            self._step("latest_json_replaced")
+            os.replace(link_tmp, pointer, src_dir_fd=fd, dst_dir_fd=fd)
+            self._step(f"{pointer}_link_replaced")
+            self._create(fd, json_tmp, pointer_json)
+            os.replace(json_tmp, json_name, src_dir_fd=fd, dst_dir_fd=fd)
+            self._step(f"{pointer}_json_replaced")
             if self.fsync:
                 os.fsync(fd)
-            self._step("pointer_synced")
+            self._step("pointer_synced" if pointer == layout.LATEST_LINK else f"{pointer}_synced")
         except BaseException as exc:
             # ENOSPC on latest.json (its first page) used to leave its temp file behind.
             for leftover in (link_tmp, json_tmp):
                 with contextlib.suppress(OSError):
                     os.unlink(leftover, dir_fd=fd)
             if isinstance(exc, OSError):
-                raise os_error(exc, "updating the latest pointer in", self.root) from exc
+                raise os_error(exc, f"updating the {pointer} pointer in", self.root) from exc
             raise
+
+    def remove_pointer(self, pointer: str) -> None:
+        fd = self._fd
+        try:
+            # The JSON first: readers follow the symlink first, so until it goes too they
+            # still find the checkpoint it names (whole: retention spares it until now).
+            for entry, step in ((_POINTER_JSON[pointer], f"{pointer}_json_removed"),
+                                (pointer, f"{pointer}_link_removed")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry, dir_fd=fd)
+                self._step(step)
+            if self.fsync:
+                os.fsync(fd)
+            self._step(f"{pointer}_synced")
+        except OSError as exc:
+            raise os_error(exc, f"removing the {pointer} pointer in", self.root) from exc
 
     # -- deletion --------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ thing they do have, a single-object PUT:
 2. ``finalize`` uploads ``ep_N/runtime.json`` last: it is the commit marker. A prefix
    without it does not exist for readers, and the next writer's :meth:`RemoteStorage.open`
    removes it.
-3. ``latest.json`` is replaced by one PUT (there is no ``latest`` symlink).
+3. ``latest.json`` is replaced by one PUT (there is no ``latest`` symlink); so is
+   ``best.json`` when a commit beats the best score (removed once nothing has a score).
 4. Deletion removes the marker first, so a checkpoint vanishes for readers in one step;
    what a crash leaves behind is an uncommitted prefix, cleaned like any other.
 
@@ -27,8 +28,9 @@ nobody, so it is overwritten like a new one.
 Fencing: every mutating request first checks this writer's lease by its monotonic
 deadline (no request; see :mod:`ckptwriter.storage.object_lock`). Markers are written
 after a conditional renewal of the lock, and conditionally themselves (``If-None-Match``
-for a new name, ``If-Match`` on the replaced marker's ETag); ``latest.json`` only with
-``If-Match`` on the ETag this writer last wrote or read at open; a commit starts, and a
+for a new name, ``If-Match`` on the replaced marker's ETag); ``latest.json`` and
+``best.json`` only with ``If-Match`` on the ETag this writer last wrote or read at open
+(a removal of ``best.json`` is fenced like a deletion); a commit starts, and a
 deletion runs, only after the store confirmed the lock still carries this writer's token
 (one HEAD, skipped for a deletion within a second of such a confirmation). A writer that
 lost its lease or its lock therefore changes nothing; the one window left is a writer
@@ -40,9 +42,8 @@ At open, under the lock, unfinished multipart uploads below the prefix (whose ab
 while the network was down, or whose process was killed) are aborted.
 
 Reuse: on S3 the unchanged prefix of the previous memory file is copied server-side
-(UploadPartCopy with a byte range, guarded by the source ETag) and only the new bytes are
-uploaded. Other stores, and S3 for previous files under 5 MiB (the multipart minimum part
-size), get a full upload: :meth:`RemoteStorage.can_reuse` says so.
+(UploadPartCopy with a byte range, guarded by the source ETag); see
+:meth:`RemoteStorage.can_reuse`.
 
 Single writer: see :mod:`ckptwriter.storage.object_lock`.
 """
@@ -50,10 +51,8 @@ Single writer: see :mod:`ckptwriter.storage.object_lock`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .. import layout
@@ -62,31 +61,13 @@ from .base import FileSpec, ReuseToken
 from .location import open_object_store
 from .object_lock import DEFAULT_LOCK_TTL, ObjectLock
 from .objects import CopySource, ObjectStore, PutItem, store_error
+from .remote_existing import Existing, manifest_files, read_existing
 from .s3 import S3ObjectStore
 
 __all__ = ["DEFAULT_LOCK_TTL", "RemotePending", "RemoteStorage"]
 
 log = logging.getLogger("ckptwriter")
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, slots=True)
-class _Existing:
-    """The committed checkpoint a new one of the same name would replace."""
-
-    # The marker's tag: the new marker replaces exactly this one.
-    tag: str
-    # name -> (bytes, sha256) from its marker; None if it is not whole (readers cannot
-    # load it, so overwriting its objects takes nothing from them).
-    files: dict[str, tuple[int, str]] | None
-
-
-def _manifest_files(marker: bytes) -> dict[str, tuple[int, str]] | None:
-    try:
-        files = json.loads(marker)["files"]
-        return {str(n): (int(d["bytes"]), str(d["sha256"])) for n, d in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 class RemotePending:
@@ -97,7 +78,7 @@ class RemotePending:
     must be the existing ones, byte for byte, and only the marker is rewritten.
     """
 
-    def __init__(self, backend: RemoteStorage, name: str, existing: _Existing | None) -> None:
+    def __init__(self, backend: RemoteStorage, name: str, existing: Existing | None) -> None:
         self.name = name
         self._backend = backend
         self._prefix = f"{backend.root}/{name}"
@@ -185,7 +166,7 @@ class RemotePending:
         b = self._backend
         existing = self._existing
         if existing is not None and existing.files is not None:
-            new = _manifest_files(marker) or {}
+            new = manifest_files(marker) or {}
             for n in sorted(new.keys() | existing.files.keys()):
                 if new.get(n) != existing.files.get(n):
                     raise self._refusal(f"{n}: other bytes" if n in new and n in
@@ -244,6 +225,8 @@ class RemoteStorage:
         "memory_written", "files_written", "marker_written", "latest_written",
         "marker_deleted", "deleted",
     )
+    # After latest_written, only when best moves or goes (see LocalStorage.BEST_STEPS).
+    BEST_STEPS = ("best_written", "best_removed")
 
     def __init__(self, url: str, *, lock_ttl: float = DEFAULT_LOCK_TTL,
                  **storage_options: Any) -> None:
@@ -257,7 +240,8 @@ class RemoteStorage:
         # Names whose marker may exist (a failed marker PUT may have landed): begin()
         # of one of them reads what is there before anything is written.
         self._committed: set[str] = set()
-        self._pointer_tag: str | None = None
+        # latest.json / best.json -> the ETag this writer wrote or read at open.
+        self._pointer_tags: dict[str, str | None] = {}
         # Deletions right after a commit ride on the lock renewal it just made: another
         # writer can take the lock over only once it looks expired, ttl later.
         self._proof_age = min(1.0, self.lock_ttl / 10)
@@ -335,8 +319,9 @@ class RemoteStorage:
             self._lock.check()
             self.store.rm([f"{self.root}/{name}/{f}" for f in files])
         self._committed = committed
-        # The pointer is replaced only from the version this writer saw last.
-        self._pointer_tag = self.store.tag(f"{self.root}/{layout.LATEST_JSON}")
+        # A pointer is replaced only from the version this writer saw last.
+        self._pointer_tags = {p: self.store.tag(f"{self.root}/{p}")
+                              for p in (layout.LATEST_JSON, layout.BEST_JSON)}
 
     def close(self) -> None:
         """Release the writer lock (if this writer still holds it)."""
@@ -354,24 +339,12 @@ class RemoteStorage:
         self._guard("writing checkpoint", self.location, self._lock.verify)
         existing = None
         if name in self._committed:
-            url = self.store.url(f"{self.root}/{name}")
-            existing = self._guard("reading", url, lambda: self._read_existing(name))
+            prefix = f"{self.root}/{name}"
+            existing = self._guard("reading", self.store.url(prefix),
+                                   lambda: read_existing(self.store, prefix))
             if existing is None:
                 self._committed.discard(name)
         return RemotePending(self, name, existing)
-
-    def _read_existing(self, name: str) -> _Existing | None:
-        prefix = f"{self.root}/{name}"
-        try:
-            marker, tag = self.store.read_tagged(f"{prefix}/{layout.RUNTIME_JSON}")
-        except FileNotFoundError:
-            return None
-        files = _manifest_files(marker)
-        if files is not None:
-            sizes = self.store.sizes(prefix)
-            if any(sizes.get(n) != nbytes for n, (nbytes, _) in files.items()):
-                files = None
-        return _Existing(tag, files)
 
     def can_reuse(self, token: ReuseToken) -> bool:
         """True only on S3, for an object of at least 5 MiB still at the token's ETag and size.
@@ -390,23 +363,42 @@ class RemoteStorage:
                            lambda: store.etag_and_size(token.path))
         return head == (token.ident[0], token.nbytes)
 
-    def replace_pointer(self, name: str, latest_json: bytes) -> None:
-        """Replace ``latest.json`` (naming ``name``) with one conditional PUT.
+    def replace_pointer(self, name: str, pointer_json: bytes, *,
+                        pointer: str = layout.LATEST_LINK) -> None:
+        """Replace ``latest.json`` or ``best.json`` (naming ``name``): one conditional PUT.
 
         Raises:
             DirectoryLockedError: this writer lost its lock (the pointer is not moved).
             StorageError: the upload failed.
         """
         self._lock.check()
-        path = f"{self.root}/{layout.LATEST_JSON}"
+        key = f"{pointer}.json"
+        path = f"{self.root}/{key}"
 
         def put() -> None:
             # Someone else moving the pointer is no takeover: the holder moves it on.
-            self._pointer_tag = self._lock.put(path, latest_json, self._pointer_tag,
-                                               retake=True)
+            self._pointer_tags[key] = self._lock.put(
+                path, pointer_json, self._pointer_tags.get(key), retake=True)
 
-        self._guard("updating latest.json in", self.location, put)
-        self._step("latest_written")
+        self._guard(f"updating {key} in", self.location, put)
+        self._step(f"{pointer}_written")
+
+    def remove_pointer(self, pointer: str) -> None:
+        """Remove ``best.json`` once no checkpoint has a score (fenced like a deletion).
+
+        Raises:
+            DirectoryLockedError: this writer lost its lock (nothing is removed).
+            StorageError: the removal failed.
+        """
+        key = f"{pointer}.json"
+
+        def rm() -> None:
+            self._lock.verify(max_age=self._proof_age)
+            self.store.rm([f"{self.root}/{key}"])
+
+        self._guard(f"removing {key} in", self.location, rm)
+        self._pointer_tags[key] = None
+        self._step(f"{pointer}_removed")
 
     def delete(self, name: str) -> None:
         """Remove the marker (the checkpoint is gone for readers), then the rest.

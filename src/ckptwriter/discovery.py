@@ -25,6 +25,7 @@ from .errors import CheckpointError, CheckpointNotFoundError
 from .manifest import check_plain_name
 from .storage.base import ReadStore
 from .storage.location import open_store
+from .storage.urlpath import URLPath
 
 __all__ = [
     "checkpoints_dirs",
@@ -33,6 +34,7 @@ __all__ = [
     "holds_checkpoints",
     "name_of",
     "nearby",
+    "not_found",
     "open_location",
     "run_checkpoints",
     "timestamped_runs",
@@ -49,8 +51,10 @@ _NEARBY_LISTINGS = 64
 # Levels the "nearby" search climbs from the nearest existing directory: an existing but
 # empty run directory has its checkpoints in its siblings.
 _NEARBY_CLIMB = 3
-# Depth below that directory at which checkpoints are looked for (ep_*, */ep_*, ...).
-_NEARBY_DEPTH = 4
+# Depth below that directory at which checkpoints are looked for (ep_*, */ep_*, ...):
+# 5 reaches outputs/<run_name>/<timestamp>/checkpoints/ep_* from the directory that
+# holds outputs/ (a bare relative path typed in the project directory).
+_NEARBY_DEPTH = 5
 
 
 def open_location(location: str | os.PathLike[str]) -> tuple[ReadStore, str]:
@@ -188,7 +192,7 @@ def checkpoints_dirs(store: ReadStore, path: str, shown: str) -> list[tuple[str,
         path = store.parent(path)  # latest means its checkpoints directory
     children = store.listdir(path)
     if children is None:
-        raise CheckpointNotFoundError(shown, hint="The path does not exist or is not a directory.")
+        raise not_found(store, path, shown, "The path does not exist or is not a directory.")
     if (layout.RUNTIME_JSON in children
             or layout.parse_checkpoint_name(name_of(path)) is not None):
         parent = store.parent(path)
@@ -210,8 +214,38 @@ def checkpoints_dirs(store: ReadStore, path: str, shown: str) -> list[tuple[str,
 def _searchable(store: ReadStore, path: str) -> bool:
     # Never search from the filesystem root, a top-level directory or a bucket's root: a
     # shared one may hold millions of entries, not worth listing for an error message.
+    # Judged on the absolute path: a relative `outputs/x` climbs to `.`, which is the
+    # working directory, not a root.
+    if not isinstance(store.as_path(path), URLPath):
+        path = os.path.abspath(path)
     up = store.parent(path)
     return up != path and store.parent(up) != up
+
+
+def not_found(store: ReadStore, path: str, shown: str, hint: str = "") -> CheckpointNotFoundError:
+    """The error for a path that names no checkpoint, with the hint that fits it.
+
+    A missing run name (``outputs/<typo>``) lists the runs that do exist rather than
+    the checkpoints of other runs, which look like a suggestion to resume from them.
+    """
+    anc, missing = path, ""
+    while store.listdir(anc) is None:
+        up = store.parent(anc)
+        if up == anc:
+            return CheckpointNotFoundError(shown, nearby(store, path), hint=hint)
+        anc, missing = up, name_of(anc)
+    children = store.listdir(anc) or []
+    # Bounded like `nearby`: each child is one more listing (a request on object storage).
+    runs = sorted(c for c in sorted(children)[:_NEARBY_LISTINGS] if not c.startswith(".")
+                  and timestamped_runs(store, store.join(anc, c),
+                                       store.listdir(store.join(anc, c)) or []))
+    if missing and runs and _searchable(store, anc) and not holds_checkpoints(children):
+        where = store.url(anc)
+        return CheckpointNotFoundError(shown, hint=" ".join(filter(None, (
+            hint, f"There is no run {missing!r} in {where}; the runs there are: "
+                  f"{', '.join(runs)} (`ckptwriter ls {where}` lists their checkpoints).",
+        ))), searched=False)
+    return CheckpointNotFoundError(shown, nearby(store, path), hint=hint)
 
 
 def _newest_first(paths: list[str]) -> list[str]:
@@ -234,7 +268,8 @@ def nearby(store: ReadStore, path: str, limit: int = 10) -> list[str]:
             return []
         found = _checkpoints_below(store, anc, limit, budget)
         if found:
-            return [store.url(c) for c in found]
+            # `foo` typed in the project directory: show outputs/..., not ./outputs/...
+            return [store.url(c).removeprefix("./") for c in found]
         anc = store.parent(anc)
     return []
 

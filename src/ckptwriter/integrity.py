@@ -50,6 +50,9 @@ __all__ = [
 
 # runtime.json markers read at once when listing (object stores: one request each).
 _MARKER_THREADS = 8
+# Files of one checkpoint read at once: a checkpoint has a few (memory, agent.json,
+# runtime extras), so this is rarely the limit.
+_READ_THREADS = 8
 # Errors that make one file unusable (not the store): reported as that file's problem.
 _FILE_ERRNOS = frozenset({
     errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EIO,
@@ -133,6 +136,37 @@ def _read_file(store: ReadStore, ckpt: str, name: str, shown: str) -> bytes:
         raise file_error(store, path, shown, name, exc) from None
 
 
+def _read_files(
+    store: ReadStore, ckpt: str, names: list[str], shown: str
+) -> list[tuple[str, bytes]]:
+    """Every file of a checkpoint, read at once; the first failure (in ``names`` order) raised.
+
+    A live writer's retention may retire the checkpoint while it is read: the window a
+    reader must win is the time to fetch all of its files, so they are fetched together
+    (on object storage one round trip instead of one per file; on disk a file once
+    opened is read whole even if it is deleted meanwhile).
+    """
+    def one(name: str) -> bytes | Exception:
+        try:
+            return _read_file(store, ckpt, name, shown)
+        except (CheckpointError, OSError) as exc:
+            return exc
+
+    if len(names) <= 1:
+        got = [one(n) for n in names]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(
+            min(len(names), _READ_THREADS), "ckptwriter-read"
+        ) as pool:
+            got = list(pool.map(one, names))
+    out: list[tuple[str, bytes]] = []
+    for name, data in zip(names, got, strict=True):
+        if isinstance(data, Exception):
+            raise data
+        out.append((name, data))
+    return out
+
+
 def _read_marker(store: ReadStore, ckpt: str, shown: str) -> bytes:
     path = store.join(ckpt, layout.RUNTIME_JSON)
     try:
@@ -198,10 +232,8 @@ def read_checkpoint(store: ReadStore, ckpt: str, seen: Seen, *, keep: bool) -> C
         seen.marker = _read_marker(store, ckpt, shown)
     rt = _runtime(shown, name_of(ckpt), seen.marker)
     kept: dict[str, bytes] = {}
-    # Smallest first: the last file is opened as early as it can be, and a file once
-    # opened is read whole even if a live writer retires the checkpoint meanwhile.
-    for name, digest in sorted(rt.files.items(), key=lambda item: item[1].bytes):
-        data = _read_file(store, ckpt, name, shown)
+    for name, data in _read_files(store, ckpt, list(rt.files), shown):
+        digest = rt.files[name]
         if len(data) != digest.bytes:
             raise CheckpointCorruptError(shown, name, _size_problem(len(data), digest))
         if hashlib.sha256(data).hexdigest() != digest.sha256:
@@ -218,12 +250,13 @@ def verified(store: ReadStore, ckpt: str, seen: Seen) -> str:
 
 
 def loaded(
-    store: ReadStore, expected_memory_type: str | None, ckpt: str, seen: Seen
+    store: ReadStore, expected_memory_type: str | None, ckpt: str, seen: Seen,
+    *, entry_types: tuple[type, ...] = (), raw: bool = False,
 ) -> LoadedCheckpoint:
     """The checkpoint at ``ckpt``, built from the bytes its full check read.
 
     Raises:
-        Gone, CheckpointCorruptError, MemoryTypeMismatchError.
+        Gone, CheckpointCorruptError, MemoryTypeMismatchError (UnknownEntryTypeError).
     """
     got = read_checkpoint(store, ckpt, seen, keep=True)
     shown, rt, blobs = store.url(ckpt), got.runtime, dict(got.files)
@@ -235,8 +268,10 @@ def loaded(
     if expected_memory_type is not None and agent.memory_type != expected_memory_type:
         raise MemoryTypeMismatchError(shown, agent.memory_type, expected_memory_type)
     try:
-        memory = MemoryLog.from_jsonl(blobs.pop(rt.memory_snapshot_path),
-                                      memory_type=agent.memory_type)
+        memory = MemoryLog.from_jsonl(
+            blobs.pop(rt.memory_snapshot_path), memory_type=agent.memory_type,
+            entry_types=entry_types, raw=raw,
+            source=f"checkpoint {shown} ({rt.memory_snapshot_path})")
     except ValueError as exc:
         raise CheckpointCorruptError(shown, rt.memory_snapshot_path, str(exc)) from None
     return LoadedCheckpoint(store.as_path(ckpt), rt, agent, memory, blobs)

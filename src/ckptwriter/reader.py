@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,10 +41,12 @@ from .discovery import (
     holds_checkpoints,
     name_of,
     nearby,
+    not_found,
     open_location,
     run_checkpoints,
     timestamped_runs,
 )
+from .entry_codec import entry_types as entry_types_of
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafePathError
 from .integrity import (
     CheckpointInfo,
@@ -91,49 +93,54 @@ class CheckpointFallbackWarning(UserWarning):
 
 # -- latest ----------------------------------------------------------------------------
 
+# The pointers of a checkpoints directory: the symlink, and its JSON twin. ``best`` (the
+# best val_score, moved by the writer like latest) never falls back to another checkpoint.
+_POINTERS = {layout.LATEST_LINK: layout.LATEST_JSON, layout.BEST_LINK: layout.BEST_JSON}
 
-def _pointer(store: ReadStore, root: str) -> tuple[str | None, str]:
-    """(the checkpoint name latest names, or None; why it could not be used).
+
+def _pointer(store: ReadStore, root: str, link: str = layout.LATEST_LINK
+             ) -> tuple[str | None, str]:
+    """(the checkpoint name latest (or ``link``) names, or None; why it could not be used).
 
     Raises:
         UnsafePathError: latest points outside the checkpoints directory.
         CheckpointCorruptError: latest.json cannot be read.
     """
     shown = store.url(root)
-    target = store.readlink(store.join(root, layout.LATEST_LINK))
+    target = store.readlink(store.join(root, link))
     if target is not None:
         try:
             check_plain_name(target)
         except ValueError:
             raise UnsafePathError(
-                shown, layout.LATEST_LINK,
+                shown, link,
                 f"points at {target!r}, outside the checkpoints directory; refusing to follow it",
             ) from None
         return target, ""
-    jpath = store.join(root, layout.LATEST_JSON)
+    jpath = store.join(root, _POINTERS[link])
     try:
         data = store.read(jpath)
     except (FileNotFoundError, NotADirectoryError):
-        return None, "latest is missing"
+        return None, f"{link} is missing"
     except OSError as exc:
-        raise file_error(store, jpath, shown, layout.LATEST_JSON, exc) from None
+        raise file_error(store, jpath, shown, _POINTERS[link], exc) from None
     try:
         ptr = LatestPointer.model_validate_json(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         if err["loc"] and err["loc"][0] == "checkpoint":
             raise UnsafePathError(
-                shown, layout.LATEST_JSON,
+                shown, _POINTERS[link],
                 "names a checkpoint outside the checkpoints directory; refusing to follow it",
             ) from None
-        return None, f"{layout.LATEST_JSON} is invalid"
+        return None, f"{_POINTERS[link]} is invalid"
     return ptr.checkpoint, ""
 
 
-def _moved(store: ReadStore, root: str, target: str, seen: Seen) -> bool:
+def _moved(store: ReadStore, root: str, target: str, seen: Seen, link: str) -> bool:
     """True if latest, or the checkpoint it names, changed since ``seen`` was read."""
     try:
-        now, _ = _pointer(store, root)
+        now, _ = _pointer(store, root, link)
     except CheckpointCorruptError:
         return False
     if now != target:
@@ -148,12 +155,13 @@ def _moved(store: ReadStore, root: str, target: str, seen: Seen) -> bool:
 OpenOne = Callable[[str, Seen], _T]
 
 
-def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_T]) -> _T:
-    """Open the checkpoint latest names; resolve again while a live writer moves it."""
+def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_T],
+                    pointer: str = layout.LATEST_LINK) -> _T:
+    """Open the checkpoint latest (or ``pointer``) names; again while a live writer moves it."""
     why = ""
     last: Exception | None = None
     for _ in range(_ATTEMPTS):
-        target, why = _pointer(store, root)
+        target, why = _pointer(store, root, pointer)
         if target is None:
             break
         cand = store.join(root, target)
@@ -168,18 +176,22 @@ def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_
         try:
             return open_one(cand, seen)
         except Gone:
-            why = f"latest points at {target}, which does not exist"
+            why = f"{pointer} points at {target}, which does not exist"
             last = CheckpointNotFoundError(store.url(cand))
         except CheckpointCorruptError as exc:
-            why = f"latest points at {target}, which is broken ({exc.file}: {exc.problem})"
+            why = f"{pointer} points at {target}, which is broken ({exc.file}: {exc.problem})"
             last = exc
-        if not _moved(store, root, target, seen):
+        if not _moved(store, root, target, seen, pointer):
             break
     else:
         # Still moving after every attempt: what failed is the honest answer, not a
         # fallback warning about a pointer that is not broken.
         assert last is not None
         raise last
+    if pointer != layout.LATEST_LINK:
+        raise last or CheckpointNotFoundError(shown, nearby(store, root), hint=(
+            f"No {pointer} in {store.url(root)} ({why}): the writer keeps one only once a "
+            "checkpoint has a val_score; load latest or a checkpoint by name instead."))
     for info, marker in reversed(scan_with_markers(store, root)):
         if not info.complete:
             continue
@@ -202,14 +214,15 @@ def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_
 
 
 def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> _T:
-    """Open the checkpoint ``path`` names: a checkpoint, ``latest``, ``latest.json``, a
-    checkpoints directory, a run directory, or ``outputs/<run_name>`` (its newest run)."""
+    """Open the checkpoint ``path`` names: a checkpoint, ``latest``, ``latest.json`` (or
+    ``best``, ``best.json``), a checkpoints directory, a run directory, or
+    ``outputs/<run_name>`` (its newest run)."""
     name = name_of(path)
-    if name in (layout.LATEST_LINK, layout.LATEST_JSON):
+    if name in (*_POINTERS, *_POINTERS.values()):
         parent = store.parent(path)
         children = store.listdir(parent)
         if children is not None and (name in children or holds_checkpoints(children)):
-            return _through_latest(store, parent, shown, open_one)
+            return _through_latest(store, parent, shown, open_one, name.removesuffix(".json"))
     path = followed(store, path)
     name = name_of(path)
     children = store.listdir(path)
@@ -246,7 +259,7 @@ def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> 
                 hint=f"That is a file inside checkpoint {name_of(parent)}: "
                      f"pass the checkpoint directory {store.url(parent)} instead.",
             )
-    raise CheckpointNotFoundError(shown, nearby(store, path))
+    raise not_found(store, path, shown)
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -305,20 +318,31 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, expected_memory_type: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    expected_memory_type: str | None = None,
+    entry_types: Iterable[type] = (),
+    raw: bool = False,
 ) -> LoadedCheckpoint:
     """Resolve, verify and read a checkpoint, reading each of its files once.
 
     Args:
         path: anything :func:`resolve_checkpoint` accepts.
         expected_memory_type: if given, the checkpoint's memory type must match.
+        entry_types: the caller's own memory entry types (as for ``MemoryLog``); a
+            checkpoint never imports code, so every type its memory holds besides the
+            built-ins must be passed.
+        raw: memory entries as plain dicts, whatever their types (for inspection).
 
     Raises:
-        CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError,
-        StorageError.
+        CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError
+        (UnknownEntryTypeError: the memory holds a type not passed), StorageError.
+        TypeError: a class in ``entry_types`` cannot be an entry type.
     """
+    types = tuple(entry_types)
+    entry_types_of(types)  # a class that cannot be an entry type fails here, not later
     store, where = open_location(path)
-    load = partial(loaded, store, expected_memory_type)
+    load = partial(loaded, store, expected_memory_type, entry_types=types, raw=raw)
     return guarded(store, where, "loading",
                    lambda: _resolve(store, where, os.fspath(path), load))
 

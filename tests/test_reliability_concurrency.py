@@ -40,7 +40,7 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, timeout: float = 20) -> None:
+def _wait_for(path: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
@@ -59,7 +59,7 @@ def test_two_runs_resume_same_checkpoint_at_once(tmp_path: Path) -> None:
         for d in dests:
             _wait_for(Path(str(d) + ".ready"))
         go.touch()  # both are past start-up: release them together
-        outs = [p.communicate(timeout=30) for p in procs]
+        outs = [p.communicate(timeout=120) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -127,7 +127,7 @@ def _lock_owner(root: Path) -> int:
 
 
 def _wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 120  # a hang guard: it is gone in milliseconds
     while _state(pid) not in ("Z", "gone"):
         assert time.monotonic() < deadline, f"writer process {pid} outlived its run"
         time.sleep(0.005)
@@ -148,10 +148,11 @@ def test_reader_racing_live_writer_with_retention(tmp_path: Path) -> None:
                               text=True, cwd=HERE.parent)
     seen: list[int] = []
     try:
-        deadline = time.monotonic() + 10
+        # Bounded by work: read until latest has moved (and the old target was deleted)
+        # 15 times; the deadline only catches a writer that stopped moving it.
+        deadline = time.monotonic() + 300
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a fallback warning would fail the test
-            # Read until latest has moved (and the old target was deleted) 15 times.
             while len(set(seen)) < 15 and time.monotonic() < deadline and writer.poll() is None:
                 loaded = load_checkpoint(root)
                 ep = loaded.runtime.episode_index

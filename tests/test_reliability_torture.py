@@ -9,6 +9,7 @@ production. One test also drives the real ``ckptwriter`` console script.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -17,13 +18,15 @@ import shutil
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from _fault_util import HERE, PY, leftovers
+from _live_reader import LiveReader
+from _s3_util import make_backend, s3_endpoint  # noqa: F401 -- fixture
 from ckptwriter import (
     CheckpointFallbackWarning,
     DirectoryLockedError,
@@ -36,6 +39,9 @@ from ckptwriter.storage import LocalStorage
 from conftest import open_dir
 
 EPISODES = 250
+# Seconds one kill-and-resume round may take before it counts as a hang (a round takes
+# well under a second on an idle machine; the margin is for a loaded one).
+_ROUND_TIMEOUT = 600
 CKPT_CLI = Path(PY).with_name("ckptwriter")
 
 
@@ -71,7 +77,7 @@ class Zygote:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -118,7 +124,8 @@ class Chain:
 
 def _reopen(ckpts: Path) -> None:
     """Start (and stop) a writer on a killed run's directory, as a restart would."""
-    deadline = time.monotonic() + 5
+    # A hang guard, not a speed limit: a killed writer is normally gone in milliseconds.
+    deadline = time.monotonic() + 120
     while True:
         storage = LocalStorage(ckpts)
         try:
@@ -169,7 +176,9 @@ def _drive(chains: list[Chain]) -> None:
         c.zygote.send(c.request(kill=True, seed=0))
     active = len(chains)
     while active:
-        for key, _ in sel.select(timeout=120):
+        events = sel.select(timeout=_ROUND_TIMEOUT)
+        assert events, f"no run ended in {_ROUND_TIMEOUT} s: a hang"
+        for key, _ in events:
             c: Chain = key.data
             reply = c.zygote.receive()
             if c.finishing:
@@ -247,6 +256,9 @@ def test_kill9_torture_50_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
 
 
 @pytest.mark.slow
+# Bounded by work (kills, episodes); the timeout only catches a hang, so it is far above
+# what a loaded 2-core machine takes.
+@pytest.mark.timeout(3600)
 def test_kill9_torture_400_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
     """400 SIGKILLs (slow suite): the same promises over many more crash points."""
     # A longer run, so that 250 short-lived runs do not reach the end before the last.
@@ -269,7 +281,7 @@ def test_kill9_real_console_script(tmp_path: Path) -> None:
             argv += ["--set", f"runtime.resume_from={runs}"]
         before = set(runs.iterdir()) if runs.exists() else set()
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + _ROUND_TIMEOUT  # a hang guard only
         while not (new := [d for d in runs.glob("*") if d not in before
                            and list(d.glob("checkpoints/ep_*"))]):
             assert proc.poll() is None, "the run ended before it could be killed"
@@ -308,3 +320,136 @@ def test_resume_from_run_name_picks_newest_of_same_second(tmp_path: Path) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error", CheckpointFallbackWarning)
         assert resolve_checkpoint(runs) == runs / "20260101_000000_10" / "checkpoints" / "ep_000011"
+
+
+# -- a reader process polling latest through the kills ---------------------------------
+
+TORTURE_RUNS = HERE.with_name("_torture_runs.py")
+
+
+class Runs:
+    """A warm interpreter forking `ckptwriter train` runs, each SIGKILLed (with its writer
+    process) once it has saved a given number of checkpoints (tests/_torture_runs.py)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([PY, str(TORTURE_RUNS)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, argv: list[str], *, kill_after: int, delay: float,
+            log: Path) -> dict[str, object]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        req = {"argv": argv, "kill_after": kill_after, "delay": delay, "log": str(log)}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the run server died (exit {self.proc.poll()}); see {log}"
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+@dataclass
+class Place:
+    """Where the chain's runs checkpoint, and what stands in for a dead writer's lock TTL."""
+
+    url: str
+    after_kill: Callable[[], None]
+    delay: float  # upper bound of the random delay after the k-th save (S3 commits are slower)
+    kills: int  # at least this many kills (a round on S3 costs seconds, locally < 1 s)
+
+
+@pytest.fixture(params=[pytest.param("local", id="local"),
+                        pytest.param("s3", id="s3", marks=pytest.mark.s3)])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
+    """One checkpoints location every run of the chain writes into and resumes from."""
+    backend = make_backend(str(request.param), tmp_path, request)
+    if backend.fs is None:
+        return Place(str(Path(backend.url).resolve()), lambda: None, 0.03, 12)
+
+    def expire_lock() -> None:
+        # A SIGKILLed writer's lock object outlives it until its TTL (60 s): removing it
+        # once no process of the killed run is left is what the TTL would do, sooner.
+        with contextlib.suppress(FileNotFoundError):
+            backend.fs.rm_file(f"{backend.root}/.lock")
+
+    return Place(backend.url, expire_lock, 0.15, 8)
+
+
+def _live_config(path: Path, out: Path, url: str) -> Path:
+    path.write_text("\n".join([
+        "run_name: live", f"output_dir: {out}", "runtime:",
+        # Far beyond what the killed runs reach (a few episodes each): only the last run
+        # is given an end; a run that is never killed ends here and fails the test.
+        "  max_envs_to_visit: 2000", f"  checkpoint_dir: {url}",
+        "  checkpoint_every_episodes: 1",
+        # Each commit retires the checkpoint latest named a moment ago.
+        "  checkpoint_keep_last: 1",
+    ]) + "\n")
+    return path
+
+
+# Bounded by work; the timeout catches a hang only (about 10 s locally, 40 s on S3, on
+# an idle 2-core machine).
+@pytest.mark.timeout(1200)
+def test_kill9_torture_with_a_reader_process(tmp_path: Path, place: Place) -> None:
+    """Runs SIGKILLed mid-checkpoint and resumed in place while another process loads
+    latest in a loop: every load a whole checkpoint, no error, no fallback warning, and
+    the episode the reader sees never goes back."""
+    cfg = _live_config(tmp_path / "live.yaml", tmp_path / "out", place.url)
+    latest = f"{place.url}/latest"
+    log = tmp_path / "runs.log"
+    rng = random.Random(10)
+    # Bounded by work: at least min_kills kills and min_loads loads (the cap only ends a
+    # reader that stopped loading).
+    min_kills, min_loads, max_kills = place.kills, 30, 200
+    t0 = time.monotonic()
+    runs = Runs()
+    reader: LiveReader | None = None
+    kills, after_kill = 0, 0
+    try:
+        while kills < max_kills and (kills < min_kills or reader is None
+                                     or reader.loads < min_loads):
+            argv = ["train", "--config", str(cfg)]
+            if kills:
+                argv += ["--set", f"runtime.resume_from={latest}"]
+            reply = runs.run(argv, kill_after=rng.randint(1, 3),
+                             delay=rng.uniform(0, place.delay), log=log)
+            assert reply["killed"], (reply, log.read_text()[-3000:])
+            kills += 1
+            place.after_kill()
+            # What latest names after a kill is whole, and never older than after the
+            # previous kill.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CheckpointFallbackWarning)
+                ep = load_checkpoint(latest).runtime.episode_index
+            assert ep >= after_kill
+            after_kill = ep
+            if reader is None:
+                reader = LiveReader(latest)
+        end = after_kill + 10
+        reply = runs.run(["train", "--config", str(cfg), "--set", f"runtime.resume_from={latest}",
+                          "--set", f"runtime.max_envs_to_visit={end}"],
+                         kill_after=0, delay=0, log=log)
+        assert reply["exit"] == 0, log.read_text()[-3000:]
+    finally:
+        runs.close()
+        tally = reader.stop() if reader is not None else None
+    assert tally is not None
+    print(f"{place.url}: {kills} kills, {tally.loads} loads by the reader process, "
+          f"{time.monotonic() - t0:.1f} s")
+    assert (tally.errors, tally.warnings) == ([], [])
+    assert tally.loads >= min_loads
+    assert tally.episodes == sorted(tally.episodes)
+    final = load_checkpoint(latest)
+    assert final.runtime.episode_index == end
+    assert [i.name for i in list_checkpoints(place.url)] == [f"ep_{end:06d}"]

@@ -425,3 +425,48 @@ def test_long_runs_examples_run_as_the_guide_says(tmp_path: Path,
     newest = sorted(_runs(tmp_path, "best"))[-1]
     rt = runtime_json(newest / "checkpoints" / "ep_000300")
     assert rt["resumed_from"] == str((first / "checkpoints" / best).resolve())
+
+
+def _point_latest_at(ckpts: Path, name: str) -> None:
+    """The state a kill between committing a checkpoint and moving latest leaves."""
+    newest = json.loads((ckpts / "latest.json").read_text())
+    os.unlink(ckpts / "latest")
+    os.symlink(name, ckpts / "latest")
+    older = runtime_json(ckpts / name)
+    newest.update(checkpoint=name, episode_index=older["episode_index"],
+                  timestamp=older["timestamp"], val_score=older.get("val_score"))
+    (ckpts / "latest.json").write_text(json.dumps(newest))
+
+
+def test_resume_auto_when_latest_lags_a_committed_checkpoint(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A kill between ep 40's commit and the pointer move leaves latest on ep 30: auto
+    resumes from ep 40 (whole and durable) in place, says so, and does not collide with it
+    (found by the kill -9 torture with a reader: the next run died on ep 40 existing)."""
+    rt = {"max_envs_to_visit": 40, "checkpoint_every_episodes": 10, "checkpoint_keep_last": 3,
+          "resume_from": "auto"}
+    assert _train(tmp_path, "lag", dict(rt)) == 0
+    [run] = _runs(tmp_path, "lag")
+    ckpts = run / "checkpoints"
+    expected = _memory(ckpts / "ep_000040")
+    _point_latest_at(ckpts, "ep_000030")
+    capsys.readouterr()
+    assert _train(tmp_path, "lag", dict(rt), "--set", "runtime.max_envs_to_visit=60") == 0
+    err = capsys.readouterr().err
+    assert "latest names ep_000030, but ep_000040 was committed after it" in err
+    assert _names(ckpts) == ["ep_000040", "ep_000050", "ep_000060"]
+    assert _memory(ckpts / "ep_000040") == expected  # never re-committed
+    assert load_checkpoint(ckpts / "latest").runtime.episode_index == 60
+
+
+def test_a_named_checkpoint_is_resumed_as_named(tmp_path: Path) -> None:
+    """resume_from naming ep_N (not a pointer) resumes exactly ep_N, newer ones or not."""
+    rt = {"max_envs_to_visit": 30, "checkpoint_every_episodes": 10}
+    assert _train(tmp_path, "named", dict(rt)) == 0
+    [run] = _runs(tmp_path, "named")
+    ckpt = run / "checkpoints" / "ep_000010"
+    assert _train(tmp_path, "named", dict(rt), "--resume", str(ckpt),
+                  "--set", "runtime.max_envs_to_visit=20") == 0
+    new = [r for r in _runs(tmp_path, "named") if r != run][0]
+    assert runtime_json(new / "checkpoints" / "ep_000020")["resumed_from"].endswith(
+        "ep_000010")

@@ -25,8 +25,8 @@ import yaml
 
 from .. import layout
 from ..config import RESUME_AUTO, Config
-from ..errors import CheckpointNotFoundError
-from ..reader import LoadedCheckpoint, load_checkpoint
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ..reader import LoadedCheckpoint, list_checkpoints, load_checkpoint
 from ..storage.location import parse_location
 
 __all__ = ["RESUME_BEST", "find_resume", "run_checkpoint_dirs"]
@@ -59,7 +59,9 @@ def find_resume(cfg: Config) -> tuple[LoadedCheckpoint | None, Path | None]:
                 loaded = load_checkpoint(target, expected_memory_type=mtype)
             except CheckpointNotFoundError:
                 continue  # this run died before its first checkpoint (or has no best)
-            return loaded, run if want == RESUME_AUTO else None
+            if want == RESUME_AUTO:
+                return _newest_committed(loaded, mtype), run
+            return loaded, None
         if want == RESUME_BEST:
             raise CheckpointNotFoundError(
                 str(runs_root), hint=f"resume_from: best needs a run of {cfg.name} with a "
@@ -68,7 +70,7 @@ def find_resume(cfg: Config) -> tuple[LoadedCheckpoint | None, Path | None]:
                  cfg.name, runs_root)
         return None, None
     try:
-        return load_checkpoint(want, expected_memory_type=mtype), None
+        loaded = load_checkpoint(want, expected_memory_type=mtype)
     except CheckpointNotFoundError:
         # outputs/<run_name> whose runs keep their checkpoints elsewhere (an absolute
         # checkpoint_dir): the reader only follows a run's relative checkpoints dir.
@@ -80,6 +82,41 @@ def find_resume(cfg: Config) -> tuple[LoadedCheckpoint | None, Path | None]:
             except CheckpointNotFoundError:
                 continue
         raise
+    base = Path(str(want).rstrip("/")).name
+    named = (layout.parse_checkpoint_name(base) is not None
+             or base in (layout.BEST_LINK, layout.BEST_JSON))
+    # A checkpoint (or best) named by the user is what they asked for; latest may lag.
+    return (loaded if named else _newest_committed(loaded, mtype)), None
+
+
+def _newest_committed(loaded: LoadedCheckpoint, mtype: str) -> LoadedCheckpoint:
+    """The newest checkpoint of ``loaded``'s directory, when ``latest`` lagged behind it.
+
+    A run killed between committing ``ep_M`` and moving ``latest`` leaves ``latest`` on an
+    older ``ep_N``: ``ep_M`` is whole and durable, and is this history's newest state.
+    Resuming from ``ep_N`` would lose its episodes and, in place, collide with ``ep_M``
+    (the writer refuses existing steps). A higher episode committed *before* ``ep_N``
+    (``replace=True`` going back) is another history and is left alone.
+    """
+    try:
+        infos = list_checkpoints(loaded.path.parent)
+    except CheckpointError:
+        return loaded
+    mine = loaded.runtime
+    later = [i for i in infos if i.complete and i.runtime is not None
+             and i.episode_index > mine.episode_index and i.runtime.timestamp >= mine.timestamp]
+    for info in sorted(later, key=lambda i: i.episode_index, reverse=True):
+        try:
+            newer = load_checkpoint(info.path, expected_memory_type=mtype)
+        except CheckpointError as exc:
+            log.warning("%s is newer than the pointer's %s but cannot be loaded (%s)",
+                        info.name, loaded.path.name, exc)
+            continue
+        log.warning("latest names %s, but %s was committed after it and is whole (a run "
+                    "stopped between committing it and moving latest): resuming from %s",
+                    loaded.path.name, info.name, info.path)
+        return newer
+    return loaded
 
 
 def run_checkpoint_dirs(runs_root: Path) -> list[tuple[Path, str]]:

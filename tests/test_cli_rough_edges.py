@@ -307,3 +307,12 @@ def test_log_lines_tell_one_timeline(tmp_path: Path, capsys: pytest.CaptureFixtu
             assert now >= int(m[1]), line
             floor = now
     assert saves == 12
+
+
+def test_log_paths_keep_urls_whole() -> None:
+    """An object-storage location is printed as given, never as a mangled local path."""
+    from ckptwriter.runtime.progress import display_path
+
+    assert display_path("s3://bucket/run/checkpoints/ep_000001") == \
+        "s3://bucket/run/checkpoints/ep_000001"
+    assert display_path("memory://ckpts/ep_000002") == "memory://ckpts/ep_000002"

@@ -344,16 +344,21 @@ def test_open_aborts_stale_multipart_uploads_under_its_prefix(s3: Backend) -> No
                       Key=f"{key}/ep_000001/memory_1.jsonl")
     other_key = f"{key}-other/ep_000001/memory_1.jsonl"
     other = fs.call_s3("create_multipart_upload", Bucket=BUCKET, Key=other_key)
+    # Another run's directory nested below this one: its own lock, its uploads live.
+    nested_key = f"{key}/exp2/ep_000007/memory_7.jsonl"
+    nested = fs.call_s3("create_multipart_upload", Bucket=BUCKET, Key=nested_key)
 
     def uploads(prefix: str) -> list[str]:
         page = fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix=prefix)
         return [u["UploadId"] for u in page.get("Uploads", [])]
 
-    assert uploads(f"{key}/") == [mine["UploadId"]]
+    assert sorted(uploads(f"{key}/")) == sorted([mine["UploadId"], nested["UploadId"]])
     storage = RemoteStorage(s3.url)
     CommitPipeline(storage, KeepAll()).open()
     storage.close()
     assert storage.aborted_uploads == 1
-    assert uploads(f"{key}/") == []
+    assert uploads(f"{key}/") == [nested["UploadId"]]
     assert uploads(f"{key}-other/") == [other["UploadId"]]
+    fs.call_s3("abort_multipart_upload", Bucket=BUCKET, Key=nested_key,
+               UploadId=nested["UploadId"])
     fs.call_s3("abort_multipart_upload", Bucket=BUCKET, Key=other_key, UploadId=other["UploadId"])

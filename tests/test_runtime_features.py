@@ -467,6 +467,6 @@ def test_a_named_checkpoint_is_resumed_as_named(tmp_path: Path) -> None:
     ckpt = run / "checkpoints" / "ep_000010"
     assert _train(tmp_path, "named", dict(rt), "--resume", str(ckpt),
                   "--set", "runtime.max_envs_to_visit=20") == 0
-    new = [r for r in _runs(tmp_path, "named") if r != run][0]
+    new = next(r for r in _runs(tmp_path, "named") if r != run)
     assert runtime_json(new / "checkpoints" / "ep_000020")["resumed_from"].endswith(
         "ep_000010")

@@ -213,6 +213,27 @@ def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_
 # -- resolving what a user passes -----------------------------------------------------
 
 
+def _open_named(store: ReadStore, path: str, open_one: OpenOne[_T]) -> _T:
+    """Open a checkpoint named directly; read again while it is re-committed under us.
+
+    A re-commit swaps the whole directory in one step, so a read that began on the old
+    copy can meet files of the new one: its runtime.json then differs from the bytes the
+    read started from, and a fresh read sees one copy whole. Damage that stays is raised.
+    """
+    for attempt in range(_ATTEMPTS):
+        seen = Seen()
+        try:
+            return open_one(path, seen)
+        except CheckpointCorruptError:
+            try:
+                now: bytes | None = store.read(store.join(path, layout.RUNTIME_JSON))
+            except OSError:
+                now = None
+            if attempt == _ATTEMPTS - 1 or seen.marker is None or now == seen.marker:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> _T:
     """Open the checkpoint ``path`` names: a checkpoint, ``latest``, ``latest.json`` (or
     ``best``, ``best.json``), a checkpoints directory, a run directory, or
@@ -229,7 +250,7 @@ def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> 
     if children is not None:
         if layout.RUNTIME_JSON in children or layout.parse_checkpoint_name(name) is not None:
             try:
-                return open_one(path, Seen())
+                return _open_named(store, path, open_one)
             except Gone as gone:
                 raise CheckpointNotFoundError(
                     store.url(path), nearby(store, path), hint=gone.hint

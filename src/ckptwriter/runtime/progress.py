@@ -24,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..storage.location import parse_location
 from ..storage.urlpath import URLPath
 
 __all__ = ["LOG_DATEFMT", "LOG_FORMAT", "UPDATE_SECONDS", "NullReporter", "Reporter",
@@ -67,7 +68,7 @@ class TrainStatus:
 def display_path(path: str | os.PathLike[str]) -> str:
     """A local path as the run's messages print it: relative to the working directory
     when under it, else absolute; a URL as it is."""
-    if isinstance(path, URLPath):
+    if isinstance(path, URLPath) or not parse_location(os.fspath(path)).is_local:
         return str(path)
     absolute = os.path.abspath(os.fspath(path))
     rel = os.path.relpath(absolute, os.getcwd())

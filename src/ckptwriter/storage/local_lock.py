@@ -48,14 +48,21 @@ class DirectoryLock:
 
     def __init__(self, fd: int) -> None:
         self.fd: int | None = fd
+        st = os.fstat(fd)
+        # What the descriptor is: a forked child closes its number only while it still
+        # names this file (not a number the parent has since closed and reused).
+        self._ident = (st.st_dev, st.st_ino)
         _HELD.add(self)
 
     def close(self) -> None:
         """Release the lock (a no-op once closed)."""
-        fd, self.fd = self.fd, None
-        _HELD.discard(self)
+        fd = self.fd
         if fd is not None:
+            # Closed before it is forgotten: a fork from another thread meanwhile still
+            # finds the lock here, and its child closes its copy.
             os.close(fd)
+        self.fd = None
+        _HELD.discard(self)
 
     def __del__(self, _close: Callable[[int], None] = os.close) -> None:
         # Like a file object: a lock nobody can close any more is released (``os`` may
@@ -68,6 +75,18 @@ class DirectoryLock:
             with contextlib.suppress(OSError):
                 close(fd)
 
+    def _drop_in_child(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return  # closed in the parent just before the fork
+        if (st.st_dev, st.st_ino) == self._ident:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
 
 # Weak: a lock dropped without close() closes its descriptor as it goes (``__del__``),
 # so a child never closes a number since reused for something else.
@@ -77,7 +96,7 @@ _HELD: weakref.WeakSet[DirectoryLock] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     # Runs in the child only, single-threaded: no lock may be taken here.
     for lock in list(_HELD):
-        lock._drop()
+        lock._drop_in_child()
     _HELD.clear()
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec.asyn
 
+from .. import layout
 from .objects import UPLOAD_CONCURRENCY, ObjectStore, PutItem, _join, slices
 
 __all__ = ["MULTIPART_THRESHOLD", "PART_BYTES", "S3ObjectStore"]
@@ -92,13 +93,25 @@ class S3ObjectStore(ObjectStore):
         return None if found is None else found[0]
 
     def abort_uploads(self, prefix: str) -> int:
-        """Abort every unfinished multipart upload whose key starts with ``prefix/``."""
+        """Abort every unfinished multipart upload of a checkpoint file of ``prefix``.
+
+        Only ``prefix/ep_N/<file>``: the lock covers this directory's checkpoints, not
+        another run's directory nested below it (``prefix/exp2/ep_N/...``), whose
+        uploads may be live.
+        """
         bucket, key = self._split(prefix)
-        args: dict[str, str] = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/"}
+        base = key.strip("/")
+        args: dict[str, str] = {"Bucket": bucket}
+        if base:
+            args["Prefix"] = base + "/"
         aborted = 0
         while True:
             page = self._call("list_multipart_uploads", **args)
             for up in page.get("Uploads", []):
+                rest = up["Key"][len(base) + 1:] if base else up["Key"]
+                parts = rest.split("/")
+                if len(parts) != 2 or layout.parse_checkpoint_name(parts[0]) is None:
+                    continue
                 self._call("abort_multipart_upload", Bucket=bucket, Key=up["Key"],
                            UploadId=up["UploadId"])
                 aborted += 1

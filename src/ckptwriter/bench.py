@@ -286,9 +286,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=None, help="runs per figure (default 3)")
     ap.add_argument("--json", metavar="FILE", default=None, help="also write results here")
     ap.add_argument("--plot", metavar="FILE.png", default=None, help=(
-        "also sweep checkpoint intervals at a small and a large memory and draw loop "
-        "overhead and submit stall against them, with the disk floor (needs matplotlib: "
-        "pip install 'ckptwriter[plot]')"))
+        "also sweep checkpoint intervals at a small and a large memory (1,000 and "
+        "100,000 entries, 300 episodes of 1.3 ms CPU each: about a minute more) and draw "
+        "loop overhead and submit stall against them, with the disk floor (needs "
+        "matplotlib: pip install 'ckptwriter[plot]')"))
     return ap
 
 

@@ -11,8 +11,8 @@ or broken the newest valid checkpoint is used instead, with a
 Readers of a live run:
     When what was resolved through ``latest`` (or a checkpoints or run directory) vanishes
     or changes under the reader (retention deleted it, a re-commit replaced it, the
-    pointer moved), the reader resolves again, up to :data:`_ATTEMPTS` times on every
-    backend. Only a pointer that stays on a broken checkpoint falls back (and warns).
+    pointer moved), the reader resolves again, as long as it keeps moving (each retry
+    follows a commit made meanwhile; at most :data:`_ATTEMPTS`), on every backend. Only a pointer that stays on a broken checkpoint falls back (and warns).
 
 Error handling:
     :class:`~ckptwriter.CheckpointNotFoundError` (nothing there; checkpoints nearby are
@@ -80,9 +80,11 @@ __all__ = [
 
 _T = TypeVar("_T")
 # How often a reader resolves again while a live writer retires or replaces what it
-# resolved. Each retry needs another commit to land during one read, so a few suffice;
-# the same number on every backend.
-_ATTEMPTS = 10
+# resolved. A retry happens only when the pointer or the checkpoint moved, so each one
+# follows a commit the writer made during that read: the loop is bounded by the writer's
+# progress, and the cap only stops a reader lapped by a writer forever. A reader starved
+# of CPU on a loaded machine can be lapped many times in a row (10 were not enough).
+_ATTEMPTS = 1000
 # Frames from warnings.warn up to the caller of the public function.
 _WARN_STACKLEVEL = 6
 

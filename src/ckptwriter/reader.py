@@ -12,7 +12,8 @@ Readers of a live run:
     When what was resolved through ``latest`` (or a checkpoints or run directory) vanishes
     or changes under the reader (retention deleted it, a re-commit replaced it, the
     pointer moved), the reader resolves again, as long as it keeps moving (each retry
-    follows a commit made meanwhile; at most :data:`_ATTEMPTS`), on every backend. Only a pointer that stays on a broken checkpoint falls back (and warns).
+    follows a commit made meanwhile; at most :data:`_ATTEMPTS`), on every backend. Only
+    a pointer that stays on a broken checkpoint falls back (and warns).
 
 Error handling:
     :class:`~ckptwriter.CheckpointNotFoundError` (nothing there; checkpoints nearby are

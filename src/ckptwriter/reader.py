@@ -80,11 +80,9 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-# How often a reader resolves again while a live writer retires or replaces what it
-# resolved. A retry happens only when the pointer or the checkpoint moved, so each one
-# follows a commit the writer made during that read: the loop is bounded by the writer's
-# progress, and the cap only stops a reader lapped by a writer forever. A reader starved
-# of CPU on a loaded machine can be lapped many times in a row (10 were not enough).
+# A retry happens only when the pointer or the checkpoint moved, so each follows a commit
+# made during that read: bounded by the writer's progress; the cap stops a reader lapped
+# forever. A reader starved on a loaded machine can be lapped often (10 were too few).
 _ATTEMPTS = 1000
 # Frames from warnings.warn up to the caller of the public function.
 _WARN_STACKLEVEL = 6

@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ckptwriter train --config examples/quick_start.yaml
 
+# Two workers, one test file each at a time (tests of a file share fixtures and servers).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not slow'
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

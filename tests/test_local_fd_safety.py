@@ -553,3 +553,16 @@ if __name__ == "__main__":
         "recommit-crashes": _child_recommit_crashes,
         "fork-holder": _child_fork_holder,
     }[cmd](*rest)
+
+
+def test_replaced_entry_of_another_episode_is_not_restored(tmp_path: Path) -> None:
+    """A whole checkpoint of ep 7 planted as .replaced-ep_000005-* never becomes ep_000005
+    (readers would reject it as corrupt); it is removed like any other leftover."""
+    root, src = tmp_path / "ck", tmp_path / "src"
+    build_checkpoints(root, 1, executor="thread")
+    build_checkpoints(src, 7, executor="thread")
+    os.rename(src / "ep_000007", root / ".replaced-ep_000005-0badc0de")
+    with SyncCheckpointWriter(root, executor="thread"):
+        pass
+    assert leftovers(root) == []
+    assert [i.name for i in list_checkpoints(root)] == ["ep_000001"]

@@ -14,6 +14,7 @@ file it shares is never opened for writing.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -59,7 +60,10 @@ def _restore(dir_fd: int, root: Path, entry: str, is_whole: Callable[[str], bool
         # half-way still has runtime.json but not all its files (found by the torture).
         # Checked through the descriptor: swapping the entry for a link meanwhile
         # cannot make the check read anything else.
-        if not is_whole(_through(efd, root / entry)):
+        if not is_whole(_through(efd, root / entry)) or _episode(efd) != \
+                layout.parse_checkpoint_name(name):
+            # Checked through /proc/self/fd, the directory's name is "."; its episode
+            # must still be the one the name it would come back as says.
             return False
     finally:
         os.close(efd)
@@ -70,6 +74,21 @@ def _restore(dir_fd: int, root: Path, entry: str, is_whole: Callable[[str], bool
         os.rename(name, trash, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         remove_entry(dir_fd, trash)
     return True
+
+
+def _episode(efd: int) -> int | None:
+    """The episode the runtime.json inside directory ``efd`` records (None: unreadable)."""
+    try:
+        fd = os.open(layout.RUNTIME_JSON, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=efd)
+        try:
+            data = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+        value = json.loads(data).get("episode_index")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _exists(dir_fd: int, name: str) -> bool:

@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import anyio
 
 from ckptwriter import CheckpointWriter, MemoryLog, Observation, Snapshot
-from ckptwriter.bench import clones, filesystem_type
+from ckptwriter.bench import clones, disk_floor, filesystem_type
 
 _MKFS = {"xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 
@@ -63,24 +62,6 @@ def _used(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-def _floor(path: Path, data: bytes, repeats: int = 5) -> float:
-    src = path / "floor-src"
-    src.write_bytes(data)
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        with open(src, "rb") as s, open(path / f"floor-{i}", "wb") as d:
-            left = len(data)
-            while left > 0:
-                n = os.copy_file_range(s.fileno(), d.fileno(), left)
-                if n == 0:
-                    break
-                left -= n
-            os.fsync(d.fileno())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 async def _commits(root: Path, memory: MemoryLog, n: int) -> tuple[list[float], list[int]]:
     latency, allocated = [], []
     # Keep every checkpoint: with retention the space freed would hide what was allocated.
@@ -101,7 +82,7 @@ def measure(path: Path, entries: int, checkpoints: int) -> dict[str, object]:
     memory.extend(Observation(content=f"observation {i} of the episode " + "x" * 70)
                   for i in range(entries))
     with tempfile.TemporaryDirectory(dir=path) as tmp:
-        floor = _floor(Path(tmp), memory.to_jsonl())
+        floor = disk_floor(Path(tmp), memory, repeats=5)
         latency, allocated = anyio.run(_commits, Path(tmp) / "checkpoints", memory, checkpoints)
     return {"fs": filesystem_type(path)["fs_type"], "clones": clones(path),
             "memory_mib": memory.nbytes / 2**20, "commit_ms": statistics.median(latency) * 1e3,

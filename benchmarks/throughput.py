@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -14,25 +12,13 @@ from typing import Literal
 import anyio
 
 from ckptwriter import CheckpointResult, CheckpointWriter, MemoryLog, Observation, Snapshot
+from ckptwriter.bench import raw_write
 
 from .report import Figure, Report
 from .sizes import BenchConfig
 from .workload import median, scratch
 
 __all__ = ["bench_throughput"]
-
-
-def _raw_write(path: Path, data: bytes) -> float:
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t
 
 
 async def _one_full_checkpoint(
@@ -58,7 +44,7 @@ def bench_throughput(
     for i in range(cfg.repeats):
         log(f"  throughput: repeat {i + 1}/{cfg.repeats} ({len(data) / 2**20:.0f} MiB)")
         with scratch(base, "raw") as path:
-            times["raw"].append(_raw_write(path / "raw.bin", data))
+            times["raw"].append(raw_write(path / "raw.bin", data))
         for ex in ("process", "thread"):
             with scratch(base, "full") as path:
                 r = anyio.run(_one_full_checkpoint, path / "checkpoints", mem, ex)

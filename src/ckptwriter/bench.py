@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 
+from .bench_plot import disk_floor
 from .bench_workload import SWITCH_INTERVAL, entries, memory_of, percentile, raw_write
 from .gil import switch_interval
 from .handles import CheckpointHandle
@@ -31,7 +32,7 @@ from .memory import MemoryLog, Observation
 from .snapshot import Snapshot
 from .writer import CheckpointWriter
 
-__all__ = ["clones", "filesystem_type", "main"]
+__all__ = ["clones", "disk_floor", "filesystem_type", "main", "raw_write"]
 
 BENCHMARKS = ("stall", "freshness", "throughput")
 _MOUNT_TABLES = ("/proc/self/mountinfo", "/proc/mounts")

@@ -9,13 +9,15 @@ from ckptwriter import MemoryLog, SyncCheckpointWriter, load_checkpoint
 from conftest import add_episode, snapshot
 
 EXPORTED = {
-    "Action", "CheckpointCorruptError", "CheckpointError", "CheckpointExistsError",
+    "Action", "AgentState", "CheckpointCorruptError", "CheckpointError",
+    "CheckpointExistsError",
     "CheckpointFallbackWarning",
     "CheckpointHandle", "CheckpointInfo", "CheckpointNotFoundError", "CheckpointResult",
     "CheckpointWriter", "ConfigError", "DirectoryLockedError", "Feedback", "FeedbackContent",
     "LoadedCheckpoint", "MemoryEntry", "MemoryLog", "MemoryTypeMismatchError", "Observation",
     "Reflection", "Snapshot", "StorageError", "SyncCheckpointHandle", "SyncCheckpointWriter",
-    "UnknownEntryTypeError", "UnsafePathError", "WriterClosedError", "WriterFailedError",
+    "UnknownEntryTypeError", "UnknownStateTypeError", "UnsafePathError", "WriterClosedError",
+    "WriterFailedError",
     "WriterStats",
     "list_checkpoints", "load_checkpoint", "resolve_checkpoint", "switch_interval",
     "verify_checkpoint",

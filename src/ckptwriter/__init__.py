@@ -6,6 +6,7 @@ a background writer commits them atomically, moves ``latest`` and applies retent
 
 from __future__ import annotations
 
+from .agent_state import AgentState as AgentState
 from .errors import CheckpointCorruptError as CheckpointCorruptError
 from .errors import CheckpointError as CheckpointError
 from .errors import CheckpointExistsError as CheckpointExistsError
@@ -15,6 +16,7 @@ from .errors import DirectoryLockedError as DirectoryLockedError
 from .errors import MemoryTypeMismatchError as MemoryTypeMismatchError
 from .errors import StorageError as StorageError
 from .errors import UnknownEntryTypeError as UnknownEntryTypeError
+from .errors import UnknownStateTypeError as UnknownStateTypeError
 from .errors import UnsafePathError as UnsafePathError
 from .errors import WriterClosedError as WriterClosedError
 from .errors import WriterFailedError as WriterFailedError
@@ -45,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action",
+    "AgentState",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointExistsError",
@@ -69,6 +72,7 @@ __all__ = [
     "SyncCheckpointHandle",
     "SyncCheckpointWriter",
     "UnknownEntryTypeError",
+    "UnknownStateTypeError",
     "UnsafePathError",
     "WriterClosedError",
     "WriterFailedError",

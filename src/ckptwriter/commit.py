@@ -1,11 +1,13 @@
 """The one commit pipeline: what a checkpoint is, written once above every backend.
 
-For each captured snapshot, in one blocking call: decide whether the previous memory
-file can be extended (same log, still intact), write the bytes appended since then
-(the backend copies the prefix: a kernel-side copy or reflink locally, a server-side
-copy remotely) while the sha256 state carried from the previous commit is extended,
-write ``agent.json`` and the extra files, then ``runtime.json`` last as the commit
-marker (:meth:`PendingCheckpoint.finalize`), move ``latest``, move ``best`` if the new
+For each captured snapshot, in one blocking call: for the memory and each named log,
+decide whether the previous commit's file can be extended (same log, still intact) and
+write the bytes appended since then (the backend copies the prefix: a kernel-side copy
+or reflink locally, a server-side copy remotely) while the sha256 state carried from the
+previous commit is extended; write ``agent.json``, the state keys and the extra files,
+each linked from the previous checkpoint instead when it is unchanged
+(:mod:`ckptwriter.commit_files`); then ``runtime.json`` last as the commit marker
+(:meth:`PendingCheckpoint.finalize`), move ``latest``, move ``best`` if the new
 checkpoint beats it, and run a retention pass.
 
 The best checkpoint is the one with the best ``val_score`` by the writer's ``mode``
@@ -21,18 +23,15 @@ The backend owns atomicity and durability; this module owns the format.
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING
 
 import msgspec
 from pydantic import ValidationError
 
 from . import layout
+from .commit_files import Carries, WholeFile
 from .discovery import guarded
 from .errors import CheckpointError
 from .layout import FORMAT_VERSION
@@ -46,16 +45,9 @@ from .retention import (
     select_for_deletion,
 )
 from .snapshot import CapturedSnapshot, SnapshotMeta
-from .storage.base import Backend, FileSpec, PendingCheckpoint, ReuseToken
-
-if TYPE_CHECKING:
-    from hashlib import _Hash
+from .storage.base import Backend, PendingCheckpoint, ReuseToken
 
 __all__ = ["CommitPipeline", "CommitReport", "best_of"]
-
-# Above this size, hashing runs in another thread while this one writes and fsyncs:
-# both release the GIL, so a full write costs what a raw write + fsync costs.
-_PARALLEL_HASH_BYTES = 8 * 1024 * 1024
 
 
 class CommitReport(msgspec.Struct, frozen=True):
@@ -65,6 +57,8 @@ class CommitReport(msgspec.Struct, frozen=True):
     path: str
     episode_index: int
     val_score: float | None
+    # Bytes this commit really wrote: appended bytes of the logs, changed files whole,
+    # runtime.json. A linked file and a reused prefix count in bytes_reused instead.
     bytes_written: int
     bytes_serialized: int
     entries_serialized: int
@@ -79,22 +73,18 @@ class CommitReport(msgspec.Struct, frozen=True):
     extendable: bool = True
     # The best pointer could not be moved (the commit itself is durable).
     best_error: str | None = None
+    # Bytes reached by reuse (prefixes copied, files linked) and files linked whole.
+    bytes_reused: int = 0
+    files_linked: int = 0
+    # Named logs the next commit can extend: name -> (log_id, nbytes).
+    logs_extendable: dict[str, tuple[str, int]] = {}
+    # State keys whose files the next commit can link: key -> version.
+    state_kept: dict[str, str] = {}
 
     @property
     def record(self) -> CheckpointRecord:
         """The retention view of the new checkpoint."""
         return CheckpointRecord(self.name, self.episode_index, self.val_score)
-
-
-@dataclass(slots=True)
-class _Carry:
-    """The memory file of the last commit, which the next one may extend."""
-
-    log_id: str
-    entries: int
-    nbytes: int
-    sha: _Hash
-    token: ReuseToken
 
 
 def best_of(records: Iterable[CheckpointRecord], mode: Mode) -> CheckpointRecord | None:
@@ -137,11 +127,6 @@ def commit_documents(
     return runtime, _pointer_document(name, snap.episode_index, timestamp, snap.val_score)
 
 
-def _hash_views(sha: _Hash, views: Sequence[memoryview]) -> None:
-    for v in views:
-        sha.update(v)
-
-
 class CommitPipeline:
     """Commit, pointer update and retention for one checkpoints directory (blocking).
 
@@ -167,7 +152,7 @@ class CommitPipeline:
         self._best_named: set[str] = set()
         # A checkpoint joined ``known`` without being ranked (its latest move failed).
         self._rank_all = False
-        self._carry: _Carry | None = None
+        self._carries = Carries()
         # An immutable copy of ``known``, replaced whole after each change, for readers
         # in other threads (the writer's event loop) while a commit runs.
         self.committed: tuple[CheckpointRecord, ...] = ()
@@ -210,39 +195,27 @@ class CommitPipeline:
         meta, mem, b = snap.meta, snap.memory, self.backend
         name = layout.checkpoint_name(meta.episode_index)
         mem_name = layout.memory_file_name(meta.episode_index)
-        carry = self._carry
-        if not (carry is not None and carry.log_id == mem.log_id
-                and carry.nbytes <= mem.nbytes and b.can_reuse(carry.token)):
-            carry = None
-        start = carry.nbytes if carry is not None else 0
-        views = list(mem.iter_bytes(start))
-        sha = carry.sha.copy() if carry is not None else hashlib.sha256()
+        streams = [("memory", mem_name, mem), *(
+            (f"log:{n}", layout.log_file_name(n), cap) for n, cap in snap.logs.items())]
+        whole = [WholeFile(layout.AGENT_JSON, meta.agent_json),
+                 *(WholeFile(it.file, it.value.data if it.sent else None, it.version)
+                   for it in snap.state.values()),
+                 *(WholeFile(n, data) for n, data in meta.extra_files.items())]
+        plan = self._carries.plan(b, streams, whole)
         pending: PendingCheckpoint | None = None
         try:
             pending = b.begin(name)
-            spec = FileSpec(mem_name, views, carry.token if carry is not None else None)
-            if mem.nbytes - start >= _PARALLEL_HASH_BYTES:
-                hasher = threading.Thread(target=_hash_views, args=(sha, views),
-                                          name="ckptwriter-hash")
-                hasher.start()
-                try:
-                    tokens = pending.write([spec])
-                finally:
-                    hasher.join()
-            else:
-                _hash_views(sha, views)
-                tokens = pending.write([spec])
-            b._step("memory_written")
-            files: dict[str, dict[str, object]] = {
-                mem_name: {"bytes": mem.nbytes, "sha256": sha.hexdigest()}
-            }
-            others = [("agent.json", meta.agent_json), *meta.extra_files.items()]
-            pending.write([FileSpec(n, [data]) for n, data in others])
-            for n, data in others:
-                files[n] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            plan.start_hashing()
+            try:
+                tokens = pending.write([plan.first])
+                b._step("memory_written")
+                tokens.update(pending.write(plan.rest))
+            finally:
+                plan.finish_hashing()
             b._step("files_written")
             s0 = time.perf_counter()
-            runtime, latest_json = commit_documents(meta, name, mem_name, mem.entries, files)
+            runtime, latest_json = commit_documents(meta, name, mem_name, mem.entries,
+                                                    plan.listing())
             serialize_s = time.perf_counter() - s0
             path = pending.finalize(runtime)
         except BaseException as exc:
@@ -253,7 +226,7 @@ class CommitPipeline:
                 where = b.store.join(b.root, name)
                 raise b.store.error(exc, "writing checkpoint", where) from exc
             raise
-        self._carry = _Carry(mem.log_id, mem.entries, mem.nbytes, sha, tokens[mem_name])
+        self._carries.remember(plan, tokens)
         record = CheckpointRecord(name, meta.episode_index, meta.val_score)
         # Known before the pointer moves: if that fails, retention still sees it later.
         self.known[name] = record
@@ -266,21 +239,37 @@ class CommitPipeline:
             raise
         best_error = self._update_best(record)
         deleted, retention_error = self._retain(name)
-        try:
-            extendable = b.can_reuse(tokens[mem_name])
-        except Exception:
-            extendable = False  # only a hint for the next hand-over; the commit is done
+        extendable, logs_ok, kept = self._hints(snap, tokens)
         total = time.perf_counter() - t0
+        carried = [s.carry for s in plan.streams]
         return CommitReport(
             name=name, path=path, episode_index=meta.episode_index, val_score=meta.val_score,
-            bytes_written=mem.nbytes + sum(len(d) for _, d in others) + len(runtime),
-            bytes_serialized=mem.nbytes - start,
-            entries_serialized=mem.entries - (carry.entries if carry is not None else 0),
-            incremental=carry is not None, serialize_seconds=serialize_s,
+            bytes_written=plan.bytes_written + len(runtime),
+            bytes_serialized=sum(len(v) for s in plan.streams for v in s.views),
+            entries_serialized=sum(s.cap.entries - (s.carry.entries if s.carry else 0)
+                                   for s in plan.streams),
+            incremental=carried[0] is not None, serialize_seconds=serialize_s,
             write_seconds=total - serialize_s, deleted=tuple(deleted),
             retention_error=retention_error, log_id=mem.log_id, nbytes=mem.nbytes,
-            extendable=extendable, best_error=best_error,
+            extendable=extendable, best_error=best_error, bytes_reused=plan.bytes_reused,
+            files_linked=plan.files_linked, logs_extendable=logs_ok, state_kept=kept,
         )
+
+    def _hints(self, snap: CapturedSnapshot, tokens: Mapping[str, ReuseToken]
+               ) -> tuple[bool, dict[str, tuple[str, int]], dict[str, str]]:
+        """What the next hand-over may leave out: only hints (the commit is done), so a
+        failure to tell is no error: that commit sends more."""
+        b = self.backend
+        try:
+            extendable = b.can_reuse(tokens[layout.memory_file_name(snap.episode_index)])
+            logs = {n: (cap.log_id, cap.nbytes) for n, cap in snap.logs.items()
+                    if b.can_reuse(tokens[layout.log_file_name(n)])}
+            items = list(snap.state.values())
+            kept = {k: it.version for k, it in snap.state.items()} \
+                if items and b.can_reuse(tokens[items[0].file], whole=True) else {}
+        except Exception:
+            return False, {}, {}
+        return extendable, logs, kept
 
     # -- the best pointer -------------------------------------------------------------
 

@@ -11,6 +11,7 @@ Every error the library raises on purpose derives from :class:`CheckpointError`,
     │   └── UnsafePathError          a manifest or pointer tries to leave its directory
     ├── MemoryTypeMismatchError      the checkpoint's memory type differs from the agent's
     │   └── UnknownEntryTypeError    the memory holds entry types the caller did not pass
+    │       └── UnknownStateTypeError  a state key holds a model of a class not passed
     ├── StorageError                 the disk or store refused an operation (ENOSPC, EACCES...)
     ├── DirectoryLockedError         another live writer owns the checkpoints directory
     ├── WriterClosedError            submit/flush on a writer that is closed or not started
@@ -33,6 +34,7 @@ __all__ = [
     "MemoryTypeMismatchError",
     "StorageError",
     "UnknownEntryTypeError",
+    "UnknownStateTypeError",
     "UnsafePathError",
     "WriterClosedError",
     "WriterFailedError",
@@ -158,6 +160,24 @@ def _unknown_tags_message(source: str, tags: dict[str, int], known: list[str]) -
         f"classes: load_checkpoint(path, entry_types=[{names}]), or read plain dicts "
         "with load_checkpoint(path, raw=True)."
     )
+
+
+class UnknownStateTypeError(UnknownEntryTypeError):
+    """A state key holds a model whose class the caller did not pass in ``state_types=``."""
+
+    def __init__(self, source: str, key: str, cls: str, tag: str, known: list[str]) -> None:
+        name = cls.rpartition(":")[2] or tag
+        CheckpointError.__init__(
+            self,
+            f"State not restored: {source} holds state[{key!r}], a {cls} (tag {tag!r}), and "
+            f"no class passed in state_types= has that tag (known: {', '.join(known)}). "
+            f"Pass the class: load_checkpoint(path, state_types=[{name}]), or read it as "
+            "plain data with load_checkpoint(path, raw=True).")
+        self.source = source
+        self.key = key
+        self.tags = {tag: 0}
+        self.found = tag
+        self.expected = ", ".join(known)
 
 
 class StorageError(CheckpointError):

@@ -22,6 +22,9 @@ class CheckpointResult:
 
     ``loop_seconds`` is what the training loop paid in ``submit`` (capture + enqueue,
     including any ``block`` stall); the other timings were spent off the loop.
+    ``bytes_written`` counts the bytes really written (what was appended to a log, the
+    files that changed, ``runtime.json``); ``bytes_reused`` those the checkpoint got from
+    the previous one instead (a copied prefix, the ``files_linked`` files linked whole).
     """
 
     name: str
@@ -37,6 +40,8 @@ class CheckpointResult:
     write_seconds: float
     latency_seconds: float
     deleted: tuple[str, ...] = ()
+    bytes_reused: int = 0
+    files_linked: int = 0
 
     @classmethod
     def from_report(cls, o: CommitReport, *, loop_seconds: float, queue_wait_seconds: float,
@@ -49,6 +54,7 @@ class CheckpointResult:
             loop_seconds=loop_seconds, queue_wait_seconds=queue_wait_seconds,
             serialize_seconds=o.serialize_seconds, write_seconds=o.write_seconds,
             latency_seconds=latency_seconds, deleted=o.deleted,
+            bytes_reused=o.bytes_reused, files_linked=o.files_linked,
         )
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import layout
+from .agent_state import AgentState
+from .checkpoint_sections import refuse_dropped_fields, restore_sections
 from .discovery import name_of
 from .errors import (
     CheckpointCorruptError,
@@ -88,6 +90,9 @@ class LoadedCheckpoint:
     agent: AgentManifest
     memory: MemoryLog
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    # Named logs (Snapshot.logs) and the agent state (Snapshot.state), as saved.
+    logs: dict[str, MemoryLog] = field(default_factory=dict)
+    state: AgentState = field(default_factory=AgentState)
 
 
 class Gone(Exception):
@@ -252,11 +257,13 @@ def verified(store: ReadStore, ckpt: str, seen: Seen) -> str:
 def loaded(
     store: ReadStore, expected_memory_type: str | None, ckpt: str, seen: Seen,
     *, entry_types: tuple[type, ...] = (), raw: bool = False,
+    state_types: tuple[type, ...] = (),
 ) -> LoadedCheckpoint:
     """The checkpoint at ``ckpt``, built from the bytes its full check read.
 
     Raises:
-        Gone, CheckpointCorruptError, MemoryTypeMismatchError (UnknownEntryTypeError).
+        Gone, CheckpointCorruptError, MemoryTypeMismatchError (UnknownEntryTypeError,
+        UnknownStateTypeError).
     """
     got = read_checkpoint(store, ckpt, seen, keep=True)
     shown, rt, blobs = store.url(ckpt), got.runtime, dict(got.files)
@@ -267,14 +274,22 @@ def loaded(
         raise CheckpointCorruptError(shown, layout.AGENT_JSON, problem) from None
     if expected_memory_type is not None and agent.memory_type != expected_memory_type:
         raise MemoryTypeMismatchError(shown, agent.memory_type, expected_memory_type)
+    memory_data = blobs.pop(rt.memory_snapshot_path, None)
+    if memory_data is None:  # it names agent.json, which was taken above
+        raise CheckpointCorruptError(shown, layout.RUNTIME_JSON, "memory_snapshot_path "
+                                     f"names {rt.memory_snapshot_path}, not a memory file")
     try:
         memory = MemoryLog.from_jsonl(
-            blobs.pop(rt.memory_snapshot_path), memory_type=agent.memory_type,
+            memory_data, memory_type=agent.memory_type,
             entry_types=entry_types, raw=raw,
             source=f"checkpoint {shown} ({rt.memory_snapshot_path})")
     except ValueError as exc:
         raise CheckpointCorruptError(shown, rt.memory_snapshot_path, str(exc)) from None
-    return LoadedCheckpoint(store.as_path(ckpt), rt, agent, memory, blobs)
+    refuse_dropped_fields(agent, rt.memory_snapshot_path, memory_data, entry_types, shown,
+                          raw=raw)
+    logs, state = restore_sections(agent, blobs, shown, entry_types=entry_types,
+                                   state_types=state_types, raw=raw)
+    return LoadedCheckpoint(store.as_path(ckpt), rt, agent, memory, blobs, logs, state)
 
 
 def is_whole(store: ReadStore, path: str) -> bool:

@@ -72,6 +72,28 @@ def memory_file_name(episode_index: int) -> str:
     return f"memory_{episode_index}.jsonl"
 
 
+# A named log's or a state key's name: a plain file-name part, no dots, no slashes.
+STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+STREAM_NAME_RULE = ("1 to 64 letters, digits, '_' or '-', starting with a letter or digit "
+                    "(no dots, no slashes)")
+_RESERVED_RE = re.compile(r"^(?:memory_.*\.jsonl|log\..*\.jsonl|state\..*\.(?:json|bin))$")
+
+
+def log_file_name(name: str) -> str:
+    """``log.messages.jsonl`` for the named log ``messages``."""
+    return f"log.{name}.jsonl"
+
+
+def state_file_name(key: str, kind: str) -> str:
+    """``state.skills.json`` (JSON kinds) or ``state.policy.bin`` (bytes) for a state key."""
+    return f"state.{key}.{'bin' if kind == 'bytes' else 'json'}"
+
+
+def is_reserved_name(name: str) -> bool:
+    """True for a file name ckptwriter writes itself (manifests, memory, logs, state)."""
+    return name in (RUNTIME_JSON, AGENT_JSON) or _RESERVED_RE.match(name) is not None
+
+
 def temp_name(name: str) -> str:
     """A unique temp directory name for a checkpoint being written."""
     return f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"

@@ -8,14 +8,17 @@ so ``grep episode_index runtime.json`` prints one line as the guide shows.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
 from .layout import FORMAT_VERSION
 
-__all__ = ["AgentManifest", "FileDigest", "LatestPointer", "RuntimeManifest", "dump_json"]
+__all__ = [
+    "AgentManifest", "EntryTypeRecord", "FileDigest", "LatestPointer", "LogRecord",
+    "RuntimeManifest", "StateRecord", "dump_json",
+]
 
 _ENCODER = msgspec.json.Encoder()
 
@@ -91,12 +94,56 @@ class RuntimeManifest(_Model):
         return v
 
 
+class EntryTypeRecord(_Model):
+    """A user entry type of the memory or a log, as recorded (never imported)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", serialize_by_alias=True)
+
+    class_: str = Field(alias="class")
+    fingerprint: str = ""
+
+
+class LogRecord(_Model):
+    """A named log of the checkpoint: its file and entry count."""
+
+    file: str
+    entries: NonNegativeInt = 0
+    memory_type: str = "history"
+
+    @field_validator("file")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        return check_plain_name(v)
+
+
+class StateRecord(_Model):
+    """A key of agent state: its file, its kind (json, model, bytes), a model's class."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", serialize_by_alias=True)
+
+    file: str
+    kind: Literal["json", "model", "bytes"]
+    class_: str | None = Field(default=None, alias="class")
+    tag: str | None = None
+
+    @field_validator("file")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        return check_plain_name(v)
+
+
 class AgentManifest(_Model):
-    """``agent.json``: what agent wrote the checkpoint and with what memory type."""
+    """``agent.json``: what agent wrote the checkpoint and with what memory type.
+
+    ``entry_types``, ``logs`` and ``state`` are absent from checkpoints without them.
+    """
 
     agent_type: str
     memory_type: str
     config: dict[str, Any] = Field(default_factory=dict)
+    entry_types: dict[str, EntryTypeRecord] = Field(default_factory=dict)
+    logs: dict[str, LogRecord] = Field(default_factory=dict)
+    state: dict[str, StateRecord] = Field(default_factory=dict)
 
 
 class LatestPointer(_Model):

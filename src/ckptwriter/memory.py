@@ -191,10 +191,12 @@ class MemoryLog:
             else:
                 self._types.encode_checked(entry, tail)
                 tail += b"\n"
-        except BaseException:
+        except BaseException as exc:
             # A failed encode can leave a partial line behind; it would corrupt every
             # later memory file. The log stays as it was.
             del tail[mark:]
+            if isinstance(exc, UnicodeEncodeError):
+                raise ValueError(_surrogate_problem(entry, exc)) from None
             raise
         self._entries.append(entry)
 
@@ -322,6 +324,44 @@ class MemoryLog:
 
     def __repr__(self) -> str:
         return f"MemoryLog(entries={len(self)}, memory_type={self.memory_type!r})"
+
+
+def _surrogate_path(value: Any, depth: int = 0) -> str | None:
+    """Where in ``value`` a string UTF-8 cannot encode is (``.content``, ``['k'][2]``)."""
+    if depth > 100:
+        return None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return ""
+        return None
+    if isinstance(value, dict):
+        for k in value:
+            if isinstance(k, str) and _surrogate_path(k, depth + 1) == "":
+                return f"[{k!r}] (a key)"
+        items: Iterable[tuple[str, Any]] = ((f"[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    elif hasattr(value, "__dict__") or hasattr(value, "__struct_fields__"):
+        names = getattr(value, "__struct_fields__", None) or vars(value)
+        items = ((f".{n}", getattr(value, n, None)) for n in names)
+    else:
+        return None
+    for step, v in items:
+        inner = _surrogate_path(v, depth + 1)
+        if inner is not None:
+            return step + inner
+    return None
+
+
+def _surrogate_problem(entry: Any, exc: UnicodeEncodeError) -> str:
+    where = _surrogate_path(entry)
+    bad = exc.object[exc.start:exc.end] if isinstance(exc.object, str) else "?"
+    return (f"{type(entry).__name__} entry{where or ''}: holds {bad!r}, a lone surrogate "
+            "that UTF-8 (a JSON line) cannot hold; it usually comes from bytes decoded with "
+            "errors='surrogateescape': decode them with errors='replace' (or keep them as "
+            "base64 text) before appending")
 
 
 class _RawMemoryLog(MemoryLog):

@@ -29,6 +29,7 @@ from . import wire
 from .commit import CommitReport
 from .errors import StorageError
 from .options import WriterOptions
+from .pipe_send import send_in_pieces
 from .retention import CheckpointRecord
 from .snapshot import CapturedSnapshot
 from .storage.posix_io import write_all
@@ -49,10 +50,10 @@ _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 # child that cannot even import says so with its own exit code, after its traceback.
 _CHILD_CODE = (
     "import sys\nsys.path[0] = sys.argv[1]\n"
-    "try:\n    from ckptwriter.writer_process import main\n"
+    "try:\n    from ckptwriter.writer_process import run\n"
     "except Exception:\n    import traceback; traceback.print_exc()\n"
     f"    sys.exit({wire.EXIT_CRASHED})\n"
-    "sys.exit(main())"
+    "run()"
 )
 # Signals a terminal or a process manager sends to the whole process group. The child
 # is started with them blocked (the mask survives fork and exec) and ignores them before
@@ -208,6 +209,11 @@ class ProcessExecutor:
         # (log_id, nbytes) of the memory file the process committed last: deltas start there.
         self._base: tuple[str, int] | None = None
         self._known: dict[str, CheckpointRecord] = {}
+        # What the process holds of the logs (name -> (log_id, nbytes)) and of the state
+        # (key -> version), as its last report said; valid for that process only.
+        self._hints_for: _Child | None = None
+        self._log_bases: dict[str, tuple[str, int]] = {}
+        self._state_kept: dict[str, str] = {}
 
     async def open(self) -> list[CheckpointRecord]:
         reply = await self._start()
@@ -274,14 +280,13 @@ class ProcessExecutor:
     async def persist(self, snap: CapturedSnapshot) -> CommitReport:
         if self._proc is None:
             await self._start()  # the previous process died: start over
-        mem = snap.memory
-        base = 0
-        if self._base is not None and self._base[0] == mem.log_id and self._base[1] <= mem.nbytes:
-            base = self._base[1]
+        if self._hints_for is not self._proc:
+            # A new process holds nothing of the last one's files.
+            self._hints_for, self._log_bases, self._state_kept = self._proc, {}, {}
         try:
-            reply = await self._exchange(snap, base)
+            reply = await self._exchange(snap, full=False)
             if reply.resend_full:
-                reply = await self._exchange(snap, 0)
+                reply = await self._exchange(snap, full=True)
         except _PIPE_ERRORS as exc:
             code = await self._stop()
             raise StorageError(
@@ -291,33 +296,71 @@ class ProcessExecutor:
             ) from exc
         if reply.error is not None or reply.report is None:
             self._base = None
+            self._log_bases, self._state_kept = {}, {}
             raise wire.rebuild_error(reply.error or wire.WireError("", "no report"))
         report = wire.report_of(reply)
         # A backend that cannot extend the file it just wrote (no server-side copy) gets
         # the whole memory next time at once, not a delta and then a resend.
         self._base = (report.log_id, report.nbytes) if report.extendable else None
+        self._log_bases = dict(report.logs_extendable)
+        self._state_kept = dict(report.state_kept)
         self._known[report.name] = report.record
         for name in report.deleted:
             self._known.pop(name, None)
         return report
 
-    async def _exchange(self, snap: CapturedSnapshot, base: int) -> wire.CommitReply:
-        assert self._wfd is not None
+    def _request(self, snap: CapturedSnapshot, full: bool
+                 ) -> tuple[wire.CommitRequest, list[memoryview]]:
+        """The request for ``snap`` and the bytes that follow it: what the process lacks
+        (everything if ``full``)."""
         mem = snap.memory
-        delta = mem.nbytes - base
-        if delta <= self._pipe_bytes - _HEADER_ROOM:
-            frame = wire.encode(wire.CommitRequest(
-                snap.meta, mem.log_id, mem.entries, mem.nbytes, base, delta))
+        base = 0
+        if not full and self._base is not None and self._base[0] == mem.log_id \
+                and self._base[1] <= mem.nbytes:
+            base = self._base[1]
+        views = list(mem.iter_bytes(base))
+        logs: dict[str, wire.LogDelta] = {}
+        for name, cap in snap.logs.items():
+            had = None if full else self._log_bases.get(name)
+            lbase = had[1] if had is not None and had[0] == cap.log_id \
+                and had[1] <= cap.nbytes else 0
+            logs[name] = wire.LogDelta(cap.log_id, cap.entries, cap.nbytes, lbase)
+            views.extend(cap.iter_bytes(lbase))
+        state: dict[str, wire.StateRef] = {}
+        for key, item in snap.state.items():
+            # The process has this version's file already: only the version crosses.
+            sent = full or self._state_kept.get(key) != item.version
+            data = item.value.data
+            state[key] = wire.StateRef(item.file, item.version, len(data), sent)
+            if sent:
+                views.append(memoryview(data))
+        req = wire.CommitRequest(snap.meta, mem.log_id, mem.entries, mem.nbytes, base, 0,
+                                 logs=logs, state=state)
+        return req, views
+
+    async def _exchange(self, snap: CapturedSnapshot, *, full: bool) -> wire.CommitReply:
+        assert self._wfd is not None
+        req, views = self._request(snap, full)
+        delta = sum(len(v) for v in views)
+        frame = wire.encode(msgspec.structs.replace(req, payload=delta))
+        if delta <= self._pipe_bytes - max(_HEADER_ROOM, len(frame)):
             # Only messages that fit the pipe are sent this way, and the child has read
             # everything before it answered the previous one, so the pipe is empty: this
             # write completes at once, without blocking the loop.
-            write_all(self._wfd, [memoryview(frame), *mem.iter_bytes(base)])
+            write_all(self._wfd, [memoryview(frame), *views])
+            return await self._receive(_COMMIT_REPLY)
+        if delta <= self._pipe_bytes - _HEADER_ROOM:
+            # A frame too big for the pipe (large extra_files or agent.json, thousands of
+            # unchanged state keys) with a small payload: through the pipe, in pieces, as
+            # the child reads them. A memfd is only for a payload that is large: never an
+            # empty one, which the child could not map.
+            await send_in_pieces(self._wfd, [memoryview(frame), *views])
             return await self._receive(_COMMIT_REPLY)
         fd = _new_delta_fd()
         try:
             batch: list[memoryview] = []
             size = 0
-            for view in mem.iter_bytes(base):
+            for view in views:
                 batch.append(view)
                 size += len(view)
                 if size >= _HANDOFF_SLICE_BYTES:
@@ -326,10 +369,9 @@ class ProcessExecutor:
                     await anyio.lowlevel.checkpoint()
             write_all(fd, batch)
             # The child opens it by this path, which stays valid while we hold the fd.
-            frame = wire.encode(wire.CommitRequest(
-                snap.meta, mem.log_id, mem.entries, mem.nbytes, base, 0,
-                delta_file=f"/proc/{os.getpid()}/fd/{fd}"))
-            write_all(self._wfd, [memoryview(frame)])
+            frame = wire.encode(msgspec.structs.replace(
+                req, delta_file=f"/proc/{os.getpid()}/fd/{fd}"))
+            await send_in_pieces(self._wfd, [memoryview(frame)])
             return await self._receive(_COMMIT_REPLY)
         finally:
             os.close(fd)

@@ -340,11 +340,8 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    expected_memory_type: str | None = None,
-    entry_types: Iterable[type] = (),
-    raw: bool = False,
+    path: str | os.PathLike[str], *, expected_memory_type: str | None = None,
+    entry_types: Iterable[type] = (), raw: bool = False, state_types: Iterable[type] = (),
 ) -> LoadedCheckpoint:
     """Resolve, verify and read a checkpoint, reading each of its files once.
 
@@ -354,17 +351,21 @@ def load_checkpoint(
         entry_types: the caller's own memory entry types (as for ``MemoryLog``); a
             checkpoint never imports code, so every type its memory holds besides the
             built-ins must be passed.
-        raw: memory entries as plain dicts, whatever their types (for inspection).
+        raw: log entries and model-typed state values as plain data (for inspection).
+        state_types: the classes of model-typed values of the agent state.
 
     Raises:
         CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError
-        (UnknownEntryTypeError: the memory holds a type not passed), StorageError.
+        (UnknownEntryTypeError: the memory or a log holds a type not passed;
+        UnknownStateTypeError: a state value's class was not passed), StorageError.
         TypeError: a class in ``entry_types`` cannot be an entry type.
     """
-    types = tuple(entry_types)
-    entry_types_of(types)  # a class that cannot be an entry type fails here, not later
+    types, stypes = tuple(entry_types), tuple(state_types)
+    for classes in (types, stypes):  # a class that cannot be one fails here, not later
+        entry_types_of(classes)
     store, where = open_location(path)
-    load = partial(loaded, store, expected_memory_type, entry_types=types, raw=raw)
+    load = partial(loaded, store, expected_memory_type, entry_types=types, raw=raw,
+                   state_types=stypes)
     return guarded(store, where, "loading",
                    lambda: _resolve(store, where, os.fspath(path), load))
 
@@ -377,7 +378,6 @@ def list_checkpoints(checkpoints_dir: str | os.PathLike[str]) -> list[Checkpoint
     """
     store, where = open_location(checkpoints_dir)
     return guarded(store, where, "listing", lambda: scan(store, followed(store, where)))
-
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """What the training loop hands to the writer, and how it is captured.
 
-A :class:`Snapshot` names live objects (the agent's :class:`MemoryLog`, its config).
-:meth:`Snapshot.capture` turns it into a :class:`CapturedSnapshot` that no later change
-to the agent can alter: the memory is captured in O(1) (its log is append-only) and the
-small JSON parts are encoded to bytes on the spot, which copies them.
+A :class:`Snapshot` names live objects (the agent's :class:`MemoryLog`, its named logs,
+its :class:`AgentState`, its config). :meth:`Snapshot.capture` turns it into a
+:class:`CapturedSnapshot` that no later change to the agent can alter: each log is
+captured in O(1) (it is append-only), the state in O(number of keys) (each value was
+encoded when it was set), and the small JSON parts are encoded to bytes on the spot.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from typing import Any
 
 import msgspec
 
+from .agent_state import AgentState, StateItem, check_name
+from .entry_codec import entry_types as entry_types_of
 from .errors import CheckpointError
-from .layout import path_text
+from .layout import is_reserved_name, log_file_name, path_text
 from .manifest import dump_json
 from .memory import MemoryCapture, MemoryLog
 from .nonfinite import NONFINITE_FIX, find_nonfinite, may_hold_nonfinite
+from .state_codec import class_path, fingerprint
 
 __all__ = ["CapturedSnapshot", "Snapshot", "SnapshotMeta"]
 
 _ENCODER = msgspec.json.Encoder(order="deterministic")
-_RESERVED = frozenset({"runtime.json", "agent.json"})
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class Snapshot:
         val_score: latest validation score, used by the ``top_k_val`` strategy.
         extra_files: user state, name -> JSON-able object or ``bytes``.
         resumed_from: the checkpoint this run was resumed from, recorded in runtime.json.
+        logs: named logs besides the memory, name -> :class:`MemoryLog`, each written
+            incrementally as ``log.<name>.jsonl``.
+        state: the agent's :class:`AgentState` (a plain mapping works too, encoded
+            again at every capture: slower); each key is a file ``state.<key>.json``
+            (or ``.bin`` for bytes), written only when the key was set since the
+            previous checkpoint.
     """
 
     episode_index: int
@@ -55,6 +64,8 @@ class Snapshot:
     val_score: float | None = None
     extra_files: Mapping[str, Any] = field(default_factory=dict)
     resumed_from: str | os.PathLike[str] | None = None
+    logs: Mapping[str, MemoryLog] = field(default_factory=dict)
+    state: AgentState | Mapping[str, Any] | None = None
 
     def capture(self) -> CapturedSnapshot:
         """Freeze this snapshot: O(1) in the memory size, O(size) in the small JSON parts.
@@ -87,11 +98,10 @@ class Snapshot:
             if not math.isfinite(score):
                 raise CheckpointError(f"Snapshot.val_score must be finite, got {score!r}")
         memory_type = self.memory_type or self.memory.memory_type
+        logs = self._capture_logs()
+        state = self._capture_state()
         try:
-            agent_json = dump_json(
-                {"agent_type": self.agent_type, "memory_type": memory_type,
-                 "config": dict(self.agent_config)}
-            )
+            agent_json = dump_json(self._agent_document(memory_type, logs, state))
             extras = {name: _encode_extra(name, obj) for name, obj in self.extra_files.items()}
         except (TypeError, msgspec.EncodeError) as exc:
             # The extra files raise their own error, naming the file.
@@ -111,7 +121,93 @@ class Snapshot:
             resumed_from=resumed_from,
             timestamp=datetime.now(timezone.utc),
         )
-        return CapturedSnapshot(meta, self.memory.capture(), time.perf_counter())
+        return CapturedSnapshot(meta, self.memory.capture(), time.perf_counter(),
+                                {n: cap for n, (_, cap) in logs.items()}, state)
+
+    def _capture_logs(self) -> dict[str, tuple[MemoryLog, MemoryCapture]]:
+        out: dict[str, tuple[MemoryLog, MemoryCapture]] = {}
+        if not isinstance(self.logs, Mapping):
+            raise CheckpointError(
+                f"Snapshot.logs must be a mapping of name -> MemoryLog, got {self.logs!r}")
+        for name, log in self.logs.items():
+            try:
+                check_name(name, "Snapshot.logs name")
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from None
+            if name == "memory":
+                raise CheckpointError(
+                    "Snapshot.logs name 'memory' is reserved: the memory is Snapshot(memory=...); "
+                    "give this log another name")
+            if not isinstance(log, MemoryLog):
+                raise CheckpointError(f"Snapshot.logs[{name!r}] must be a ckptwriter.MemoryLog, "
+                                      f"got {type(log).__name__}")
+            out[name] = (log, log.capture())
+        return out
+
+    def _capture_state(self) -> dict[str, StateItem]:
+        if self.state is None:
+            return {}
+        if isinstance(self.state, AgentState):
+            return self.state.capture()
+        if not isinstance(self.state, Mapping):
+            raise CheckpointError("Snapshot.state must be an AgentState or a mapping, got "
+                                  f"{type(self.state).__name__}")
+        try:
+            return AgentState(self.state).capture()
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"Snapshot.state: {exc}") from exc
+
+    def _agent_document(self, memory_type: str, logs: Mapping[str, tuple[MemoryLog, Any]],
+                        state: Mapping[str, StateItem]) -> dict[str, Any]:
+        doc: dict[str, Any] = {"agent_type": self.agent_type, "memory_type": memory_type,
+                               "config": dict(self.agent_config)}
+        types: dict[str, Any] = {}
+        # agent.json maps each tag to one class, and loading takes one class per tag:
+        # two classes of one tag would load one log's entries through the other's class.
+        seen: dict[str, tuple[type, str]] = {}
+        named = [("the memory", self.memory), *((f"log {n!r}", lg) for n, (lg, _) in logs.items())]
+        for where, log in named:
+            if log.entry_types:
+                by_cls = entry_types_of(log.entry_types).by_cls
+                for cls in log.entry_types:
+                    tag = by_cls[cls].tag
+                    _refuse_tag_clash(tag, seen.setdefault(tag, (cls, where)), (cls, where))
+                    types[tag] = {"class": class_path(cls), "fingerprint": fingerprint(cls)}
+        models: dict[str, tuple[str, str]] = {}
+        for key, it in state.items():
+            if it.value.kind == "model" and it.value.tag is not None:
+                was = models.setdefault(it.value.tag, (it.value.cls or "", f"state[{key!r}]"))
+                if was[0] != (it.value.cls or ""):
+                    _refuse_tag_clash(it.value.tag, was, (it.value.cls or "", f"state[{key!r}]"))
+        if types:
+            doc["entry_types"] = types
+        if logs:
+            doc["logs"] = {n: {"file": log_file_name(n), "entries": cap.entries,
+                               "memory_type": lg.memory_type}
+                           for n, (lg, cap) in logs.items()}
+        if state:
+            doc["state"] = {k: _state_entry(it) for k, it in state.items()}
+        return doc
+
+
+def _refuse_tag_clash(tag: str, first: tuple[Any, str], other: tuple[Any, str]) -> None:
+    """Two different classes with one ``type`` tag: a CheckpointError naming both."""
+    if first[0] is other[0]:
+        return
+    a, b = (c if isinstance(c, str) else class_path(c) for c in (first[0], other[0]))
+    raise CheckpointError(
+        f"two classes have the type tag {tag!r}: {a} (in {first[1]}) and {b} (in "
+        f"{other[1]}); a checkpoint maps each tag to one class, so one of them would load "
+        "as the other. Rename one of the classes or give it its own tag (a first field "
+        f"`type: Literal['...'] = '...'`, or msgspec's tag=...)")
+
+
+def _state_entry(item: StateItem) -> dict[str, str]:
+    v = item.value
+    entry = {"file": item.file, "kind": v.kind}
+    if v.kind == "model":
+        entry.update({"class": v.cls or "", "tag": v.tag or ""})
+    return entry
 
 
 def _json_problem(exc: Exception) -> str:
@@ -126,7 +222,7 @@ def _encode_extra(name: str, obj: Any) -> bytes:
         raise CheckpointError(
             f"extra_files name {name!r} is not a plain file name; use a name like 'optimizer.json'"
         )
-    if name in _RESERVED or (name.startswith("memory_") and name.endswith(".jsonl")):
+    if is_reserved_name(name):
         raise CheckpointError(f"extra_files name {name!r} is reserved by ckptwriter; rename it")
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return bytes(obj)
@@ -171,6 +267,9 @@ class CapturedSnapshot:
     memory: MemoryCapture
     # perf_counter() at capture, for submit-to-durable latency (0.0 in the writer process).
     captured_at: float = 0.0
+    # Named logs (name -> capture) and state (key -> item), beside the memory.
+    logs: Mapping[str, MemoryCapture] = field(default_factory=dict)
+    state: Mapping[str, StateItem] = field(default_factory=dict)
 
     @property
     def episode_index(self) -> int:

@@ -33,6 +33,8 @@ class WriterStats:
     serialize_seconds_total: float = 0.0
     write_seconds_total: float = 0.0
     bytes_written: int = 0
+    bytes_reused: int = 0
+    files_linked: int = 0
     bytes_serialized: int = 0
     entries_serialized: int = 0
     deleted: int = 0
@@ -64,6 +66,8 @@ class Counters:
     serialize_seconds_total: float = 0.0
     write_seconds_total: float = 0.0
     bytes_written: int = 0
+    bytes_reused: int = 0
+    files_linked: int = 0
     bytes_serialized: int = 0
     entries_serialized: int = 0
     deleted: int = 0
@@ -80,6 +84,8 @@ class Counters:
         """One commit that succeeded, after ``queue_wait`` seconds in the queue."""
         self.written += 1
         self.bytes_written += o.bytes_written
+        self.bytes_reused += o.bytes_reused
+        self.files_linked += o.files_linked
         self.bytes_serialized += o.bytes_serialized
         self.entries_serialized += o.entries_serialized
         self.deleted += len(o.deleted)
@@ -99,6 +105,7 @@ class Counters:
             queue_wait_seconds_total=self.queue_wait_seconds_total,
             serialize_seconds_total=self.serialize_seconds_total,
             write_seconds_total=self.write_seconds_total, bytes_written=self.bytes_written,
+            bytes_reused=self.bytes_reused, files_linked=self.files_linked,
             bytes_serialized=self.bytes_serialized,
             entries_serialized=self.entries_serialized, deleted=self.deleted,
             retention_errors=self.retention_errors,

@@ -2,8 +2,10 @@
 
 Each message is one length-prefixed msgpack frame of a msgspec Struct, encoded once and
 decoded once. A commit request is followed on the pipe by ``payload`` bytes: the memory
-appended since the writer process's previous commit (a delta too large for the pipe
-is handed over in a memfd instead, named by ``delta_file``).
+appended since the writer process's previous commit, then each named log's appended
+bytes (in ``logs`` order), then the bytes of each state value the writer process does
+not hold yet (``StateRef.sent``, in ``state`` order). All of it together too large for
+the pipe is handed over in a memfd instead, named by ``delta_file``.
 
 Parent -> child: :class:`OpenRequest`, then one :class:`CommitRequest` per checkpoint.
 Child -> parent: :class:`OpenReply`, then one :class:`CommitReply` per request.
@@ -28,8 +30,10 @@ from .snapshot import SnapshotMeta
 __all__ = [
     "CommitReply",
     "CommitRequest",
+    "LogDelta",
     "OpenReply",
     "OpenRequest",
+    "StateRef",
     "WireError",
     "decode",
     "encode",
@@ -80,6 +84,24 @@ class OpenReply(msgspec.Struct, frozen=True):
     error: WireError | None = None
 
 
+class LogDelta(msgspec.Struct, frozen=True):
+    """A named log whose bytes from ``base`` on follow the memory's."""
+
+    log_id: str
+    entries: int
+    nbytes: int
+    base: int
+
+
+class StateRef(msgspec.Struct, frozen=True):
+    """A state key: its file and version, and its ``nbytes`` bytes if ``sent``."""
+
+    file: str
+    version: str
+    nbytes: int
+    sent: bool
+
+
 class CommitRequest(msgspec.Struct, frozen=True):
     """Commit one snapshot whose memory bytes from ``base`` on follow the frame."""
 
@@ -90,6 +112,8 @@ class CommitRequest(msgspec.Struct, frozen=True):
     base: int
     payload: int
     delta_file: str | None = None
+    logs: dict[str, LogDelta] = {}
+    state: dict[str, StateRef] = {}
 
 
 class CommitReply(msgspec.Struct, frozen=True):

@@ -1,12 +1,13 @@
 """The writer process (child side): started by ProcessExecutor, it runs :func:`main`.
 
 It reads frames on stdin (``wire.OpenRequest``, then one ``wire.CommitRequest`` per
-checkpoint followed by that checkpoint's memory delta) and answers each on stdout. It
+checkpoint followed by that checkpoint's memory, log and state bytes) and answers each on stdout. It
 exits when stdin closes. Nothing but frames is ever written to stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import select
@@ -16,15 +17,17 @@ import sys
 import threading
 import time
 import traceback
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import msgspec
 
 from . import wire
+from .agent_state import StateItem
 from .commit import CommitPipeline
 from .memory import MemoryCapture, NeedFullMemory
 from .options import WriterOptions
 from .snapshot import CapturedSnapshot
+from .state_codec import EncodedValue
 from .storage import RemoteStorage, open_backend
 from .storage.local import LocalStorage
 
@@ -77,14 +80,35 @@ def _reply(out: BinaryIO, msg: msgspec.Struct) -> None:
     out.flush()
 
 
-def _snapshot(req: wire.CommitRequest, delta: bytes | mmap.mmap) -> CapturedSnapshot:
-    """The snapshot a request and its delta describe (the delta starts at ``base``)."""
-    memory = MemoryCapture(
-        log_id=req.log_id, entries=req.entries, nbytes=req.nbytes,
-        chunks=[delta], chunk_ends=[req.nbytes], n_chunks=1 if len(delta) else 0,
-        base=req.base,
-    )
-    return CapturedSnapshot(req.meta, memory)
+def _capture(log_id: str, entries: int, nbytes: int, base: int, delta: memoryview
+             ) -> MemoryCapture:
+    # A view into the payload, not a copy (iter_bytes only takes memoryviews of chunks).
+    chunks: Any = [delta]
+    return MemoryCapture(log_id=log_id, entries=entries, nbytes=nbytes, chunks=chunks,
+                         chunk_ends=[nbytes], n_chunks=1 if len(delta) else 0, base=base)
+
+
+def _snapshot(req: wire.CommitRequest, payload: bytes | mmap.mmap) -> CapturedSnapshot:
+    """The snapshot a request and its payload describe: the memory's delta (from
+    ``base``), each log's, then the state values that were sent, back to back."""
+    view = memoryview(payload)
+    at = req.nbytes - req.base
+    memory = _capture(req.log_id, req.entries, req.nbytes, req.base, view[:at])
+    logs = {}
+    for name, d in req.logs.items():
+        n = d.nbytes - d.base
+        logs[name] = _capture(d.log_id, d.entries, d.nbytes, d.base, view[at:at + n])
+        at += n
+    state = {}
+    for key, ref in req.state.items():
+        data = b""
+        if ref.sent:
+            data = bytes(view[at:at + ref.nbytes])
+            at += ref.nbytes
+        state[key] = StateItem(ref.file, ref.version, EncodedValue("bytes", data), ref.sent)
+    if at != len(view):
+        raise ValueError(f"commit payload holds {len(view)} bytes, the request {at}")
+    return CapturedSnapshot(req.meta, memory, 0.0, logs, state)
 
 
 def _open(req: wire.OpenRequest) -> CommitPipeline:
@@ -123,7 +147,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                     # A large delta was handed over as a file: map it instead of reading
                     # it through the pipe (the parent closes it afterwards).
                     with open(req.delta_file, "rb") as f:
-                        delta = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                        # An empty file cannot be mapped (nor needs to be).
+                        delta = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                                 if os.fstat(f.fileno()).st_size else b"")
                 report = pipeline.persist(_snapshot(req, delta))
             except NeedFullMemory:
                 # The previous file cannot be extended after all (changed on disk, or
@@ -162,5 +188,20 @@ def main() -> int:
         return wire.EXIT_CRASHED
 
 
+def run() -> NoReturn:
+    """:func:`main`, then exit at once: no interpreter teardown on the parent's drain.
+
+    Everything that matters is done when :func:`serve` returns: each reply was flushed,
+    the directory lock released (``pipeline.close()``). Finalizing the interpreter (module
+    teardown, garbage collection) would only make the parent's ``close()`` wait longer.
+    """
+    code = main()
+    for stream in (sys.stderr, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

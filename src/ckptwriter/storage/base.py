@@ -49,7 +49,7 @@ class StoreEntry:
 class ReuseToken:
     """An opaque handle on a file a finalized checkpoint holds, for the next one to reuse.
 
-    Only the backend that issued it interprets ``ident`` (an inode and mtime locally, an
+    Only the backend that issued it interprets ``ident`` (inode, mtime, ctime locally; an
     ETag on object storage); the pipeline keeps it beside the checksum state it carries.
     """
 
@@ -64,6 +64,9 @@ class FileSpec:
 
     Its bytes are ``reuse``'s first ``reuse.nbytes`` bytes (copied by the backend: a
     kernel-side copy or reflink locally, a server-side copy remotely) followed by ``data``.
+    With ``reuse`` and no ``data`` the file is the reused one whole: no byte is written
+    (a hard link locally, identity-checked, a copy where links fail; a server-side copy
+    of the object remotely).
     """
 
     name: str
@@ -200,8 +203,9 @@ class Backend(Protocol):
         """Start checkpoint ``name`` (``ep_000100``)."""
         ...
 
-    def can_reuse(self, token: ReuseToken) -> bool:
-        """True if ``token``'s file still holds exactly the bytes it was issued for."""
+    def can_reuse(self, token: ReuseToken, *, whole: bool = False) -> bool:
+        """True if ``token``'s file still holds exactly the bytes it was issued for, and
+        this backend can reuse it: as a prefix to append to, or (``whole``) whole."""
         ...
 
     def replace_pointer(self, name: str, pointer_json: bytes, *, pointer: str = "latest") -> None:

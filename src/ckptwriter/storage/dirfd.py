@@ -135,8 +135,18 @@ def open_below(dir_fd: int, rel: str, flags: int) -> int:
             os.close(fd)
 
 
-def remove_entry(dir_fd: int, name: str) -> None:
+Unlink = Callable[[int, str, os.stat_result], None]
+
+
+def _unlink(dir_fd: int, name: str, st: os.stat_result) -> None:
+    os.unlink(name, dir_fd=dir_fd)
+
+
+def remove_entry(dir_fd: int, name: str, unlink: Unlink = _unlink) -> None:
     """Remove ``name`` of ``dir_fd`` and everything below it; a missing name is no error.
+
+    ``unlink(dir_fd, name, stat)`` removes each non-directory (the local backend's records
+    the ctime moves of the shared files it unlinks).
 
     A symlink (anywhere in the tree) is unlinked, never followed; a hard link is only
     unlinked, so the file it shares is never written. A directory is entered through a
@@ -151,7 +161,7 @@ def remove_entry(dir_fd: int, name: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(top.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
+        unlink(dir_fd, name, top)
         return
     dev = os.fstat(dir_fd).st_dev
     # Iterative, one open descriptor per level: a hostile, deeply nested tree cannot
@@ -160,7 +170,7 @@ def remove_entry(dir_fd: int, name: str) -> None:
     try:
         while stack:
             parent, dname, fd = stack[-1]
-            child = _next_child(fd)
+            child = _next_child(fd, unlink)
             if child is not None:
                 cname, st = child
                 stack.append((fd, cname, _enter(fd, cname, st, dev)))
@@ -183,12 +193,12 @@ def _enter(parent: int, name: str, st: os.stat_result, dev: int) -> int:
     return fd
 
 
-def _next_child(fd: int) -> tuple[str, os.stat_result] | None:
+def _next_child(fd: int, unlink: Unlink) -> tuple[str, os.stat_result] | None:
     """Unlink every non-directory of ``fd``; the first subdirectory left, if any."""
     with os.scandir(fd) as it:
         for entry in it:
             st = os.stat(entry.name, dir_fd=fd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 return entry.name, st
-            os.unlink(entry.name, dir_fd=fd)
+            unlink(fd, entry.name, st)
     return None

@@ -18,16 +18,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import layout
 from ..errors import StorageError
 from .base import FileSpec, ReuseToken
-from .dirfd import exchange, identity, open_below, open_dir, remove_entry
+from .dirfd import exchange, identity, open_dir, remove_entry
 from .local_leftovers import clean_leftovers
 from .local_lock import DirectoryLock, lock_directory
+from .local_reuse import OwnChanges, link_checked, open_checked, token_ident, unlink_recorded
 from .local_store import LocalStore
 from .posix_io import copy_prefix, os_error, write_all
 
@@ -88,6 +88,8 @@ class LocalStorage:
         self._dir_fd: int | None = None
         self._lock: DirectoryLock | None = None
         self._ident: tuple[int, int] = (0, 0)
+        # ctime moves of shared files this writer itself linked or unlinked.
+        self._own = OwnChanges()
 
     def _step(self, name: str) -> None:
         """Called right after each protocol step; a no-op outside fault-injection tests."""
@@ -192,20 +194,10 @@ class LocalStorage:
         rel = self._relative(token)
         if rel is None or self._dir_fd is None:
             return None
-        try:
-            fd = open_below(self._dir_fd, rel, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError:
-            return None
-        st = os.fstat(fd)
-        # A file replaced or edited in place since (same size, other bytes) must not be
-        # extended with the checksum state carried for the old bytes.
-        if not stat.S_ISREG(st.st_mode) or \
-                (st.st_size, st.st_ino, st.st_mtime_ns) != (token.nbytes, *token.ident):
-            os.close(fd)
-            return None
-        return fd
+        return open_checked(self._dir_fd, rel, token, self._own)
 
-    def can_reuse(self, token: ReuseToken) -> bool:
+    def can_reuse(self, token: ReuseToken, *, whole: bool = False) -> bool:
+        # Whole or as a prefix alike: a link falls back to a (kernel-side) copy.
         fd = self.open_reused(token)
         if fd is None:
             return False
@@ -346,7 +338,7 @@ class LocalStorage:
 
     def _remove(self, name: str) -> None:
         """Remove entry ``name`` and its tree: links unlinked, never followed."""
-        remove_entry(self._fd, name)
+        remove_entry(self._fd, name, lambda d, n, st: unlink_recorded(d, n, st, self._own))
 
 
 class _LocalPending:
@@ -375,25 +367,37 @@ class _LocalPending:
         return tokens
 
     def _write_one(self, spec: FileSpec) -> ReuseToken:
+        src = None
+        if spec.reuse is not None:
+            src = self._s.open_reused(spec.reuse)
+            if src is None:
+                raise OSError(errno.ESTALE, "the previous file changed on disk", spec.reuse.path)
+        try:
+            rel = self._s._relative(spec.reuse) if spec.reuse is not None else None
+            if src is not None and rel is not None and not spec.data and \
+                    link_checked(self._s._fd, rel, src, self._fd, spec.name, self._s._own):
+                # No byte written: the tmp directory's fsync makes the new name durable.
+                st = os.stat(spec.name, dir_fd=self._fd, follow_symlinks=False)
+            else:
+                st = self._create_one(spec, src)
+        finally:
+            if src is not None:
+                os.close(src)
+        # Renaming the directory keeps each file's inode, mtime and ctime: the token
+        # holds for the final path. (Stat taken after our own link: its ctime.)
+        return ReuseToken(str(self._final / spec.name), st.st_size, token_ident(st))
+
+    def _create_one(self, spec: FileSpec, src: int | None) -> os.stat_result:
         fd = os.open(spec.name, _CREATE, _FILE_MODE, dir_fd=self._fd)
         try:
-            if spec.reuse is not None:
-                src = self._s.open_reused(spec.reuse)
-                if src is None:
-                    raise OSError(errno.ESTALE, "the previous memory file changed on disk",
-                                  spec.reuse.path)
-                try:
-                    copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path)
-                finally:
-                    os.close(src)
+            if src is not None and spec.reuse is not None:
+                copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path)
             write_all(fd, [memoryview(d) for d in spec.data])
             if self._s.fsync:
                 os.fsync(fd)
-            st = os.fstat(fd)
+            return os.fstat(fd)
         finally:
             os.close(fd)
-        # rename keeps the inode and mtime: the token holds for the final path.
-        return ReuseToken(str(self._final / spec.name), st.st_size, (st.st_ino, st.st_mtime_ns))
 
     def finalize(self, marker: bytes) -> str:
         s = self._s

@@ -41,9 +41,9 @@ a retried request whose first attempt landed, not a conflict.
 At open, under the lock, unfinished multipart uploads below the prefix (whose abort ran
 while the network was down, or whose process was killed) are aborted.
 
-Reuse: on S3 the unchanged prefix of the previous memory file is copied server-side
-(UploadPartCopy with a byte range, guarded by the source ETag); see
-:meth:`RemoteStorage.can_reuse`.
+Reuse: on S3 the unchanged prefix of the previous memory or log file is copied
+server-side (UploadPartCopy with a byte range, guarded by the source ETag), and an
+unchanged file whole (CopyObject, guarded the same way); see :meth:`RemoteStorage.can_reuse`.
 
 Single writer: see :mod:`ckptwriter.storage.object_lock`.
 """
@@ -346,8 +346,9 @@ class RemoteStorage:
                 self._committed.discard(name)
         return RemotePending(self, name, existing)
 
-    def can_reuse(self, token: ReuseToken) -> bool:
-        """True only on S3, for an object of at least 5 MiB still at the token's ETag and size.
+    def can_reuse(self, token: ReuseToken, *, whole: bool = False) -> bool:
+        """True only on S3, for an object still at the token's ETag and size, of at least
+        5 MiB to extend it (UploadPartCopy), of any size to copy it whole (CopyObject).
 
         Raises:
             StorageError: the object's metadata could not be read.
@@ -356,7 +357,7 @@ class RemoteStorage:
         if (
             not isinstance(store, S3ObjectStore)
             or len(token.ident) != 1
-            or not store.can_copy_prefix(token.nbytes)
+            or not (whole or store.can_copy_prefix(token.nbytes))
         ):
             return False
         head = self._guard("reading", store.url(token.path),

@@ -1,4 +1,4 @@
-"""S3 through s3fs: conditional writes, concurrent multipart uploads, UploadPartCopy.
+"""S3 through s3fs: conditional writes, concurrent multipart uploads, server-side copies.
 
 fsspec and s3fs are untyped: every ``Any`` stays here and in ``objects.py``.
 """
@@ -153,6 +153,16 @@ class S3ObjectStore(ObjectStore):
                     "put_object", Bucket=bucket, Key=key, Body=_join(item.parts)
                 )
             return str(resp["ETag"])
+        src = item.copy_from
+        if src is not None and item.nbytes == 0 and src.nbytes <= _S3_MAX_COPY_PART:
+            # An unchanged file whole: one server-side copy, not a byte uploaded.
+            sbucket, skey = self._split(src.path)
+            async with sem:
+                resp = await self.fs._call_s3(
+                    "copy_object", Bucket=bucket, Key=key,
+                    CopySource={"Bucket": sbucket, "Key": skey}, CopySourceIfMatch=src.etag,
+                )
+            return str(resp["CopyObjectResult"]["ETag"])
         mpu = await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
         upload_id = mpu["UploadId"]
         try:

@@ -20,7 +20,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 from rich.console import Console
@@ -295,27 +295,45 @@ def _ls(path: str, out: Console) -> int:
 
 
 def _show(path: str, out: Console) -> int:
+    from .errors import UnknownEntryTypeError
     from .reader import load_checkpoint
 
-    ck = load_checkpoint(path)
+    try:
+        ck = load_checkpoint(path)  # built-in entries fully checked
+    except UnknownEntryTypeError:
+        # The user's own types: read raw (no class needed, none imported), each line
+        # still checked to be an object with a string tag.
+        ck = load_checkpoint(path, raw=True)
     out.print(f"Checkpoint {ck.path}", markup=False)
     out.print(f"\n{layout.RUNTIME_JSON}:", markup=False)
     out.print(json.dumps(ck.runtime.model_dump(mode="json"), indent=2), markup=False)
     out.print(f"\n{layout.AGENT_JSON}:", markup=False)
-    out.print(json.dumps(ck.agent.model_dump(mode="json"), indent=2), markup=False)
-    counts = ck.memory.counts_by_type()
-    out.print(f"\nmemory ({ck.runtime.memory_snapshot_path}): {len(ck.memory)} entries",
+    out.print(json.dumps(ck.agent.model_dump(mode="json", by_alias=True), indent=2),
               markup=False)
-    for kind in ("Observation", "Action", "Feedback", "Reflection"):
-        out.print(f"  {kind:<12} {counts.get(kind, 0)}", markup=False)
+    classes = {tag: rec.class_ for tag, rec in getattr(ck.agent, "entry_types", {}).items()}
+    _show_log(out, f"memory ({ck.runtime.memory_snapshot_path})", ck.memory, classes)
+    logs: dict[str, Any] = getattr(ck, "logs", None) or {}
+    for name in sorted(logs):
+        _show_log(out, f"log {name}", logs[name], classes)
     for name in sorted(ck.extra_files):
         out.print(f"extra file: {name} ({len(ck.extra_files[name])} bytes)", markup=False)
     return 0
 
 
+def _show_log(out: Console, what: str, log: Any, classes: dict[str, str]) -> None:
+    """A log's entry count by tag (the built-ins always), with each tag's recorded class."""
+    counts: dict[str, int] = log.counts_by_type()
+    out.print(f"\n{what}: {len(log)} entries", markup=False)
+    builtins = ("Observation", "Action", "Feedback", "Reflection")
+    for tag in (*builtins, *sorted(set(counts) - set(builtins))):
+        cls = classes.get(tag)
+        out.print(f"  {tag:<12} {counts.get(tag, 0)}" + (f"  ({cls})" if cls else ""),
+                  markup=False)
+
+
 def _verify(path: str, out: Console) -> int:
     from .reader import latest_status, verify_checkpoint
-    from .runtime.inspection import checkpoint_at, find_checkpoint_dirs
+    from .runtime.inspection import checkpoint_at, find_checkpoint_dirs, shared_with
 
     single = checkpoint_at(path)  # a URL stays a URL (a URLPath)
     targets: list[Path] = []
@@ -344,7 +362,10 @@ def _verify(path: str, out: Console) -> int:
             rt = verify_checkpoint(ckpt)
         except CheckpointCorruptError as exc:
             broken += 1
-            out.print(f"BROKEN  {ckpt}: {exc.file}: {exc.problem}", markup=False)
+            # A file linked from checkpoint to checkpoint breaks each of them: say so.
+            others = shared_with(ckpt, exc.file)
+            shared = f" (shared with {', '.join(others)})" if others else ""
+            out.print(f"BROKEN  {ckpt}: {exc.file}: {exc.problem}{shared}", markup=False)
             continue
         out.print(f"OK      {ckpt} ({len(rt.files)} files, episode {rt.episode_index})",
                   markup=False)

@@ -58,6 +58,7 @@ class EntryTypes:
         by_cls: class -> codec.
         by_tag: tag -> codec.
         build: mirror class -> builder of the entry object.
+        build_many: mirror class -> builder of a list of them (where there is one).
         decoder: checks and decodes lines of any registered type, by their tag.
     """
 
@@ -79,6 +80,8 @@ class EntryTypes:
             self.by_cls[cls] = codec
             self.by_tag[codec.tag] = codec
         self.build = {c.mirror: c.build for c in self.by_cls.values()}
+        self.build_many = {c.mirror: c.build_many for c in self.by_cls.values()
+                           if c.build_many is not None}
         self.tag_of_mirror = {c.mirror: c.tag for c in self.by_cls.values()}
         mirrors = tuple(c.mirror for c in self.by_cls.values())
         self.decoder = msgspec.json.Decoder(Union[mirrors])  # noqa: UP007 (a tuple of types)

@@ -6,8 +6,10 @@ keeps only the file's bytes, which the log holds anyway to extend them byte for 
 An entry object (a pydantic model, say) is built when the entry is read, a batch at a
 time: a million of them take several times the file's size in memory, for a resumed
 agent that mostly appends. Built-in entries are built from the decoded lines without
-validating them again (they were checked against mirrors that check exactly what the
-models validate), a few C passes per batch.
+validating them again (they were checked against mirrors that refuse every line the
+models refuse: tests/test_loading_fast.py), a few C passes per batch; a file of
+built-ins only is decoded for that as plain JSON, the cheapest decode. A user's pydantic
+entries are validated by pydantic, a batch of msgspec-decoded values per call.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import gc
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Any
 
 import msgspec
 from pydantic import ValidationError
 
-from .entries import BUILTIN_MIRROR_TYPES, build_builtins
+from .entries import BUILTIN_MIRROR_TYPES, build_builtins, build_plain_builtins
 from .entry_codec import EntryTypes, RawTag, plain_lines
 from .errors import UnknownEntryTypeError
 
@@ -47,6 +50,16 @@ def _raw_tag(entry: Any) -> str:
 
 def _raw_line(line: bytes) -> str:
     return _raw_tag(plain_lines(line)[0])
+
+
+def _groups(kinds: set[type]) -> list[frozenset[type]]:
+    """The mirror kinds of a batch, grouped as they are built: the built-ins together."""
+    builtin = frozenset(kinds & BUILTIN_MIRROR_TYPES)
+    return ([builtin] if builtin else []) + [frozenset({k}) for k in kinds - builtin]
+
+
+def _builtins(chunk: memoryview) -> list[Any]:
+    return build_plain_builtins(plain_lines(chunk))
 
 
 @contextmanager
@@ -75,36 +88,55 @@ class StoredEntries:
         UnknownEntryTypeError: lines hold tags of no registered type (names them).
     """
 
-    __slots__ = ("_build", "_cache", "_data", "_firsts", "_starts", "_types", "counts",
+    __slots__ = ("_build", "_cache", "_counts", "_data", "_firsts", "_starts", "_types",
                  "source")
 
     def __init__(self, data: bytes, types: EntryTypes | None, source: str) -> None:
         self._data, self._types, self.source = data, types, source
         self._starts, self._firsts = [0], [0]
-        counted: Counter[Any] = Counter()
+        counted: Counter[Any] = Counter()  # raw: tags (counted now, as cheap as any)
+        kinds: set[Any] = set()  # typed: the mirror classes (counted when asked)
         view, size, pos, n = memoryview(data), len(data), 0, 0
-        while pos < size:
-            end = data.find(b"\n", min(pos + _BATCH_BYTES, size) - 1)
-            end = size if end < 0 else end + 1
-            try:
-                if types is None:
-                    # Decoded whole, as it will be read: a line nested too deeply fails now.
-                    items = plain_lines(view[pos:end])
-                    counted.update(_raw_tag(d) for d in items)
-                else:
-                    items = types.decoder.decode_lines(view[pos:end])
-                    counted.update(map(type, items))
-            except (*_DECODE_ERRORS, _NotAnEntry):
-                raise self._problem(pos, end) from None
-            n += len(items)
-            pos = end
-            self._starts.append(end)
-            self._firsts.append(n)
-        self.counts: dict[str, int] = dict(counted) if types is None else {
-            types.tag_of_mirror[m]: k for m, k in counted.items()}
+        # Paused: a batch's mirrors die by reference count; a collection would only walk
+        # them (and everything else alive) again and again.
+        with _gc_paused():
+            while pos < size:
+                end = data.find(b"\n", min(pos + _BATCH_BYTES, size) - 1)
+                end = size if end < 0 else end + 1
+                try:
+                    if types is None:
+                        # Decoded whole, as it will be read: a line nested too deeply fails now.
+                        items = plain_lines(view[pos:end])
+                        counted.update(_raw_tag(d) for d in items)
+                    else:
+                        items = types.decoder.decode_lines(view[pos:end])
+                        kinds.update(map(type, items))
+                except (*_DECODE_ERRORS, _NotAnEntry):
+                    raise self._problem(pos, end) from None
+                n += len(items)
+                pos = end
+                self._starts.append(end)
+                self._firsts.append(n)
+        self._counts: dict[str, int] | None = dict(counted) if types is None else None
         self._build: Callable[[memoryview], list[Any]] = (
-            plain_lines if types is None else self._typed)
+            plain_lines if types is None
+            # Only built-ins (checked just now): plain JSON, built in a few C passes.
+            else _builtins if BUILTIN_MIRROR_TYPES.issuperset(kinds) else self._typed)
         self._cache: tuple[int, list[Any]] = (-1, [])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Entries of each tag (decoded again when first asked: only inspection asks)."""
+        if self._counts is None:
+            assert self._types is not None
+            decode, tag_of = self._types.decoder.decode_lines, self._types.tag_of_mirror
+            counted: Counter[Any] = Counter()
+            view = memoryview(self._data)
+            with _gc_paused():
+                for a, b in pairwise(self._starts):
+                    counted.update(map(type, decode(view[a:b])))
+            self._counts = {tag_of[m]: k for m, k in counted.items()}
+        return self._counts
 
     def _problem(self, pos: int, end: int) -> Exception:
         decoder = self._types.decoder.decode if self._types is not None else _raw_line
@@ -139,18 +171,38 @@ class StoredEntries:
 
     def _typed(self, chunk: memoryview) -> list[Any]:
         assert self._types is not None
-        build = self._types.build
         items = self._types.decoder.decode_lines(chunk)
         try:
-            if BUILTIN_MIRROR_TYPES.issuperset(map(type, items)):
-                return build_builtins(items)  # all at once: a few C passes
-            return [build[type(m)](m) for m in items]
+            kinds = set(map(type, items))
+            if not kinds:  # a batch of blank lines
+                return []
+            if len(kinds) == 1 or BUILTIN_MIRROR_TYPES.issuperset(kinds):
+                return self._build_kind(kinds.pop(), items)
+            # Mixed: each kind built in one call, the entries put back in file order.
+            out: list[Any] = [None] * len(items)
+            for group in _groups(kinds):
+                positions = [i for i, m in enumerate(items) if type(m) in group]
+                built = self._build_kind(next(iter(group)), [items[i] for i in positions])
+                for i, entry in zip(positions, built, strict=True):
+                    out[i] = entry
+            return out
         except (ValidationError, TypeError, ValueError) as exc:
             # Checked on load, so only a class changed since the file was written fails.
             raise ValueError(
                 f"{self.source}: an entry no longer fits its class (changed since the "
                 f"checkpoint was written?): {str(exc).splitlines()[0]}"
             ) from exc
+
+    def _build_kind(self, kind: type, items: list[Any]) -> list[Any]:
+        """Entries of ``items``: mirrors of ``kind``, or of built-in kinds only."""
+        assert self._types is not None
+        if kind in BUILTIN_MIRROR_TYPES:
+            return build_builtins(items)  # all at once: a few C passes
+        many = self._types.build_many.get(kind)
+        if many is not None:
+            return many(items)
+        build = self._types.build[kind]
+        return [build(m) for m in items]
 
     def __len__(self) -> int:
         return self._firsts[-1]

@@ -30,6 +30,7 @@ __all__ = [
     "format_age",
     "format_size",
     "latest_name",
+    "shared_with",
     "tree_size",
 ]
 
@@ -149,6 +150,38 @@ def _blocks(stats: Iterable[os.stat_result], seen: set[tuple[int, int]]) -> Iter
         seen.add(key)
         # st_blocks is in 512-byte units whatever the filesystem's block size (POSIX).
         yield st.st_blocks * 512
+
+
+def shared_with(ckpt: str | os.PathLike[str], file: str) -> list[str]:
+    """The other checkpoints of ``ckpt``'s directory holding ``file`` itself (the same
+    inode: a file linked from checkpoint to checkpoint), oldest first; [] on object
+    storage (a copy there is an object of its own) or when ``file`` is not there."""
+    if isinstance(ckpt, URLPath):
+        return []
+    top = Path(ckpt)
+    try:
+        st = os.lstat(top / file)
+    except OSError:
+        return []
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+        return []
+    found = []
+    names = sorted((ep, n) for n in os.listdir(top.parent)
+                   if (ep := layout.parse_checkpoint_name(n)) is not None and n != top.name)
+    for _, name in names:
+        try:
+            entries = list(os.scandir(top.parent / name))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                other = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                found.append(name)
+                break
+    return found
 
 
 def format_size(n: int) -> str:

@@ -2,13 +2,15 @@
 
 ``ckptwriter train`` runs :func:`run_training` on a configuration from
 :func:`ckptwriter.config.load_config`. Plug in an agent with ``agent.type:
-package.module:ClassName``; it implements :class:`Agent`.
+package.module:ClassName``; it implements :class:`Agent`, and :class:`StatefulAgent`'s
+state hook for what it keeps besides its memory.
 """
 
 from __future__ import annotations
 
 from .agents import Agent as Agent
 from .agents import HistoryAgent as HistoryAgent
+from .agents import StatefulAgent as StatefulAgent
 from .agents import create_agent as create_agent
 from .agents import resolve_agent_class as resolve_agent_class
 from .environments import ArithmeticEnvironment as ArithmeticEnvironment
@@ -29,6 +31,7 @@ __all__ = [
     "NullReporter",
     "Reporter",
     "RichReporter",
+    "StatefulAgent",
     "Task",
     "TaskSequence",
     "TrainResult",

@@ -5,6 +5,8 @@ An agent is any class built as ``AgentClass(config, memory)`` that implements
 and Reflection to ``agent.memory`` (so the log always has the shape a checkpoint
 expects); the agent reads its memory to decide. ``agent.type`` in the YAML is a
 built-in name (``HistoryAgent``) or ``package.module:ClassName``, e.g. an LLM agent.
+What an agent keeps besides its memory goes through the state hook
+(:class:`StatefulAgent`, checked by :mod:`.state_hook`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..agent_state import AgentState
 from ..config import AgentConfig
 from ..errors import ConfigError
 from ..memory import FeedbackContent, MemoryLog, Reflection
 from .environments import parse_task
+from .state_hook import check_agent, hook_of
 
-__all__ = ["BUILTIN_AGENTS", "Agent", "HistoryAgent", "create_agent", "resolve_agent_class"]
+__all__ = ["BUILTIN_AGENTS", "Agent", "HistoryAgent", "StatefulAgent", "create_agent",
+           "resolve_agent_class"]
 
 
 @runtime_checkable
@@ -48,6 +53,35 @@ class Agent(Protocol):
     Validation calls only ``act``; it must not change what the agent will do in
     training (a resumed run then matches an uninterrupted one whatever the
     validation schedule). ``config`` must be JSON-able: it is stored in ``agent.json``.
+
+    An agent may append entries of its own types to its memory too (declared in
+    ``entry_types``, below). Anything else it learns or keeps (counters, skills, an RNG,
+    extra logs) is lost on resume unless it goes through the state hook, every part of
+    it optional (see :class:`StatefulAgent`):
+
+    - ``entry_types: tuple[type, ...]`` (class attribute): its own entry types (frozen
+      pydantic models, msgspec Structs, dataclasses) in its memory and its logs. The
+      runtime builds the memory with them and loads the checkpoint with them on resume.
+    - ``state_types: tuple[type, ...]`` (class attribute): model classes it keeps as
+      state values, loaded back as those classes on resume.
+    - ``logs(self) -> Mapping[str, MemoryLog]``: extra named logs, each checkpointed
+      incrementally as ``log.<name>.jsonl`` (names: letters, digits, ``_``, ``-``).
+    - ``state_dict(self) -> AgentState``: an :class:`~ckptwriter.AgentState` the agent
+      keeps, setting a key whenever its value changes (encoded then, once; a checkpoint
+      captures it in O(number of keys) and writes only the keys set since the previous
+      one). Values are captured when set: set the key again after changing a value in
+      place. A plain ``Mapping`` works too, but is encoded again at every checkpoint.
+    - ``load_state_dict(self, state: AgentState, logs: Mapping[str, MemoryLog])``:
+      called on resume after construction, before the first episode, with the
+      checkpoint's state (keep it and go on setting keys) and logs (adopt them: the
+      runtime checkpoints what ``logs()`` returns from then on). Required when
+      ``state_dict`` or ``logs`` is defined.
+
+    The hook is checked at start-up, before any episode: ``logs()`` and ``state_dict()``
+    are called once and what they return is checked; a wrong shape, an async method or
+    a wrong signature is a ConfigError naming the problem. The runtime calls them at
+    every checkpoint (and at the end of each episode, so that a checkpoint written
+    because the agent raised holds the state of the last completed episode).
     """
 
     memory: MemoryLog
@@ -66,6 +100,23 @@ class Agent(Protocol):
         ...
 
 
+@runtime_checkable
+class StatefulAgent(Agent, Protocol):
+    """An :class:`Agent` with the whole state hook (see :class:`Agent` for each part)."""
+
+    def logs(self) -> Mapping[str, MemoryLog]:
+        """Extra named logs to checkpoint besides the memory."""
+        ...
+
+    def state_dict(self) -> AgentState:
+        """The agent's state besides its memory and logs."""
+        ...
+
+    def load_state_dict(self, state: AgentState, logs: Mapping[str, MemoryLog]) -> None:
+        """Take back the state and logs of the checkpoint the run resumes from."""
+        ...
+
+
 class _HistoryAgentConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -74,6 +125,7 @@ class _HistoryAgentConfig(BaseModel):
 
 
 _LESSON_RE = re.compile(r"^Remember: (.+) -> (\S+) ")
+_READ_SLICE = 4096
 
 
 class HistoryAgent:
@@ -83,6 +135,11 @@ class HistoryAgent:
     wrong answer it reflects ``"Remember: Solve: 3*4=? -> 12 (...)"``; before acting it
     reads the Reflections appended to its memory since it last looked, so a task it
     got wrong once is answered correctly from then on, also after a resume.
+
+    It goes through the state hook like any agent, but everything it learns is in its
+    memory (the Reflections), so its state stays empty and its checkpoints hold exactly
+    the guide's three files; resumed, it reads its restored memory once, on its first
+    act. An agent that learns beyond its memory sets keys of its ``state_dict()``.
 
     Args:
         config: ``learn`` (default true; false gives the no-memory baseline) and
@@ -109,6 +166,7 @@ class HistoryAgent:
         self.memory = memory
         self._cursor = 0
         self._lessons: dict[str, str] = {}
+        self._state = AgentState()
         self._question: str | None = None
         self._answer: str | None = None
         self._feedback: FeedbackContent | None = None
@@ -116,13 +174,28 @@ class HistoryAgent:
     def _read_memory(self) -> None:
         # Incremental: each entry is looked at once, so acting stays O(1) amortized
         # however long the memory grows; a restored memory is read once, on first act.
-        entries = self.memory[self._cursor :]
-        self._cursor += len(entries)
-        for e in entries:
-            if isinstance(e, Reflection):
-                m = _LESSON_RE.match(e.content)
-                if m:
-                    self._lessons[m.group(1)] = m.group(2)
+        # In slices: a restored memory of millions of entries is never held as objects
+        # all at once (a loaded log builds its entries when they are read).
+        end = len(self.memory)
+        while self._cursor < end:
+            entries = self.memory[self._cursor : min(end, self._cursor + _READ_SLICE)]
+            self._cursor += len(entries)
+            for e in entries:
+                if isinstance(e, Reflection):
+                    m = _LESSON_RE.match(e.content)
+                    if m:
+                        self._lessons[m.group(1)] = m.group(2)
+
+    def state_dict(self) -> AgentState:
+        """Empty: what it learns is in its memory (a checkpoint writes no state file)."""
+        return self._state
+
+    def load_state_dict(self, state: AgentState, logs: Mapping[str, MemoryLog]) -> None:
+        """Nothing to take back: the restored memory is read again on the first act.
+
+        A state from another agent's checkpoint is ignored, not adopted: it would be
+        written into every later checkpoint of this agent.
+        """
 
     async def act(self, observation: str) -> str:
         """Answer from a lesson in memory, else compute (wrongly for unknown operators)."""
@@ -222,13 +295,15 @@ def _import(module_name: str, search_dirs: tuple[str, ...]) -> Any:
 def create_agent(
     config: AgentConfig, memory: MemoryLog, search_dirs: tuple[str, ...] | None = None
 ) -> Agent:
-    """Build the configured agent around ``memory``.
+    """Build the configured agent around ``memory``, its state hook checked.
 
     Raises:
-        ConfigError: the agent cannot be built from the configuration.
+        ConfigError: the agent cannot be built from the configuration, or its state
+            hook has the wrong shape (:mod:`.state_hook`).
     """
     dirs = (os.getcwd(),) if search_dirs is None else search_dirs
     cls = resolve_agent_class(config.type, dirs)
+    hook = hook_of(cls, config.type)
     try:
         agent = cls(dict(config.config), memory)
     except ConfigError:
@@ -243,4 +318,5 @@ def create_agent(
             f"agent.type {config.type!r} must keep the memory it is given as `.memory` "
             "(the runtime appends to it and checkpoints it)"
         )
+    check_agent(agent, hook)
     return agent  # type: ignore[no-any-return]

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..memory import MemoryLog
 from ..stats import WriterStats
 from .plan import RunPlan
+from .state_hook import memory_up_to as memory_up_to
 
 __all__ = ["TrainResult", "add_note", "failure_summary", "interval_warning", "memory_up_to",
            "nothing_to_do", "resume_hint", "unwrap"]
@@ -71,15 +71,6 @@ def interval_warning(cfg: Config) -> str | None:
     return ("No checkpoint interval is set: only the final checkpoint will be written; set "
             "checkpoint_every_episodes (e.g. 100) or checkpoint_every_seconds (e.g. 600) to "
             "checkpoint during the run")
-
-
-def memory_up_to(memory: MemoryLog, length: int) -> MemoryLog:
-    """``memory`` as it was with ``length`` entries (itself if it still is): O(length)."""
-    if len(memory) == length:
-        return memory
-    out = MemoryLog(memory_type=memory.memory_type, entry_types=memory.entry_types)
-    out.extend(memory[:length])
-    return out
 
 
 def resume_hint(checkpoint: Path | None) -> str:

@@ -51,7 +51,6 @@ from .endings import (
     add_note,
     failure_summary,
     interval_warning,
-    memory_up_to,
     nothing_to_do,
     resume_hint,
     unwrap,
@@ -68,6 +67,7 @@ from .run_dir import (
     resumes_in_place,
 )
 from .signals import StopFlag, watch_signals
+from .state_hook import AgentHook, EpisodeMark, episode_mark, memory_up_to, snapshot_parts
 
 __all__ = ["TrainResult", "failure_summary", "resume_hint", "run_training"]
 
@@ -175,6 +175,7 @@ class _Trainer:
         self.rt = plan.cfg.runtime
         self.agent = plan.agent
         self.memory = plan.memory
+        self.hook = plan.hook or AgentHook(plan.cfg.agent.type)
         self.run_dir = run_dir
         self.ckpt_dir = ckpt_dir
         self.stop = stop
@@ -195,9 +196,11 @@ class _Trainer:
         self._t_start = time.perf_counter()
         self.failed = 0
         self.on_open: Any = None
-        # The end of the last completed episode: (episode, memory length, steps), what
-        # checkpoint_on_exception saves when the agent or environment raises mid-episode.
-        self._completed = (plan.first_episode, len(plan.memory), plan.train_steps)
+        # The end of the last completed episode (episode, memory length, steps, logs and
+        # state): what checkpoint_on_exception saves when the agent raises mid-episode.
+        self._marking = (self.rt.checkpoint_on_exception and self.hook.stateful
+                         and ckpt_dir is not None)
+        self._completed = (plan.first_episode, len(plan.memory), plan.train_steps, self._mark())
         self._saved_at = time.monotonic()
 
     def durable(self) -> Path | None:
@@ -269,7 +272,7 @@ class _Trainer:
             try:
                 await self._run_episode(next(plan.sequence))
                 self.episode = ep
-                self._completed = (ep, len(self.memory), self.steps)
+                self._completed = (ep, len(self.memory), self.steps, self._mark())
                 val = None
                 if vfreq is not None and ep % vfreq == 0:
                     val = await self._validate(ep)
@@ -331,11 +334,14 @@ class _Trainer:
                  episode, score, int(correct), len(tasks))
         return score
 
+    def _mark(self) -> EpisodeMark | None:
+        return episode_mark(self.agent, self.hook) if self._marking else None
+
     async def _save(self, episode: int, val_score: float | None,
-                    at: tuple[MemoryLog, int] | None = None) -> None:
+                    at: tuple[MemoryLog, int, EpisodeMark | None] | None = None) -> None:
         if self.writer is None:
             return
-        memory, steps = at or (self.memory, self.steps)
+        memory, steps, mark = at or (self.memory, self.steps, None)
         handle = await self.writer.submit(Snapshot(
             episode_index=episode,
             train_steps_total=steps,
@@ -345,6 +351,7 @@ class _Trainer:
             memory_type=self.cfg.agent.memory_type,
             val_score=val_score,
             resumed_from=self.resumed_from,
+            **snapshot_parts(self.agent, self.hook, mark),
         ))
         self.saved_episode = episode
         self._saved_at = time.monotonic()
@@ -356,7 +363,7 @@ class _Trainer:
         The failed episode's entries are left out, so resuming from this checkpoint runs
         that episode again from its start, as an uninterrupted run would.
         """
-        episode, length, steps = self._completed
+        episode, length, steps, mark = self._completed
         # Nothing completed since the start (or the resumed checkpoint): nothing to add.
         if (self.writer is None or not self.rt.checkpoint_on_exception
                 or episode in (self.saved_episode, self.plan.first_episode)):
@@ -364,7 +371,7 @@ class _Trainer:
         log.info("%s raised during episode %d: checkpointing episode %d before exiting",
                  type(exc).__name__, episode + 1, episode)
         try:
-            await self._save(episode, None, (memory_up_to(self.memory, length), steps))
+            await self._save(episode, None, (memory_up_to(self.memory, length), steps, mark))
             await self._collect(wait=True)
         except CheckpointError as err:
             log.warning("The checkpoint of episode %d failed too: %s", episode, err)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -37,8 +39,15 @@ RESUME_BEST = layout.BEST_LINK
 _CONFIG_YAML = "config.yaml"
 
 
-def find_resume(cfg: Config) -> tuple[LoadedCheckpoint | None, Path | None]:
+def find_resume(cfg: Config, *, entry_types: tuple[type, ...] = (),
+                state_types: tuple[type, ...] = ()
+                ) -> tuple[LoadedCheckpoint | None, Path | None]:
     """The checkpoint ``resume_from`` names, loaded, and the run directory to continue in.
+
+    Args:
+        cfg: the run's configuration.
+        entry_types, state_types: the agent's own types (its hook's class attributes),
+            which the checkpoint's memory, logs and state are loaded with.
 
     Returns:
         ``(None, None)`` without ``resume_from`` or under ``auto`` with nothing to
@@ -51,16 +60,18 @@ def find_resume(cfg: Config) -> tuple[LoadedCheckpoint | None, Path | None]:
     if want is None:
         return None, None
     mtype = cfg.agent.memory_type
+    load = partial(load_checkpoint, expected_memory_type=mtype, entry_types=entry_types,
+                   state_types=state_types)
     runs_root = Path(cfg.output_dir) / cfg.name
     if want in (RESUME_AUTO, RESUME_BEST):
         for run, ckpts in run_checkpoint_dirs(runs_root):
             target = ckpts if want == RESUME_AUTO else f"{ckpts}/{layout.BEST_LINK}"
             try:
-                loaded = load_checkpoint(target, expected_memory_type=mtype)
+                loaded = load(target)
             except CheckpointNotFoundError:
                 continue  # this run died before its first checkpoint (or has no best)
             if want == RESUME_AUTO:
-                return _newest_committed(loaded, mtype), run
+                return _newest_committed(loaded, load), run
             return loaded, None
         if want == RESUME_BEST:
             raise CheckpointNotFoundError(
@@ -70,7 +81,7 @@ def find_resume(cfg: Config) -> tuple[LoadedCheckpoint | None, Path | None]:
                  cfg.name, runs_root)
         return None, None
     try:
-        loaded = load_checkpoint(want, expected_memory_type=mtype)
+        loaded = load(want)
     except CheckpointNotFoundError:
         # outputs/<run_name> whose runs keep their checkpoints elsewhere (an absolute
         # checkpoint_dir): the reader only follows a run's relative checkpoints dir.
@@ -78,7 +89,7 @@ def find_resume(cfg: Config) -> tuple[LoadedCheckpoint | None, Path | None]:
             if not os.path.isabs(ckpts):
                 continue
             try:
-                return load_checkpoint(ckpts, expected_memory_type=mtype), None
+                return load(ckpts), None
             except CheckpointNotFoundError:
                 continue
         raise
@@ -86,10 +97,11 @@ def find_resume(cfg: Config) -> tuple[LoadedCheckpoint | None, Path | None]:
     named = (layout.parse_checkpoint_name(base) is not None
              or base in (layout.BEST_LINK, layout.BEST_JSON))
     # A checkpoint (or best) named by the user is what they asked for; latest may lag.
-    return (loaded if named else _newest_committed(loaded, mtype)), None
+    return (loaded if named else _newest_committed(loaded, load)), None
 
 
-def _newest_committed(loaded: LoadedCheckpoint, mtype: str) -> LoadedCheckpoint:
+def _newest_committed(loaded: LoadedCheckpoint, load: Callable[[str], LoadedCheckpoint]
+                      ) -> LoadedCheckpoint:
     """The newest checkpoint of ``loaded``'s directory, when ``latest`` lagged behind it.
 
     A run killed between committing ``ep_M`` and moving ``latest`` leaves ``latest`` on an
@@ -107,7 +119,7 @@ def _newest_committed(loaded: LoadedCheckpoint, mtype: str) -> LoadedCheckpoint:
              and i.episode_index > mine.episode_index and i.runtime.timestamp >= mine.timestamp]
     for info in sorted(later, key=lambda i: i.episode_index, reverse=True):
         try:
-            newer = load_checkpoint(info.path, expected_memory_type=mtype)
+            newer = load(str(info.path))
         except CheckpointError as exc:
             log.warning("%s is newer than the pointer's %s but cannot be loaded (%s)",
                         info.name, loaded.path.name, exc)

@@ -27,6 +27,10 @@ class BenchConfig:
         incr_entries: final memory of the incremental-scaling run (target 5).
         incr_every: entries between checkpoints of that run.
         encode_entries: entries encoded by the serializer throughput run.
+        floor_episodes: episodes of the issue-13 loop (targets 8 and 9; its memory is
+            100,000 entries, or ``large_memory`` if smaller).
+        floor_reflink: also run that loop on an XFS loop mount with reflink (root and
+            mkfs.xfs needed; the row says why it was skipped otherwise).
     """
 
     repeats: int = 3
@@ -43,6 +47,8 @@ class BenchConfig:
     incr_entries: int = 1_000_000
     incr_every: int = 1_000
     encode_entries: int = 400_000
+    floor_episodes: int = 300
+    floor_reflink: bool = True
 
 
 SIZES: dict[str, BenchConfig] = {
@@ -56,6 +62,7 @@ SIZES: dict[str, BenchConfig] = {
     "tiny": BenchConfig(
         repeats=1, loop_repeats=1, episodes=40, episode_cpu_s=0.0002, stall_episodes=30,
         small_memory=100, large_memory=2_000, baseline_budget_s=0.3, gib_bytes=2 << 20,
-        incr_entries=3_000, incr_every=1_000, encode_entries=5_000,
+        incr_entries=3_000, incr_every=1_000, encode_entries=5_000, floor_episodes=20,
+        floor_reflink=False,
     ),
 }

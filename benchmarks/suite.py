@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .baselines import BASELINES
+from .floor import bench_floor
 from .loading import bench_load
 from .loop import Variant
 from .machine import machine_info
@@ -31,7 +32,7 @@ from .workload import calibrate_burn, entry_pool
 __all__ = ["BENCHMARKS", "RESULTS", "build_parser", "config_from_args", "main", "run_suite"]
 
 BENCHMARKS = ("encode", "stall", "overhead", "options", "throughput", "incremental",
-              "load")
+              "load", "floor")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -66,8 +67,8 @@ def run_suite(
                     started=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     t0 = time.perf_counter()
     pool = entry_pool()
-    burn_n = calibrate_burn(cfg.episode_cpu_s) if {"stall", "overhead", "options"} & set(
-        only) else 0
+    burn_n = calibrate_burn(cfg.episode_cpu_s) if {"stall", "overhead", "options",
+                                                    "floor"} & set(only) else 0
     report.config["burn_iterations"] = burn_n
     steps: dict[str, Callable[[], None]] = {
         "encode": lambda: bench_encode(cfg, report, pool=pool, log=log),
@@ -81,6 +82,7 @@ def run_suite(
         "throughput": lambda: bench_throughput(cfg, base, report, log=log),
         "incremental": lambda: bench_incremental(cfg, base, report, pool=pool, log=log),
         "load": lambda: bench_load(cfg, base, report, pool=pool, log=log),
+        "floor": lambda: bench_floor(cfg, base, report, pool=pool, burn_n=burn_n, log=log),
     }
     for name in BENCHMARKS:
         if name in only:

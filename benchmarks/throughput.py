@@ -1,6 +1,7 @@
 """Target 4: a full checkpoint against raw write+fsync of the same bytes.
 
-4. A full write of a 1 GiB memory >= 80 % of raw write+fsync throughput.
+4. A full write of a 1 GiB memory >= 80 % of raw write+fsync throughput, with the process
+   executor (the default) and the thread executor.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def bench_throughput(
             f"4.full_write_ratio.{ex}",
             f"full checkpoint / raw write+fsync, {mib:.0f} MiB, {ex} executor"
             + (" (default)" if default else ""),
-            round(ratio * 100, 1), "%", ">= 80 %" if default else "",
-            ratio >= 0.8 if default else None,
+            round(ratio * 100, 1), "%", ">= 80 %", ratio >= 0.8,
             f"checkpoint {mib / median(times[ex]):.0f} MiB/s, raw {mib / median(times['raw']):.0f}"
             " MiB/s (submit to durable: manifests, rename, pointer included)",
         ))

@@ -372,6 +372,12 @@ def _zygote_round(req: dict[str, object]) -> dict[str, object]:
             os.kill(-pid, signal.SIGKILL)
     if not reaped:
         _, status = os.waitpid(pid, 0)
+    if killed:
+        # A kill of the run alone leaves its writer process to notice and follow: what
+        # "after a kill -9" means is once no process of the run (its group) is left.
+        from _torture_runs import wait_group_gone
+
+        wait_group_gone(pid)
     ckpts = _newest_ckpt_dir(runs, before)
     reply: dict[str, object] = {
         "killed": killed and os.WIFSIGNALED(status),
@@ -399,10 +405,15 @@ def _child_zygote() -> None:
     so 50 kills do not pay 50 interpreter start-ups (the writer process, when the config
     uses one, is still a fresh interpreter, as in production).
     """
+    # Warm imports for the forked runs, what a run would otherwise import lazily included.
+    import anyio._backends._asyncio
+    import anyio.to_thread  # noqa: F401
+    import rich._emoji_codes  # noqa: F401
+
     import ckptwriter.cli
     import ckptwriter.config
     import ckptwriter.runtime
-    import ckptwriter.runtime.loop  # noqa: F401  (warm imports for the forked runs)
+    import ckptwriter.runtime.loop  # noqa: F401
 
     for line in sys.stdin:
         print(json.dumps(_zygote_round(json.loads(line))), flush=True)

@@ -57,6 +57,15 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def wait_group_gone(pgid: int) -> None:
+    """Return once no process of group ``pgid`` is left (after its leader's SIGKILL)."""
+    deadline = time.monotonic() + _GONE_TIMEOUT
+    while group_alive(pgid):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"process group {pgid} still alive {_GONE_TIMEOUT} s after SIGKILL")
+        time.sleep(0.005)
+
+
 def _round(req: dict[str, object]) -> dict[str, object]:
     kill_after = int(str(req["kill_after"]))
     r, w = os.pipe()
@@ -76,18 +85,21 @@ def _round(req: dict[str, object]) -> dict[str, object]:
                         killed = True
                         break
     _, status = os.waitpid(pid, 0)
-    deadline = time.monotonic() + _GONE_TIMEOUT
-    while group_alive(pid):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"process group {pid} still alive {_GONE_TIMEOUT} s after SIGKILL")
-        time.sleep(0.005)
+    wait_group_gone(pid)
     return {"killed": killed and os.WIFSIGNALED(status),
             "exit": os.waitstatus_to_exitcode(status), "saved": saved}
 
 
 def _serve() -> None:
+    # Warm imports for the forked runs, what a run would otherwise import lazily (its event
+    # loop, the S3 client of an s3:// checkpoint_dir) included.
+    import anyio._backends._asyncio
+    import anyio.to_thread  # noqa: F401
+    import rich._emoji_codes  # noqa: F401
+    import s3fs  # noqa: F401
+
     import ckptwriter.cli
-    import ckptwriter.runtime.loop  # noqa: F401  (warm imports for the forked runs)
+    import ckptwriter.runtime.loop  # noqa: F401
 
     for line in sys.stdin:
         print(json.dumps(_round(json.loads(line))), flush=True)

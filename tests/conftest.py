@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -51,3 +52,24 @@ def open_dir(storage: Any) -> list[Any]:
     from ckptwriter.retention import KeepAll
 
     return CommitPipeline(storage, KeepAll()).open()
+
+
+# -- order of the files under `make test` (pytest -n 2 --dist loadfile) ------------------
+
+# Files that start first, before the others (most tests first, as xdist would order them):
+# the kill -9 torture has few tests but runs for minutes; started among the last files,
+# it would be the whole tail of the run with the other worker idle.
+_FIRST = ("test_reliability_torture.py",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the file order below: xdist would otherwise reorder by number of tests."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of _FIRST first, then by number of tests, most first (a stable sort:
+    the tests of a file keep their order)."""
+    counts = Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path.name not in _FIRST, -counts[item.path]))

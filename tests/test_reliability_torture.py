@@ -38,7 +38,12 @@ from ckptwriter import (
 from ckptwriter.storage import LocalStorage
 from conftest import open_dir
 
-EPISODES = 250
+# The episode the killed runs are given as their end: never reached (a killed run gets a
+# few episodes further than the one it resumed from).
+EPISODES = 3000
+# Episodes the last, uninterrupted run of a chain trains past the newest checkpoint its
+# kills left (its end, and the reference run's, follow from where the kills got to).
+TAIL = 50
 # Seconds one kill-and-resume round may take before it counts as a hang (a round takes
 # well under a second on an idle machine; the margin is for a loaded one).
 _ROUND_TIMEOUT = 600
@@ -86,10 +91,15 @@ class Zygote:
 
 
 @pytest.fixture
-def zygotes() -> Iterator[list[Zygote]]:
-    """Two zygotes: one chain of kills per core."""
-    zs = [Zygote(), Zygote()]
-    yield zs
+def zygotes() -> Iterator[Callable[[int], list[Zygote]]]:
+    """Zygotes on request (one per chain of kills), closed after the test."""
+    zs: list[Zygote] = []
+
+    def start(n: int) -> list[Zygote]:
+        zs.extend(Zygote() for _ in range(n))
+        return zs[-n:]
+
+    yield start
     for z in zs:
         z.close()
 
@@ -110,6 +120,7 @@ class Chain:
     killed_dirs: list[Path] = field(default_factory=list)
     leftovers_seen: int = 0
     final: dict[str, object] | None = None
+    end: int = 0  # the episode the last, uninterrupted run trains to
     started: float = field(default_factory=time.monotonic)
     finished: float = 0.0
 
@@ -192,11 +203,16 @@ def _drive(chains: list[Chain]) -> None:
             if c.rounds < c.kills:
                 c.zygote.send(c.request(kill=True, seed=c.rounds))
             else:
-                # The last run resumes and trains to the end without interruption (no
-                # fsync: durability is not what it checks, the final memory is).
+                # The last run resumes and trains TAIL episodes past the newest
+                # checkpoint the kills left, without interruption (no fsync: durability
+                # is not what it checks, the final memory is).
                 c.finishing = True
+                reached = max((i.episode_index for d in c.killed_dirs
+                               for i in list_checkpoints(d)), default=0)
+                c.end = reached + TAIL
                 req = c.request(kill=False, seed=-1)
-                req["argv"] = [*req["argv"], "--set", "runtime.fsync=false"]  # type: ignore[list-item]
+                req["argv"] = [*req["argv"], "--set", "runtime.fsync=false",  # type: ignore[list-item]
+                               "--set", f"runtime.max_envs_to_visit={c.end}"]
                 c.zygote.send(req)
     sel.close()
 
@@ -206,25 +222,28 @@ def _memory_bytes(ckpt: Path) -> tuple[int, bytes]:
     return rt.episode_index, (ckpt / rt.memory_snapshot_path).read_bytes()
 
 
-def _torture(tmp_path: Path, zygotes: list[Zygote], kills: tuple[int, int],
-             episodes: int = EPISODES) -> list[Chain]:
-    ref_cfg = _write_config(tmp_path / "reference.yaml", tmp_path / "ref", "reference",
-                            episodes, fsync=False, executor="thread")
+def _torture(tmp_path: Path, start_zygotes: Callable[[int], list[Zygote]],
+             kills: dict[str, tuple[str, int]]) -> list[Chain]:
+    """Chains of kills, run at once: {name: (executor, kills)}, then the checks."""
     chains = [
-        Chain("process", _write_config(tmp_path / "p.yaml", tmp_path / "out", "p", episodes,
-                                       checkpoint_keep_last=3, executor="auto"),
-              tmp_path / "out" / "p", kills[0], zygotes[0], tmp_path / "p.log"),
-        Chain("thread", _write_config(tmp_path / "t.yaml", tmp_path / "out", "t", episodes,
-                                      checkpoint_keep_last=3, executor="thread"),
-              tmp_path / "out" / "t", kills[1], zygotes[1], tmp_path / "t.log"),
+        Chain(name, _write_config(tmp_path / f"{name}.yaml", tmp_path / "out", name, EPISODES,
+                                  checkpoint_keep_last=3, executor=executor),
+              tmp_path / "out" / name, n, zygote, tmp_path / f"{name}.log")
+        for (name, (executor, n)), zygote in zip(kills.items(), start_zygotes(len(kills)),
+                                                  strict=True)
     ]
-    # The uninterrupted reference run, on the zygote of the cheaper chain.
-    zygotes[1].send({"argv": ["train", "--config", str(ref_cfg), "--quiet"],
-                     "runs": str(tmp_path / "ref" / "reference"), "kill": False,
-                     "max_delay": 0, "seed": "ref", "log": str(tmp_path / "ref.log")})
-    ref_reply = zygotes[1].receive()
-    assert ref_reply["exit"] == 0, (tmp_path / "ref.log").read_text()
     _drive(chains)
+    zygote = chains[-1].zygote
+    # The uninterrupted reference run, to the farthest end of the chains (the memory of
+    # an episode does not depend on the run's end: the task sequence is the same).
+    ref_end = max(c.end for c in chains)
+    ref_cfg = _write_config(tmp_path / "reference.yaml", tmp_path / "ref", "reference",
+                            ref_end, fsync=False, executor="thread")
+    zygote.send({"argv": ["train", "--config", str(ref_cfg), "--quiet"],
+                 "runs": str(tmp_path / "ref" / "reference"), "kill": False,
+                 "max_delay": 0, "seed": "ref", "log": str(tmp_path / "ref.log")})
+    ref_reply = zygote.receive()
+    assert ref_reply["exit"] == 0, (tmp_path / "ref.log").read_text()
     ref = Path(str(ref_reply["checkpoints"]))
     for c in chains:
         assert c.final is not None
@@ -236,17 +255,19 @@ def _torture(tmp_path: Path, zygotes: list[Zygote], kills: tuple[int, int],
                 assert data == _memory_bytes(ref / info.name)[1], info.path
         final = Path(str(c.final["checkpoints"]))
         ep, data = _memory_bytes(resolve_checkpoint(final / "latest"))
-        assert (ep, data) == _memory_bytes(ref / f"ep_{episodes:06d}")
+        assert (ep, data) == _memory_bytes(ref / f"ep_{c.end:06d}")
         assert load_checkpoint(final).runtime.train_steps_total == (
-            load_checkpoint(ref).runtime.train_steps_total
+            load_checkpoint(ref / f"ep_{c.end:06d}").runtime.train_steps_total
         )
     return chains
 
 
-def test_kill9_torture_50_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
+def test_kill9_torture_50_kills(
+    tmp_path: Path, zygotes: Callable[[int], list[Zygote]]
+) -> None:
     """50 SIGKILLs of `ckptwriter train` mid-checkpoint: always verifiable, same end on resume."""
     # A writer-process run costs an interpreter start (~0.4 s); a thread run does not.
-    chains = _torture(tmp_path, zygotes, kills=(12, 38))
+    chains = _torture(tmp_path, zygotes, {"p": ("auto", 12), "t": ("thread", 38)})
     for c in chains:
         print(f"{c.name}: {c.rounds} kills, {len(c.killed_dirs)} left checkpoints, "
               f"{c.leftovers_seen} temp/trash entries cleaned, {c.finished - c.started:.1f} s")
@@ -259,10 +280,18 @@ def test_kill9_torture_50_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
 # Bounded by work (kills, episodes); the timeout only catches a hang, so it is far above
 # what a loaded 2-core machine takes.
 @pytest.mark.timeout(3600)
-def test_kill9_torture_400_kills(tmp_path: Path, zygotes: list[Zygote]) -> None:
+def test_kill9_torture_400_kills(
+    tmp_path: Path, zygotes: Callable[[int], list[Zygote]]
+) -> None:
     """400 SIGKILLs (slow suite): the same promises over many more crash points."""
-    # A longer run, so that 250 short-lived runs do not reach the end before the last.
-    chains = _torture(tmp_path, zygotes, kills=(150, 250), episodes=3000)
+    # 150 kills of writer-process runs in two chains of 75 beside the 250 thread kills: a
+    # process round costs about three thread rounds (its writer's interpreter start), so
+    # the three chains end together instead of one 150-round chain ending last.
+    chains = _torture(tmp_path, zygotes, {"p": ("auto", 75), "p2": ("auto", 75),
+                                          "t": ("thread", 250)})
+    for c in chains:
+        print(f"{c.name}: {c.rounds} kills, {len(c.killed_dirs)} left checkpoints, "
+              f"{c.leftovers_seen} temp/trash entries cleaned, {c.finished - c.started:.1f} s")
     assert sum(c.rounds for c in chains) >= 400
 
 

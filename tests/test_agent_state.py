@@ -113,7 +113,7 @@ def test_bad_keys(key: Any) -> None:
     ({"s": {1, 2}}, r"state\['k'\]\['s'\] is a set", "sorted list"),
     ({"m": SkillBook(skills={})}, r"state\['k'\]\['m'\] is a SkillBook inside JSON data",
      "model_dump"),
-    ([object()], r"state\['k'\]\[0\] is a object", "JSON data"),
+    ([object()], r"state\['k'\]\[0\] is an object", "JSON data"),
     ({"b": b"x"}, r"state\['k'\]\['b'\] is bytes inside JSON data", "value of its own"),
 ])
 def test_values_that_would_not_load_back_equal(value: Any, where: str, fix: str) -> None:

@@ -30,6 +30,17 @@ __all__ = ["FIELDS_ENCODER", "EntryTypes", "RawTag", "entry_types", "plain_lines
 
 _BYPASS = ("(model_copy(update=...) and model_construct skip validation: build it with "
            "{name}(...) or {name}.model_validate(...))")
+# msgspec Structs and dataclasses check no types when built: the value is simply wrong.
+_WRONG_TYPE = "(a {kind} does not check its fields' types when built: pass a value of the " \
+    "declared type)"
+
+
+def _bypass_hint(cls: type) -> str:
+    if isinstance(cls, type) and issubclass(cls, msgspec.Struct):
+        return _WRONG_TYPE.format(kind="msgspec Struct")
+    if dataclasses.is_dataclass(cls):
+        return _WRONG_TYPE.format(kind="dataclass")
+    return _BYPASS.format(name=cls.__name__)
 
 
 def _fields(obj: object) -> Any:
@@ -116,12 +127,12 @@ class EntryTypes:
         try:
             back = codec.build(self._check[codec.cls].decode(line))
         except msgspec.ValidationError as exc:
-            problem = _msgspec_problem(name, str(exc)) + " " + _BYPASS.format(name=name)
+            problem = _msgspec_problem(name, str(exc)) + " " + _bypass_hint(codec.cls)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
                                    for p in err["loc"])
-            problem = f"{where}: {err['msg']} " + _BYPASS.format(name=name)
+            problem = f"{where}: {err['msg']} " + _bypass_hint(codec.cls)
         else:
             if back == entry:
                 return

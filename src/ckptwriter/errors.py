@@ -118,6 +118,16 @@ class CheckpointCorruptError(CheckpointError):
         )
 
 
+def all_broken(shown: str, where: str, why: str,
+               broken: list[CheckpointCorruptError]) -> CheckpointNotFoundError:
+    """No valid checkpoint in ``where`` because every one there is damaged (a file all of
+    them share, say): each is named, and none is offered as an alternative."""
+    each = "; ".join(f"{Path(e.checkpoint).name}: {e.file}: {e.problem}" for e in broken)
+    return CheckpointNotFoundError(shown, [], searched=False, hint=(
+        f"No valid checkpoint in {where} ({why}). Every checkpoint there is broken: {each}. "
+        f"`ckptwriter verify {where}` checks each one."))
+
+
 class UnsafePathError(CheckpointCorruptError):
     """A manifest or pointer names a path outside its checkpoint directory."""
 

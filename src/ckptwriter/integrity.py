@@ -214,7 +214,8 @@ def _runtime(shown: str, dir_name: str, data: bytes) -> RuntimeManifest:
 
 
 def _size_problem(size: int, digest: FileDigest) -> str:
-    return f"size {size} bytes, expected {digest.bytes} (truncated?)"
+    what = "truncated?" if size < digest.bytes else "appended to?"
+    return f"size {size} bytes, expected {digest.bytes} ({what})"
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,9 @@ class MemoryLog:
             # later memory file. The log stays as it was.
             del tail[mark:]
             if isinstance(exc, UnicodeEncodeError):
-                raise ValueError(_surrogate_problem(entry, exc)) from None
+                # Still a UnicodeEncodeError (a ValueError), now naming the field and fix.
+                raise UnicodeEncodeError(exc.encoding, exc.object, exc.start, exc.end,
+                                         _surrogate_problem(entry, exc)) from None
             raise
         self._entries.append(entry)
 

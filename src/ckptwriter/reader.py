@@ -5,8 +5,8 @@ reader trusts only a checkpoint whose ``runtime.json`` is valid and whose files 
 their recorded sizes and sha256, checked on the very bytes it read: each file is read
 once (:mod:`ckptwriter.integrity`). ``latest`` (the symlink, else ``latest.json``) is
 followed only to a plain name inside the same checkpoints directory; when it is missing
-or broken the newest valid checkpoint is used instead, with a
-:class:`CheckpointFallbackWarning`.
+or broken the newest valid checkpoint is used, with a :class:`CheckpointFallbackWarning`
+(none valid: the error names every broken one).
 
 Readers of a live run:
     When what was resolved through ``latest`` (or a checkpoints or run directory) vanishes
@@ -17,10 +17,9 @@ Readers of a live run:
 
 Error handling:
     :class:`~ckptwriter.CheckpointNotFoundError` (nothing there; checkpoints nearby are
-    listed), :class:`~ckptwriter.CheckpointCorruptError` (the file and problem are named;
-    :class:`~ckptwriter.UnsafePathError` when a manifest or pointer tries to leave its
-    directory), :class:`~ckptwriter.MemoryTypeMismatchError`, and
-    :class:`~ckptwriter.StorageError` when the store itself fails.
+    listed), :class:`~ckptwriter.CheckpointCorruptError` (the file and problem named;
+    :class:`~ckptwriter.UnsafePathError`: a manifest or pointer tries to leave its
+    directory), :class:`~ckptwriter.MemoryTypeMismatchError`, :class:`~ckptwriter.StorageError`.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ from .discovery import (
     timestamped_runs,
 )
 from .entry_codec import entry_types as entry_types_of
-from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafePathError
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafePathError, all_broken
 from .integrity import (
     CheckpointInfo,
     Gone,
@@ -113,10 +112,8 @@ def _pointer(store: ReadStore, root: str, link: str = layout.LATEST_LINK
         try:
             check_plain_name(target)
         except ValueError:
-            raise UnsafePathError(
-                shown, link,
-                f"points at {target!r}, outside the checkpoints directory; refusing to follow it",
-            ) from None
+            raise UnsafePathError(shown, link, f"points at {target!r}, outside the checkpoints "
+                                  "directory; refusing to follow it") from None
         return target, ""
     jpath = store.join(root, _POINTERS[link])
     try:
@@ -130,10 +127,8 @@ def _pointer(store: ReadStore, root: str, link: str = layout.LATEST_LINK
     except ValidationError as exc:
         err = exc.errors()[0]
         if err["loc"] and err["loc"][0] == "checkpoint":
-            raise UnsafePathError(
-                shown, _POINTERS[link],
-                "names a checkpoint outside the checkpoints directory; refusing to follow it",
-            ) from None
+            raise UnsafePathError(shown, _POINTERS[link], "names a checkpoint outside the "
+                                  "checkpoints directory; refusing to follow it") from None
         return None, f"{_POINTERS[link]} is invalid"
     return ptr.checkpoint, ""
 
@@ -193,22 +188,27 @@ def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_
         raise last or CheckpointNotFoundError(shown, nearby(store, root), hint=(
             f"No {pointer} in {store.url(root)} ({why}): the writer keeps one only once a "
             "checkpoint has a val_score; load latest or a checkpoint by name instead."))
+    broken: list[CheckpointCorruptError] = []
     for info, marker in reversed(scan_with_markers(store, root)):
-        if not info.complete:
+        if not info.complete:  # damaged (sizes): counted among the broken ones
+            file, _, problem = (info.problem or "").partition(": ")
+            broken += [CheckpointCorruptError(store.url(store.join(root, info.name)), file,
+                                              problem)] if problem else []
             continue
         try:
             result = open_one(store.join(root, info.name), Seen(marker))
-        except (CheckpointCorruptError, Gone):
+        except (CheckpointCorruptError, Gone) as exc:
+            broken += [exc] if isinstance(exc, CheckpointCorruptError) else []
             continue
-        warnings.warn(
-            f"{why}; falling back to the newest valid checkpoint {info.path}",
-            CheckpointFallbackWarning,
-            stacklevel=_WARN_STACKLEVEL,
-        )
+        skipped = ", ".join(n for e in broken if (n := name_of(e.checkpoint)) != target)
+        warnings.warn(f"{why}; {f'skipped the broken {skipped}; ' if skipped else ''}falling "
+                      f"back to the newest valid checkpoint {info.path}",
+                      CheckpointFallbackWarning, stacklevel=_WARN_STACKLEVEL)
         return result
-    raise CheckpointNotFoundError(
-        shown, nearby(store, root), hint=f"No valid checkpoint in {store.url(root)} ({why})."
-    )
+    if broken:
+        raise all_broken(shown, store.url(root), why, broken)
+    raise CheckpointNotFoundError(shown, nearby(store, root),
+                                  hint=f"No valid checkpoint in {store.url(root)} ({why}).")
 
 
 # -- resolving what a user passes -----------------------------------------------------

@@ -55,6 +55,11 @@ class EncodedValue(msgspec.Struct, frozen=True):
     tag: str | None = None
 
 
+def _a(noun: str) -> str:
+    """``a list``, ``an object``: the article a message needs."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def class_path(cls: type) -> str:
     """``module:QualName`` of a class (recorded, never imported)."""
     return f"{cls.__module__}:{cls.__qualname__}"
@@ -215,7 +220,7 @@ def _subclass(value: Any, path: str) -> str | None:
                 f"and rebuild it with {t.__name__}(value) after loading")
     for base, fix in _SUBCLASS_FIX.items():
         if isinstance(value, base) and t is not base and t is not bool:
-            return (f"{path} is a {t.__name__} (a subclass of {base.__name__}): it would "
+            return (f"{path} is {_a(t.__name__)} (a subclass of {base.__name__}): it would "
                     f"load back as a plain {base.__name__}; convert it with {fix}")
     return None
 
@@ -261,7 +266,7 @@ def _problem(value: Any, path: str) -> tuple[type[Exception], str] | None:
     if t is tuple:
         return TypeError, f"{path} is a tuple: it would load back as a list; pass a list"
     if t in (set, frozenset):
-        return TypeError, (f"{path} is a {t.__name__}: it would load back as a list; pass a "
+        return TypeError, (f"{path} is {_a(t.__name__)}: it would load back as a list; pass a "
                            "sorted list")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return TypeError, (f"{path} is bytes inside JSON data: JSON has no bytes; store "
@@ -269,10 +274,10 @@ def _problem(value: Any, path: str) -> tuple[type[Exception], str] | None:
     if (sub := _subclass(value, path)) is not None:
         return TypeError, sub
     if _is_model(value):
-        return TypeError, (f"{path} is a {t.__name__} inside JSON data: it would load back "
+        return TypeError, (f"{path} is {_a(t.__name__)} inside JSON data: it would load back "
                            "as a dict; store it as a state value of its own, or convert it "
                            "(model_dump(), msgspec.to_builtins())")
-    return TypeError, (f"{path} is a {t.__name__}, which would not load back equal from "
+    return TypeError, (f"{path} is {_a(t.__name__)}, which would not load back equal from "
                        "JSON")
 
 

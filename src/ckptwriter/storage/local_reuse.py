@@ -30,37 +30,51 @@ _NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP,
                       errno.ENOTSUP, errno.EACCES, errno.ENOSYS, errno.EINVAL})
 
 
-# Recorded ctime moves kept at most (the oldest are useless once a commit has passed).
-_MAX_CHANGES = 1 << 16
+# Recorded ctime moves kept per inode. A token is issued at one commit and checked at the
+# next, so the chain it needs is the few moves in between (a link, retention's unlinks);
+# older moves of the same inode are never needed again.
+_MAX_CHANGES = 16
 
 
 class OwnChanges:
     """The ctime moves of files the writer itself linked or unlinked (one storage).
 
-    Keyed by (inode, ctime before) -> ctime after: a token issued before such a move
-    is still the writer's file if a chain of its own moves leads to the ctime seen now;
-    anyone else's change (an edit, a chmod, a utime) breaks the chain.
+    Per inode, ctime before -> ctime after: a token issued before such a move is still
+    the writer's file if a chain of its own moves leads to the ctime seen now; anyone
+    else's change (an edit, a chmod, a utime) breaks the chain. Only inodes still on
+    disk with several names are kept (the last unlink forgets one), each with its last
+    few moves: the record stays as small as the shared files of the kept checkpoints,
+    however long the run, and a move a live token needs is never dropped.
     """
 
     def __init__(self) -> None:
-        self._moves: dict[tuple[int, int], int] = {}
+        self._moves: dict[int, dict[int, int]] = {}
 
     def record(self, ino: int, before: int, after: int) -> None:
         if before == after:
             return
-        if len(self._moves) >= _MAX_CHANGES:
-            self._moves.clear()  # worst case: the next commit writes a file again
-        self._moves[(ino, before)] = after
+        moves = self._moves.setdefault(ino, {})
+        moves[before] = after
+        while len(moves) > _MAX_CHANGES:
+            del moves[next(iter(moves))]  # the oldest (dicts keep insertion order)
+
+    def forget(self, ino: int) -> None:
+        """The inode's last name is gone: no token can name it any more."""
+        self._moves.pop(ino, None)
 
     def explains(self, ino: int, was: int, now: int) -> bool:
-        for _ in range(64):
+        moves = self._moves.get(ino, {})
+        for _ in range(_MAX_CHANGES + 1):
             if was == now:
                 return True
-            nxt = self._moves.get((ino, was))
+            nxt = moves.get(was)
             if nxt is None:
                 return False
             was = nxt
         return False
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self._moves.values())
 
 
 def token_ident(st: os.stat_result) -> tuple[int, int, int]:
@@ -97,6 +111,8 @@ def unlink_recorded(dir_fd: int, name: str, st: os.stat_result,
     (more links), the ctime move this causes is recorded in ``own``."""
     if own is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
         os.unlink(name, dir_fd=dir_fd)
+        if own is not None and stat.S_ISREG(st.st_mode):
+            own.forget(st.st_ino)
         return
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -14,8 +14,5 @@ pytestmark = [pytest.mark.anyio, pytest.mark.s3]
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
 async def test_every_kind_round_trips_on_s3(executor: str, tmp_path: Path,
-                                            request: pytest.FixtureRequest,
-                                            anyio_backend: str) -> None:
-    if executor == "process" and anyio_backend == "trio":
-        pytest.skip("kept fast: trio runs on the thread executor here, on both locally")
+                                            request: pytest.FixtureRequest) -> None:
     await round_trip(executor, "s3", tmp_path, request)

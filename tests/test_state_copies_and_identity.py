@@ -231,7 +231,7 @@ def test_refusals_name_the_path_and_the_fix() -> None:
     """The refusal of a subclass value says what it would load back as and how to fix it."""
     with pytest.raises(TypeError, match=r"state\['k'\]\['m'\] is Mode.TRAIN.*Mode.TRAIN.value"):
         AgentState({"k": {"m": Mode.TRAIN}})
-    with pytest.raises(TypeError, match=r"state\['k'\] is a OrderedDict.*dict\(value\)"):
+    with pytest.raises(TypeError, match=r"state\['k'\] is an OrderedDict.*dict\(value\)"):
         AgentState({"k": OrderedDict(a=1)})
     with pytest.raises(ValueError, match=r"state\['k'\] key .*lone surrogate"):
         AgentState({"k": {"\udc80": 1}})

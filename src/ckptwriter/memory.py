@@ -35,6 +35,7 @@ from .entries import (
 from .entry_codec import FIELDS_ENCODER
 from .entry_codec import entry_types as entry_types_of
 from .memory_file import StoredEntries
+from .nonfinite import find_unencodable_text
 
 __all__ = [
     "Action",
@@ -328,37 +329,8 @@ class MemoryLog:
         return f"MemoryLog(entries={len(self)}, memory_type={self.memory_type!r})"
 
 
-def _surrogate_path(value: Any, depth: int = 0) -> str | None:
-    """Where in ``value`` a string UTF-8 cannot encode is (``.content``, ``['k'][2]``)."""
-    if depth > 100:
-        return None
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return ""
-        return None
-    if isinstance(value, dict):
-        for k in value:
-            if isinstance(k, str) and _surrogate_path(k, depth + 1) == "":
-                return f"[{k!r}] (a key)"
-        items: Iterable[tuple[str, Any]] = ((f"[{k!r}]", v) for k, v in value.items())
-    elif isinstance(value, (list, tuple)):
-        items = ((f"[{i}]", v) for i, v in enumerate(value))
-    elif hasattr(value, "__dict__") or hasattr(value, "__struct_fields__"):
-        names = getattr(value, "__struct_fields__", None) or vars(value)
-        items = ((f".{n}", getattr(value, n, None)) for n in names)
-    else:
-        return None
-    for step, v in items:
-        inner = _surrogate_path(v, depth + 1)
-        if inner is not None:
-            return step + inner
-    return None
-
-
 def _surrogate_problem(entry: Any, exc: UnicodeEncodeError) -> str:
-    where = _surrogate_path(entry)
+    where = find_unencodable_text(entry)
     bad = exc.object[exc.start:exc.end] if isinstance(exc.object, str) else "?"
     return (f"{type(entry).__name__} entry{where or ''}: holds {bad!r}, a lone surrogate "
             "that UTF-8 (a JSON line) cannot hold; it usually comes from bytes decoded with "

@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ckptwriter import (
     Action,
@@ -16,6 +17,12 @@ from ckptwriter import (
     Reflection,
     Snapshot,
 )
+
+# Property tests judge results, never speed: on a busy machine (two suites at once)
+# hypothesis's deadline and its "input generation is slow" check fail correct code.
+settings.register_profile("ckptwriter", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ckptwriter")
 
 
 def add_episode(memory: MemoryLog, ep: int, *, reflect: bool = False) -> None:

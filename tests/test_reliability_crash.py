@@ -169,8 +169,11 @@ def test_crashes_leave_leftovers_to_clean(crashed: dict[str, Path]) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("step", STEPS)
-async def test_error_after_step_is_reported_and_loses_nothing(tmp_path: Path, step: str) -> None:
-    """An I/O error after any step is counted (failed or retention error); no temp dir stays."""
+async def test_error_after_step_is_reported_and_loses_nothing(
+    tmp_path: Path, step: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O error after any step is counted (failed or retention error) or, for the
+    background removal after the last commit, logged at close; no temp dir stays."""
     root = tmp_path / "ckpts"
     storage = FaultStorage(root, step=step, episode=3, action=raise_eio)
     log = MemoryLog()
@@ -180,14 +183,53 @@ async def test_error_after_step_is_reported_and_loses_nothing(tmp_path: Path, st
             await w.submit(snapshot(ep, log))
         await w.flush()
         stats = w.stats
-    if step in RETENTION_STEPS:
+    if step == "trash_renamed":
         # The checkpoint is durable and latest moved; only deleting ep 1 failed.
         assert (stats.written, stats.failed, stats.retention_errors) == (3, 0, 1)
+    elif step == "deleted":
+        # ep 1 vanished in the commit; removing its files failed in the background after
+        # the last commit, so no commit report is left to carry it: closing logs it.
+        assert (stats.written, stats.failed, stats.retention_errors) == (3, 0, 0)
+        assert "error while removing the files of a deleted checkpoint" in caplog.text
+        assert "the next writer to open the directory removes them" in caplog.text
     else:
         assert (stats.written, stats.failed) == (2, 1)
     assert [n for n in leftovers(root) if n.startswith(".tmp-")] == []
     verify_checkpoint(root / "ep_000002")
     _assert_reader_sees(root, _expected_episode(step))
+
+
+@pytest.mark.anyio
+async def test_background_removal_error_is_reported_by_the_next_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deleted checkpoint's files that could not be removed in the background make the
+    next commit's retention error (named), and the next writer removes them."""
+    class FailFirstRemoval(LocalStorage):
+        failed = False
+
+        def _step(self, name: str) -> None:
+            if name == "deleted" and not self.failed:  # ep 1's files, after ep 3
+                self.failed = True
+                raise_eio(name)
+
+    root = tmp_path / "ckpts"
+    storage = FailFirstRemoval(root)
+    log = MemoryLog()
+    reports = []
+    async with CheckpointWriter(storage=storage, keep_last=2, on_error="warn") as w:
+        for ep in (1, 2, 3, 4):
+            log.extend(episode_entries(ep))
+            reports.append(await (await w.submit(snapshot(ep, log))).wait())
+        stats = w.stats
+    assert stats.retention_errors == 1
+    assert reports[3].deleted == ("ep_000002",)
+    msg = next(r.getMessage() for r in caplog.records if "retention" in r.getMessage())
+    assert "error while removing the files of a deleted checkpoint" in msg
+    assert ".trash-ep_000001-" in msg
+    assert [i.name for i in list_checkpoints(root)] == ["ep_000003", "ep_000004"]
+    async with CheckpointWriter(root, keep_last=2, executor="thread"):
+        assert leftovers(root) == []
 
 
 async def _write_three(storage: LocalStorage) -> None:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,11 +32,13 @@ from _fault_util import (
 )
 from ckptwriter import (
     CheckpointWriter,
+    MemoryLog,
     StorageError,
     WriterFailedError,
     load_checkpoint,
     verify_checkpoint,
 )
+from ckptwriter.storage import LocalStorage, PendingCheckpoint
 
 # Each episode appends ~64 KiB, so a few checkpoints fill a 4 MiB tmpfs quickly.
 PAD = 64 * 1024
@@ -73,6 +76,59 @@ ENOSPC_MSG = (
 
 
 # -- disk full -------------------------------------------------------------------------
+
+
+class _HeldRemovals(LocalStorage):
+    """Retention's removals in the background wait until a commit asks for the space."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.released = threading.Event()
+        self.trashed = 0
+        self.begun: list[str] = []
+
+    def begin(self, name: str) -> PendingCheckpoint:
+        self.begun.append(name)
+        return super().begin(name)
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        self.trashed += 1
+
+    def _remove(self, name: str) -> None:
+        if name.startswith(".trash-"):
+            assert self.released.wait(60), "nothing asked for the space"
+        super()._remove(name)
+
+    def settle(self, *, wait: bool) -> tuple[bool, list[str]]:
+        if wait and self.trashed:
+            self.released.set()
+        return super().settle(wait=wait)
+
+
+@pytest.mark.anyio
+async def test_commit_out_of_space_waits_for_background_removals(small_fs: Path) -> None:
+    """A commit that runs out of space while retention still frees the previous one's
+    deletion in the background waits for it and succeeds, with nothing left behind."""
+    root = small_fs / "c"
+    storage = _HeldRemovals(root)
+    # Each checkpoint holds ~1.5 MiB: two fit the 4 MiB tmpfs, three do not.
+    log = MemoryLog()
+    log.extend(episode_entries(1, pad=1536 * 1024))
+    async with CheckpointWriter(storage=storage, keep_last=1) as w:
+        await (await w.submit(snapshot(1, log))).wait()
+        log.extend(episode_entries(2))
+        r2 = await (await w.submit(snapshot(2, log))).wait()
+        assert r2.deleted == ("ep_000001",)
+        assert not storage.released.is_set()  # ep 1's files are still on the disk
+        log.extend(episode_entries(3))
+        r3 = await (await w.submit(snapshot(3, log))).wait()
+    assert r3.deleted == ("ep_000002",)
+    # The first try of ep 3 ran out of space; the second, once ep 1 was gone, did not.
+    assert storage.begun == ["ep_000001", "ep_000002", "ep_000003", "ep_000003"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("ep_")) == ["ep_000003"]
+    assert leftovers(root) == []
+    verify_checkpoint(root / "ep_000003")
 
 
 @pytest.mark.anyio

@@ -23,6 +23,7 @@ The backend owns atomicity and durability; this module owns the format.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Collection, Iterable, Mapping
 from functools import partial
@@ -31,11 +32,12 @@ import msgspec
 from pydantic import ValidationError
 
 from . import layout
-from .commit_files import Carries, WholeFile
+from .commit_files import Carries, Plan, WholeFile
 from .discovery import guarded
-from .errors import CheckpointError
+from .errors import CheckpointError, StorageError
 from .layout import FORMAT_VERSION
 from .manifest import LatestPointer, dump_json, format_timestamp
+from .memory import MemoryCapture
 from .reader import is_whole, scan
 from .retention import (
     CheckpointRecord,
@@ -96,6 +98,11 @@ def best_of(records: Iterable[CheckpointRecord], mode: Mode) -> CheckpointRecord
     if not scored:
         return None
     return scored[KeepTopKByScore(1, mode).should_preserve(scored).index(True)]
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _pointer_document(name: str, episode: int, timestamp: str | None,
@@ -201,31 +208,16 @@ class CommitPipeline:
                  *(WholeFile(it.file, it.value.data if it.sent else None, it.version)
                    for it in snap.state.values()),
                  *(WholeFile(n, data) for n, data in meta.extra_files.items())]
-        plan = self._carries.plan(b, streams, whole)
-        pending: PendingCheckpoint | None = None
         try:
-            pending = b.begin(name)
-            plan.start_hashing()
-            try:
-                tokens = pending.write([plan.first])
-                b._step("memory_written")
-                tokens.update(pending.write(plan.rest))
-            finally:
-                plan.finish_hashing()
-            b._step("files_written")
-            s0 = time.perf_counter()
-            runtime, latest_json = commit_documents(meta, name, mem_name, mem.entries,
-                                                    plan.listing())
-            serialize_s = time.perf_counter() - s0
-            path = pending.finalize(runtime)
-        except BaseException as exc:
-            if pending is not None:
-                pending.discard()
-            if isinstance(exc, OSError):
-                # What the backend did not word itself (a fault between its steps).
-                where = b.store.join(b.root, name)
-                raise b.store.error(exc, "writing checkpoint", where) from exc
-            raise
+            plan, tokens, runtime, latest_json, path, serialize_s = self._write(
+                snap, name, mem_name, streams, whole)
+        except StorageError as exc:
+            # Space that deletions of earlier commits are still freeing in the
+            # background is space this commit may count on: wait for it, then retry.
+            if not _out_of_space(exc) or not b.settle(wait=True)[0]:
+                raise
+            plan, tokens, runtime, latest_json, path, serialize_s = self._write(
+                snap, name, mem_name, streams, whole)
         self._carries.remember(plan, tokens)
         record = CheckpointRecord(name, meta.episode_index, meta.val_score)
         # Known before the pointer moves: if that fails, retention still sees it later.
@@ -254,6 +246,38 @@ class CommitPipeline:
             extendable=extendable, best_error=best_error, bytes_reused=plan.bytes_reused,
             files_linked=plan.files_linked, logs_extendable=logs_ok, state_kept=kept,
         )
+
+    def _write(self, snap: CapturedSnapshot, name: str, mem_name: str,
+               streams: list[tuple[str, str, MemoryCapture]], whole: list[WholeFile],
+               ) -> tuple[Plan, dict[str, ReuseToken], bytes, bytes, str, float]:
+        """The checkpoint's files and marker, finalized: it exists when this returns."""
+        meta, b = snap.meta, self.backend
+        plan = self._carries.plan(b, streams, whole)
+        pending: PendingCheckpoint | None = None
+        try:
+            pending = b.begin(name)
+            plan.start_hashing()
+            try:
+                tokens = pending.write([plan.first])
+                b._step("memory_written")
+                tokens.update(pending.write(plan.rest))
+            finally:
+                plan.finish_hashing()
+            b._step("files_written")
+            s0 = time.perf_counter()
+            runtime, latest_json = commit_documents(meta, name, mem_name, snap.memory.entries,
+                                                    plan.listing())
+            serialize_s = time.perf_counter() - s0
+            path = pending.finalize(runtime, latest=latest_json)
+        except BaseException as exc:
+            if pending is not None:
+                pending.discard()
+            if isinstance(exc, OSError):
+                # What the backend did not word itself (a fault between its steps).
+                where = b.store.join(b.root, name)
+                raise b.store.error(exc, "writing checkpoint", where) from exc
+            raise
+        return plan, tokens, runtime, latest_json, path, serialize_s
 
     def _hints(self, snap: CapturedSnapshot, tokens: Mapping[str, ReuseToken]
                ) -> tuple[bool, dict[str, tuple[str, int]], dict[str, str]]:
@@ -335,7 +359,10 @@ class CommitPipeline:
             protected=self.protect | {newest} | self._best_named,
         )
         deleted: list[str] = []
-        error = None
+        # The previous pass's removals went on beside this commit: done by now as a rule,
+        # waited for if not (at most one pass of them in flight); failures reported here.
+        failed = self.backend.settle(wait=True)[1]
+        error = failed[-1] if failed else None
         for name in doomed:
             try:
                 self.backend.delete(name)

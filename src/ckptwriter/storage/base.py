@@ -85,15 +85,19 @@ class PendingCheckpoint(Protocol):
     name: str
 
     def write(self, files: Sequence[FileSpec]) -> dict[str, ReuseToken]:
-        """Write files, durable when this returns; a token per file for the next commit.
+        """Write files, durable by the time :meth:`finalize` makes the checkpoint appear;
+        a token per file for the next commit.
 
         Raises:
             StorageError: the store failed (the message says what to do).
         """
         ...
 
-    def finalize(self, marker: bytes) -> str:
+    def finalize(self, marker: bytes, *, latest: bytes | None = None) -> str:
         """Write ``runtime.json`` (the marker) last and make the checkpoint appear at once.
+
+        ``latest`` is the ``latest.json`` the pointer move that follows will write: a
+        backend may make it durable with the checkpoint's files, off the move's path.
 
         Returns:
             the checkpoint's location as shown to users (a path or a URL).
@@ -224,7 +228,13 @@ class Backend(Protocol):
         ...
 
     def delete(self, name: str) -> None:
-        """Remove a checkpoint so that it disappears for readers in one step."""
+        """Remove a checkpoint so that it disappears for readers in one step (the rest
+        of its removal may go on in the background: :meth:`settle`)."""
+        ...
+
+    def settle(self, *, wait: bool) -> tuple[bool, list[str]]:
+        """Whether deletions were still being finished in the background (then, with
+        ``wait``, waited for), and why those that failed since the last call failed."""
         ...
 
     def _step(self, name: str) -> None:

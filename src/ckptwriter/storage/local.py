@@ -1,12 +1,14 @@
 """The local POSIX backend: the read and write primitives of storage/base.py.
 
-Protocol (DESIGN.md): every file goes into ``.tmp-ep_N-<random>/`` and is fsynced,
-``runtime.json`` last; the temp directory is fsynced and renamed to ``ep_N`` (swapped
-with the old ``ep_N`` in one step when the episode is committed again); the parent is
-fsynced. Only then are ``latest`` (a relative symlink renamed over the old one) and
-``latest.json`` (temp file, fsync, rename) replaced, and the parent fsynced again;
-``best`` and ``best.json`` move the same way, next, when a commit beats the best score.
-Deletion renames to ``.trash-*`` first so a checkpoint vanishes in one step.
+Protocol (DESIGN.md): every file goes into ``.tmp-ep_N-<random>/``, ``runtime.json``
+last, and the next ``latest.json`` beside it as a temp file; all of them and the temp
+directory are fsynced (concurrently: storage/local_background.py) before the temp
+directory is renamed to ``ep_N`` (swapped with the old ``ep_N`` in one step when the
+episode is committed again); the parent is fsynced. Only then are ``latest`` (a relative
+symlink renamed over the old one) and ``latest.json`` (the synced temp file, renamed)
+replaced, and the parent fsynced again; ``best`` and ``best.json`` move the same way,
+next, when a commit beats the best score. Deletion renames to ``.trash-*`` first so a
+checkpoint vanishes in one step; its files are removed in the background.
 
 Everything the writer creates, renames or removes is reached through the directory
 descriptor opened (and locked) at :meth:`LocalStorage.open`, never through a path
@@ -17,30 +19,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import layout
 from ..errors import StorageError
-from .base import FileSpec, ReuseToken
+from .base import ReuseToken
 from .dirfd import exchange, identity, open_dir, remove_entry
+from .local_background import FsyncBatch, Reaper, fsync_pool
 from .local_leftovers import clean_leftovers
 from .local_lock import DirectoryLock, lock_directory
-from .local_reuse import OwnChanges, link_checked, open_checked, token_ident, unlink_recorded
+from .local_pending import CREATE, FILE_MODE, LocalPending
+from .local_reuse import OwnChanges, open_checked, unlink_recorded
 from .local_store import LocalStore
-from .posix_io import copy_prefix, os_error, write_all
+from .posix_io import os_error, write_all
 
 __all__ = ["LocalStorage", "LocalStore"]
 
-# Never world-writable, whatever the umask: the umask still narrows these further.
-_FILE_MODE = 0o664
+# Never world-writable, whatever the umask: the umask still narrows it further.
 _DIR_MODE = 0o775
-# A new file only, never through a symlink, never kept open across exec.
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # What renameat2(RENAME_EXCHANGE) answers where the filesystem or kernel has no swap.
 _NO_EXCHANGE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 _POINTER_JSON = {layout.LATEST_LINK: layout.LATEST_JSON, layout.BEST_LINK: layout.BEST_JSON}
+
+log = logging.getLogger("ckptwriter")
 
 
 class LocalStorage:
@@ -90,6 +95,11 @@ class LocalStorage:
         self._ident: tuple[int, int] = (0, 0)
         # ctime moves of shared files this writer itself linked or unlinked.
         self._own = OwnChanges()
+        self._pool: ThreadPoolExecutor | None = None
+        self._reaper = Reaper(self._reap)
+        # The next latest.json, written and synced with a checkpoint's files: (the
+        # checkpoint it names, its bytes, its temp name in the directory).
+        self._staged: tuple[str, bytes, str] | None = None
 
     def _step(self, name: str) -> None:
         """Called right after each protocol step; a no-op outside fault-injection tests."""
@@ -122,9 +132,11 @@ class LocalStorage:
             # Never through a planted symlink or hard link (storage/local_lock.py).
             self._lock = lock_directory(self._dir_fd, self.path / layout.LOCK_FILE,
                                         directory=self.root, owner=self.owner,
-                                        mode=_FILE_MODE)
+                                        mode=FILE_MODE)
             self._check_in_place("opening", self.root)
             clean_leftovers(self._dir_fd, self.path, is_whole)
+            if self.fsync:
+                self._pool = fsync_pool()
         except OSError as exc:
             self.close()
             raise os_error(exc, "opening", self.root) from exc
@@ -158,6 +170,14 @@ class LocalStorage:
             )
 
     def close(self) -> None:
+        # Every removal finishes under the lock: none may run in a directory another
+        # writer has opened since.
+        for msg in self._reap_errors(self._reaper.stop()):
+            log.warning("%s; the next writer to open the directory removes them", msg)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._unstage()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -167,9 +187,10 @@ class LocalStorage:
 
     # -- commit ----------------------------------------------------------------------
 
-    def begin(self, name: str) -> _LocalPending:
+    def begin(self, name: str) -> LocalPending:
         fd = self._fd
         self._check_in_place("writing checkpoint", self.path / name)
+        self._unstage()  # a commit whose pointer never moved
         tmp = layout.temp_name(name)
         try:
             os.mkdir(tmp, _DIR_MODE, dir_fd=fd)
@@ -177,7 +198,7 @@ class LocalStorage:
         except OSError as exc:
             self._discard(tmp)
             raise os_error(exc, "writing checkpoint", self.path / name) from exc
-        pending = _LocalPending(self, name, tmp, tmp_fd)
+        pending = LocalPending(self, name, tmp, tmp_fd)
         try:
             self._step("tmp_created")
         except BaseException:
@@ -204,15 +225,41 @@ class LocalStorage:
         os.close(fd)
         return True
 
-    def _create(self, dir_fd: int, name: str, data: bytes) -> None:
-        """Create ``name`` in ``dir_fd`` (never an existing file) holding ``data``, fsynced."""
-        fd = os.open(name, _CREATE, _FILE_MODE, dir_fd=dir_fd)
+    def _create(self, dir_fd: int, name: str, data: bytes,
+                batch: FsyncBatch | None = None) -> None:
+        """Create ``name`` in ``dir_fd`` (never an existing file) holding ``data``, fsynced
+        now, or by ``batch``."""
+        fd = os.open(name, CREATE, FILE_MODE, dir_fd=dir_fd)
         try:
             write_all(fd, [memoryview(data)])
+        except BaseException:
+            os.close(fd)
+            raise
+        if batch is not None:
+            batch.add(fd)
+            return
+        try:
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _batch(self) -> FsyncBatch:
+        return FsyncBatch(self._pool if self.fsync else None)
+
+    def _stage(self, name: str, pointer_json: bytes, batch: FsyncBatch) -> None:
+        """Write the ``latest.json`` that will name ``name``, synced by ``batch``."""
+        self._unstage()
+        tmp = layout.temp_name(layout.LATEST_JSON)
+        # Named as staged before it exists: a failure part-way (ENOSPC) unlinks it too.
+        self._staged = (name, pointer_json, tmp)
+        self._create(self._fd, tmp, pointer_json, batch)
+
+    def _unstage(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None and self._dir_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(staged[2], dir_fd=self._dir_fd)
 
     def _install(self, tmp: str, name: str) -> None:
         """Put the finished temp directory ``tmp`` in place as ``name``; fsync the parent."""
@@ -271,12 +318,21 @@ class LocalStorage:
         fd = self._fd
         json_name = _POINTER_JSON[pointer]
         link_tmp = layout.temp_name(pointer)
-        json_tmp = layout.temp_name(json_name)
+        # The latest.json this commit staged (written and synced with its files), if
+        # it is the one asked for; any other staged one is stale.
+        staged, self._staged = self._staged, None
+        if staged is not None and (pointer, *staged[:2]) != (layout.LATEST_LINK, name,
+                                                             pointer_json):
+            self._staged = staged
+            self._unstage()
+            staged = None
+        json_tmp = staged[2] if staged is not None else layout.temp_name(json_name)
         try:
             os.symlink(name, link_tmp, dir_fd=fd)
             os.replace(link_tmp, pointer, src_dir_fd=fd, dst_dir_fd=fd)
             self._step(f"{pointer}_link_replaced")
-            self._create(fd, json_tmp, pointer_json)
+            if staged is None:
+                self._create(fd, json_tmp, pointer_json)
             os.replace(json_tmp, json_name, src_dir_fd=fd, dst_dir_fd=fd)
             self._step(f"{pointer}_json_replaced")
             if self.fsync:
@@ -312,18 +368,30 @@ class LocalStorage:
     def delete(self, name: str) -> None:
         try:
             trash = self._to_trash(name)
+            # The checkpoint is gone for readers once renamed; its files are removed
+            # beside the next commit (settle() reports a removal that failed).
+            self._step("trash_renamed")
         except FileNotFoundError:
             return  # already gone: nothing to delete
         except OSError as exc:
             raise os_error(exc, "deleting checkpoint", self.path / name) from exc
-        # The checkpoint is gone for readers once renamed. A failure to remove the trash
-        # is still reported (a retention error), and the next pass finds the name gone.
         try:
-            self._step("trash_renamed")
-            self._remove(trash)
-            self._step("deleted")
-        except OSError as exc:
-            raise os_error(exc, "removing deleted checkpoint", self.path / trash) from exc
+            self._reaper.submit(trash)
+        except RuntimeError:  # closing: removed now
+            self._reap(trash)
+
+    def _reap(self, trash: str) -> None:
+        self._remove(trash)
+        self._step("deleted")
+
+    def settle(self, *, wait: bool) -> tuple[bool, list[str]]:
+        running, failed = self._reaper.settle(wait=wait)
+        return running, self._reap_errors(failed)
+
+    def _reap_errors(self, failed: list[tuple[str, Exception]]) -> list[str]:
+        where = "removing the files of a deleted checkpoint"
+        return [str(os_error(exc, where, self.path / trash) if isinstance(exc, OSError)
+                    else exc) for trash, exc in failed]
 
     def _to_trash(self, name: str) -> str:
         trash = layout.trash_name(name)
@@ -339,87 +407,3 @@ class LocalStorage:
     def _remove(self, name: str) -> None:
         """Remove entry ``name`` and its tree: links unlinked, never followed."""
         remove_entry(self._fd, name, lambda d, n, st: unlink_recorded(d, n, st, self._own))
-
-
-class _LocalPending:
-    """A checkpoint being written into its temp directory (held open as ``tmp_fd``)."""
-
-    def __init__(self, storage: LocalStorage, name: str, tmp: str, tmp_fd: int) -> None:
-        self.name = name
-        self._s = storage
-        self._tmp = tmp
-        self._tmp_fd: int | None = tmp_fd
-        self._final = storage.path / name
-
-    @property
-    def _fd(self) -> int:
-        if self._tmp_fd is None:
-            raise StorageError(f"checkpoint {self._final} is already finalized or discarded")
-        return self._tmp_fd
-
-    def write(self, files: Sequence[FileSpec]) -> dict[str, ReuseToken]:
-        tokens: dict[str, ReuseToken] = {}
-        try:
-            for spec in files:
-                tokens[spec.name] = self._write_one(spec)
-        except OSError as exc:
-            raise os_error(exc, "writing checkpoint", self._final) from exc
-        return tokens
-
-    def _write_one(self, spec: FileSpec) -> ReuseToken:
-        src = None
-        if spec.reuse is not None:
-            src = self._s.open_reused(spec.reuse)
-            if src is None:
-                raise OSError(errno.ESTALE, "the previous file changed on disk", spec.reuse.path)
-        try:
-            rel = self._s._relative(spec.reuse) if spec.reuse is not None else None
-            if src is not None and rel is not None and not spec.data and \
-                    link_checked(self._s._fd, rel, src, self._fd, spec.name, self._s._own):
-                # No byte written: the tmp directory's fsync makes the new name durable.
-                st = os.stat(spec.name, dir_fd=self._fd, follow_symlinks=False)
-            else:
-                st = self._create_one(spec, src)
-        finally:
-            if src is not None:
-                os.close(src)
-        # Renaming the directory keeps each file's inode, mtime and ctime: the token
-        # holds for the final path. (Stat taken after our own link: its ctime.)
-        return ReuseToken(str(self._final / spec.name), st.st_size, token_ident(st))
-
-    def _create_one(self, spec: FileSpec, src: int | None) -> os.stat_result:
-        fd = os.open(spec.name, _CREATE, _FILE_MODE, dir_fd=self._fd)
-        try:
-            if src is not None and spec.reuse is not None:
-                copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path)
-            write_all(fd, [memoryview(d) for d in spec.data])
-            if self._s.fsync:
-                os.fsync(fd)
-            return os.fstat(fd)
-        finally:
-            os.close(fd)
-
-    def finalize(self, marker: bytes) -> str:
-        s = self._s
-        try:
-            s._create(self._fd, layout.RUNTIME_JSON, marker)
-            s._step("runtime_written")
-            if s.fsync:
-                os.fsync(self._fd)
-            s._step("tmp_dir_synced")
-            s._install(self._tmp, self.name)
-        except OSError as exc:
-            raise os_error(exc, "writing checkpoint", self._final) from exc
-        finally:
-            self._close()
-        return str(self._final)
-
-    def _close(self) -> None:
-        fd, self._tmp_fd = self._tmp_fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def discard(self) -> None:
-        # After a swap the temp name holds the old copy, which goes too: ep_N is whole.
-        self._close()
-        self._s._discard(self._tmp)

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 
 from .base import ReuseToken
 from .dirfd import identity, open_below, open_dir
@@ -49,6 +50,10 @@ class OwnChanges:
 
     def __init__(self) -> None:
         self._moves: dict[int, dict[int, int]] = {}
+        # Held across a link or unlink and its record, and across a check: a removal
+        # in the background (storage/local_background.py) never shows a check a ctime
+        # its record does not explain yet.
+        self.lock = threading.RLock()
 
     def record(self, ino: int, before: int, after: int) -> None:
         if before == after:
@@ -89,16 +94,17 @@ def open_checked(dir_fd: int, rel: str, token: ReuseToken,
         fd = open_below(dir_fd, rel, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
-    st = os.fstat(fd)
-    # A file replaced or edited in place since (same size, other bytes) must not be
-    # reused with the checksum carried for the old bytes: the size, inode and mtime
-    # must match, and the ctime too, but for the writer's own links and unlinks.
-    ok = stat.S_ISREG(st.st_mode) and len(token.ident) == 3 and \
-        (st.st_size, st.st_ino, st.st_mtime_ns) == (token.nbytes, *token.ident[:2])
-    if ok:
-        was = int(token.ident[2])
-        ok = was == st.st_ctime_ns or (
-            own is not None and own.explains(st.st_ino, was, st.st_ctime_ns))
+    with own.lock if own is not None else contextlib.nullcontext():
+        st = os.fstat(fd)
+        # A file replaced or edited in place since (same size, other bytes) must not be
+        # reused with the checksum carried for the old bytes: the size, inode and mtime
+        # must match, and the ctime too, but for the writer's own links and unlinks.
+        ok = stat.S_ISREG(st.st_mode) and len(token.ident) == 3 and \
+            (st.st_size, st.st_ino, st.st_mtime_ns) == (token.nbytes, *token.ident[:2])
+        if ok:
+            was = int(token.ident[2])
+            ok = was == st.st_ctime_ns or (
+                own is not None and own.explains(st.st_ino, was, st.st_ctime_ns))
     if not ok:
         os.close(fd)
         return None
@@ -121,10 +127,11 @@ def unlink_recorded(dir_fd: int, name: str, st: os.stat_result,
         os.unlink(name, dir_fd=dir_fd)
         return
     try:
-        before = os.fstat(fd)
-        os.unlink(name, dir_fd=dir_fd)
-        if before.st_ino == st.st_ino:
-            own.record(before.st_ino, before.st_ctime_ns, os.fstat(fd).st_ctime_ns)
+        with own.lock:
+            before = os.fstat(fd)
+            os.unlink(name, dir_fd=dir_fd)
+            if before.st_ino == st.st_ino:
+                own.record(before.st_ino, before.st_ctime_ns, os.fstat(fd).st_ctime_ns)
     finally:
         os.close(fd)
 
@@ -138,6 +145,12 @@ def link_checked(dir_fd: int, rel: str, src_fd: int, dst_dir_fd: int, name: str,
     Raises:
         OSError: the link failed for another reason (ENOSPC, EIO...).
     """
+    with own.lock if own is not None else contextlib.nullcontext():
+        return _link_checked(dir_fd, rel, src_fd, dst_dir_fd, name, own)
+
+
+def _link_checked(dir_fd: int, rel: str, src_fd: int, dst_dir_fd: int, name: str,
+                  own: OwnChanges | None) -> bool:
     *dirs, last = rel.split("/")
     parent = dir_fd
     try:

@@ -152,8 +152,9 @@ class RemotePending:
             raise ValueError(f"cannot reuse {token.path} in {self._url}: can_reuse() is False")
         return CopySource(token.path, token.nbytes, etag)
 
-    def finalize(self, marker: bytes) -> str:
+    def finalize(self, marker: bytes, *, latest: bytes | None = None) -> str:
         """Renew the lock, then PUT ``runtime.json``: the checkpoint exists from now on.
+        (``latest.json`` is a conditional PUT of its own, after the marker.)
 
         Returns:
             the checkpoint's URL.
@@ -419,3 +420,8 @@ class RemoteStorage:
         self._lock.check()
         self._guard("deleting checkpoint", url, lambda: self.store.rm_tree(prefix))
         self._step("deleted")
+
+    def settle(self, *, wait: bool) -> tuple[bool, list[str]]:
+        """Nothing runs in the background: a deletion is fenced by the lock, so it is
+        done within the commit that holds it."""
+        return False, []

@@ -1,0 +1,191 @@
+"""Work the local backend takes off a commit's critical path, on threads of its own.
+
+Two kinds, both measured on ext4 (``benchmarks/floor.py``, DESIGN.md):
+
+- :class:`FsyncBatch`: the fsyncs of one pending checkpoint's files, its temp directory
+  and the next ``latest.json`` start together and run concurrently, so the small files'
+  flushes ride on the journal commit the memory file's fsync makes anyway, instead of
+  one journal commit each after it. The checkpoint is renamed into place only when every
+  one of them has succeeded.
+- :class:`Reaper`: a checkpoint retention deletes vanishes for readers in one rename,
+  in the commit; unlinking its files (freeing an 11 MB file's extents costs ext4 3 to
+  14 ms) runs here, beside the next commit. Its failures are kept for the pipeline to
+  report, and a commit that runs out of space waits for it and tries once more.
+
+Both only ever touch what the backend hands them: descriptors it opened, and trash
+entries of the locked directory, removed through its descriptor.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+__all__ = ["FsyncBatch", "Reaper", "fsync_pool"]
+
+# Flushes in flight at once for one checkpoint: enough for the journal to gather them,
+# and a state of 10,000 keys never holds 10,000 descriptors open.
+_IN_FLIGHT = 16
+
+
+def fsync_pool() -> ThreadPoolExecutor:
+    """The threads a local backend's batches fsync on (fsync releases the GIL)."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptwriter-fsync")
+
+
+def _sync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _done(fn: Callable[[int], None], fd: int) -> Future[None]:
+    """``fn(fd)`` run here, as a finished future."""
+    fut: Future[None] = Future()
+    try:
+        fn(fd)
+    except BaseException as exc:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(None)
+    return fut
+
+
+class FsyncBatch:
+    """fsync-then-close of one checkpoint's descriptors, concurrently; :meth:`wait`
+    raises the first failure. ``pool`` None: nothing is fsynced (``fsync=False``)."""
+
+    def __init__(self, pool: ThreadPoolExecutor | None) -> None:
+        self._pool = pool
+        self._held: collections.deque[int] = collections.deque()
+        self._flights: collections.deque[Future[None]] = collections.deque()
+        self._error: BaseException | None = None
+
+    def add(self, fd: int) -> None:
+        """fsync ``fd``, then close it; the batch owns it from now on.
+
+        The flush starts at :meth:`wait`, with all the others: started at once, they
+        share one journal commit (ext4, XFS); started as each file is written, the
+        first one commits alone and the small files written after it need another.
+        """
+        if self._pool is None:
+            os.close(fd)
+            return
+        self._held.append(fd)
+        if len(self._held) > _IN_FLIGHT:
+            self._launch(self._held.popleft())
+
+    def _launch(self, fd: int) -> None:
+        assert self._pool is not None
+        while len(self._flights) >= _IN_FLIGHT:
+            self._settle_one()
+        try:
+            self._flights.append(self._pool.submit(_sync_close, fd))
+        except RuntimeError:  # the pool is shut down (the storage was closed)
+            self._flights.append(_done(_sync_close, fd))
+
+    def _settle_one(self) -> None:
+        exc = self._flights.popleft().exception()
+        if exc is not None and self._error is None:
+            self._error = exc
+
+    def wait(self) -> None:
+        """Every descriptor flushed and closed.
+
+        Raises:
+            OSError: the first fsync that failed (ENOSPC, EIO...): the bytes are not
+                durable, and the checkpoint must not appear.
+        """
+        while self._held:
+            self._launch(self._held.popleft())
+        while self._flights:
+            self._settle_one()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def abandon(self) -> None:
+        """Every descriptor closed, failures ignored (the checkpoint is discarded)."""
+        while self._held:
+            os.close(self._held.popleft())
+        while self._flights:
+            self._flights.popleft().exception()
+        self._error = None
+
+
+class Reaper:
+    """Removes trashed checkpoints, in order, on one thread started on first use.
+
+    Args:
+        remove: removes one trash entry (and its tree) of the locked directory.
+    """
+
+    def __init__(self, remove: Callable[[str], None]) -> None:
+        self._remove = remove
+        self._todo: collections.deque[str] = collections.deque()
+        self._failed: list[tuple[str, Exception]] = []
+        self._cond = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def submit(self, trash: str) -> None:
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the reaper is stopped")
+            self._todo.append(trash)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ckptwriter-reaper",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._todo and not self._closing:
+                    self._cond.wait()
+                if not self._todo:
+                    return
+                trash = self._todo[0]
+                self._busy = True
+            try:
+                self._remove(trash)
+            except Exception as exc:  # kept for settle(); the thread goes on
+                with self._cond:
+                    self._failed.append((trash, exc))
+            finally:
+                with self._cond:
+                    self._todo.popleft()
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def settle(self, *, wait: bool) -> tuple[bool, list[tuple[str, Exception]]]:
+        """Whether removals were still under way (then, with ``wait``, waited for), and
+        the removals that failed since the last call."""
+        with self._cond:
+            running = bool(self._todo) or self._busy
+            if wait:
+                while self._todo or self._busy:
+                    self._cond.wait()
+            failed, self._failed = self._failed, []
+        return running, failed
+
+    def stop(self) -> list[tuple[str, Exception]]:
+        """Finish every removal, then end the thread; the failures not yet taken."""
+        _, failed = self.settle(wait=True)
+        with self._cond:
+            self._closing = True
+            thread, self._thread = self._thread, None
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cond:
+            self._closing = False
+            failed += self._failed
+            self._failed = []
+        return failed

@@ -1,0 +1,186 @@
+"""Work taken off the commit's critical path: flushes batched, writeback started while
+a file is filled, retention's removals in the background, the next latest.json staged.
+
+Each keeps the protocol's promise: nothing appears before every byte of it is durable,
+and a failure of any of it is reported, never lost.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from _fault_util import episode_entries, leftovers, memory_until, snapshot
+from ckptwriter import (
+    AgentState,
+    CheckpointWriter,
+    MemoryLog,
+    Observation,
+    Snapshot,
+    WriterFailedError,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from ckptwriter.storage import local as local_mod
+from ckptwriter.storage import posix_io
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _fd_name(fd: int) -> str:
+    return Path(os.readlink(f"/proc/self/fd/{fd}")).name
+
+
+async def test_linking_shared_files_while_removals_run_beside_it(tmp_path: Path) -> None:
+    """Retention unlinks names of shared inodes in the background while the next commit
+    checks and links the same inodes: every commit links, none fails or copies."""
+    mem, state = MemoryLog(), AgentState()
+    for k in range(8):
+        state[f"k{k}"] = {"v": list(range(100 * k))}
+    results = []
+    async with CheckpointWriter(tmp_path, keep_last=1, executor="thread", fsync=False) as w:
+        for ep in range(1, 121):
+            mem.append(Observation(content=f"o{ep}"))
+            state["step"] = ep
+            results.append(await (await w.submit(Snapshot(ep, ep, "A", mem, state=state))).wait())
+    assert [r.episode_index for r in results] == list(range(1, 121))
+    # The 8 unchanged keys, every time after the first.
+    assert min(r.files_linked for r in results[1:]) >= 8
+    assert leftovers(tmp_path) == []
+    ck = load_checkpoint(tmp_path)
+    assert ck.state["k7"] == {"v": list(range(700))}
+    assert ck.state["step"] == 120
+    assert (tmp_path / "ep_000120" / "state.k7.json").stat().st_nlink == 1
+
+
+async def test_writeback_starts_as_the_memory_file_is_filled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy and append each start the kernel's writeback of what they filled, in order,
+    a megabyte or more at a time; the file is still byte for byte the memory."""
+    calls: dict[str, list[tuple[int, int]]] = {}
+
+    def sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        assert flags == 2  # SYNC_FILE_RANGE_WRITE: start it, never wait
+        calls.setdefault(_fd_name(fd), []).append((offset, nbytes))
+        return 0
+
+    monkeypatch.setattr(posix_io, "_sync_file_range", lambda: sync_file_range)
+    log = MemoryLog()
+    for i in range(5):
+        log.append(Observation(content=f"{i}" + "x" * (1 << 20)))
+    async with CheckpointWriter(tmp_path, executor="thread") as w:
+        await (await w.submit(Snapshot(1, 1, "A", log))).wait()
+        for i in range(3):
+            log.append(Observation(content=f"more {i}" + "y" * (1 << 20)))
+        r = await (await w.submit(Snapshot(2, 2, "A", log))).wait()
+    assert r.incremental
+    for name, size in (("memory_1.jsonl", 5), ("memory_2.jsonl", 8)):
+        ranges = calls[name]
+        # Contiguous from 0, each at least a megabyte, covering all but the last one.
+        assert [o for o, _ in ranges] == [sum(n for _, n in ranges[:i]) for i in range(len(ranges))]
+        assert all(n >= posix_io.WRITEBACK_CHUNK for _, n in ranges)
+        assert sum(n for _, n in ranges) > (size - 1) << 20
+    assert "runtime.json" not in calls  # small files: the fsync alone
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.memory.to_jsonl() == log.to_jsonl()
+
+
+async def test_writeback_refused_is_only_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the call is refused, it is not tried again for that file, and the commit
+    (still fsynced) goes on."""
+    calls: list[int] = []
+
+    def refused(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append(offset)
+        return -1
+
+    monkeypatch.setattr(posix_io, "_sync_file_range", lambda: refused)
+    log = MemoryLog()
+    for i in range(4):
+        log.append(Observation(content=f"{i}" + "x" * (1 << 20)))
+    async with CheckpointWriter(tmp_path, executor="thread") as w:
+        await (await w.submit(Snapshot(1, 1, "A", log))).wait()
+    assert calls == [0]
+    verify_checkpoint(tmp_path / "ep_000001")
+
+
+async def test_latest_json_is_durable_before_the_checkpoint_appears(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next latest.json is written and fsynced with the checkpoint's files, and only
+    renamed over latest.json after the checkpoint's rename and the latest symlink."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", _fd_name(fd)))
+        real_fsync(fd)
+
+    def rename(src: str, dst: str, **kw: int) -> None:
+        events.append(("rename", f"{src} -> {dst}"))
+        real_rename(src, dst, **kw)
+
+    def replace(src: str, dst: str, **kw: int) -> None:
+        events.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(local_mod.os, "fsync", fsync)
+    monkeypatch.setattr(local_mod.os, "rename", rename)
+    monkeypatch.setattr(local_mod.os, "replace", replace)
+    async with CheckpointWriter(tmp_path, executor="thread") as w:
+        await (await w.submit(snapshot(1, memory_until(1)))).wait()
+    i_rename = next(i for i, (k, v) in enumerate(events)
+                    if k == "rename" and v.endswith("-> ep_000001"))
+    staged = [v for k, v in events[:i_rename] if k == "fsync" and v.startswith(".tmp-latest.json-")]
+    assert len(staged) == 1
+    i_link = next(i for i, (k, v) in enumerate(events)
+                  if k == "replace" and v.endswith("-> latest"))
+    i_json = events.index(("replace", f"{staged[0]} -> latest.json"))
+    assert i_rename < i_link < i_json
+    assert ("fsync", tmp_path.name) in events[i_json:]
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("victim", ["runtime.json", "memory_2.jsonl", ".tmp-latest.json-"])
+async def test_a_failed_flush_in_the_batch_fails_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str
+) -> None:
+    """An fsync that fails (EIO) among the batched ones: the checkpoint never appears,
+    latest stays, nothing is left behind, and the next commit succeeds."""
+    real_fsync = os.fsync
+    armed = [True]
+
+    def fsync(fd: int) -> None:
+        # Armed after ep 1: the first such file is ep 2's.
+        if armed[0] and _fd_name(fd).startswith(victim):
+            armed[0] = False
+            raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    log = memory_until(1)
+    async with CheckpointWriter(tmp_path, executor="thread", on_error="warn") as w:
+        await (await w.submit(snapshot(1, log))).wait()
+        monkeypatch.setattr(os, "fsync", fsync)
+        log.extend(episode_entries(2))
+        with pytest.raises(WriterFailedError, match=r"Input/output error while writing "
+                                                    r"checkpoint .*ep_000002"):
+            await (await w.submit(snapshot(2, log))).wait()
+        assert not armed[0]
+        assert not (tmp_path / "ep_000002").exists()
+        assert os.readlink(tmp_path / "latest") == "ep_000001"
+        assert [n for n in leftovers(tmp_path) if n.startswith(".tmp-")] == []
+        log.extend(episode_entries(3))
+        await (await w.submit(snapshot(3, log))).wait()
+    assert load_checkpoint(tmp_path).runtime.episode_index == 3
+    assert leftovers(tmp_path) == []

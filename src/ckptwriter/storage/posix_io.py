@@ -54,7 +54,7 @@ class Writeback:
     fsync waits for all of them. Asking the kernel to write back each megabyte as soon
     as it is filled overlaps the two, and the ``fsync`` (still the durability point)
     waits for the tail only: 0.57 to 0.66x the time of copy then ``fsync`` on ext4, for
-    11 and 112 MB (DESIGN.md, benchmarks/floor.py). Nothing is done where the call is
+    11 and 112 MB (docs/PERFORMANCE.md). Nothing is done where the call is
     missing or refused (tmpfs ignores it; a clone has no dirty pages).
     """
 

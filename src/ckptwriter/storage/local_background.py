@@ -1,6 +1,6 @@
 """Work the local backend takes off a commit's critical path, on threads of its own.
 
-Two kinds, both measured on ext4 (``benchmarks/floor.py``, DESIGN.md):
+Two kinds, both measured on ext4 (``benchmarks/floor.py``, docs/PERFORMANCE.md):
 
 - :class:`FsyncBatch`: the fsyncs of one pending checkpoint's files, its temp directory
   and the next ``latest.json`` start together and run concurrently, so the small files'

@@ -184,3 +184,32 @@ async def test_a_failed_flush_in_the_batch_fails_the_commit(
         await (await w.submit(snapshot(3, log))).wait()
     assert load_checkpoint(tmp_path).runtime.episode_index == 3
     assert leftovers(tmp_path) == []
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    import subprocess
+
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.skipif(__import__("shutil").which("fincore") is None,
+                    reason="fincore (util-linux) is not installed")
+async def test_previous_memory_file_leaves_the_page_cache_once_copied(tmp_path: Path) -> None:
+    """The writer gives back the pages of a memory file it has copied from: the page
+    cache holds the newest file (the next copy's source), not every checkpoint kept."""
+    log = MemoryLog()
+    for i in range(4):
+        log.append(Observation(content=f"{i}" + "x" * (1 << 20)))
+    async with CheckpointWriter(tmp_path, executor="thread") as w:
+        await (await w.submit(Snapshot(1, 1, "A", log))).wait()
+        first = tmp_path / "ep_000001" / "memory_1.jsonl"
+        assert _resident(first) > 0  # just written
+        log.append(Observation(content="more"))
+        r = await (await w.submit(Snapshot(2, 2, "A", log))).wait()
+    assert r.incremental
+    assert _resident(first) == 0
+    assert _resident(tmp_path / "ep_000002" / "memory_2.jsonl") > 0
+    verify_checkpoint(tmp_path / "ep_000001")

@@ -105,6 +105,12 @@ class LocalPending:
             wb = Writeback(fd) if self._s.fsync else None
             if src is not None and spec.reuse is not None:
                 copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path, wb)
+                if wb is not None:
+                    # The previous file is durable and the next copy reads this one:
+                    # its pages go back now, for this file's to reuse. Page cache the
+                    # writer never needs again would otherwise grow with every commit
+                    # kept, and new pages cost more than reused ones (10x in a VM).
+                    os.posix_fadvise(src, 0, spec.reuse.nbytes, os.POSIX_FADV_DONTNEED)
             write_all(fd, [memoryview(d) for d in spec.data], wb)
             st = os.fstat(fd)  # fsync moves neither mtime nor ctime
         except BaseException:

@@ -102,7 +102,7 @@ class LocalPending:
     def _create_one(self, spec: FileSpec, src: int | None) -> os.stat_result:
         fd = os.open(spec.name, CREATE, FILE_MODE, dir_fd=self._fd)
         try:
-            wb = Writeback(fd) if self._s.fsync else None
+            wb = Writeback(fd, spec.nbytes) if self._s.fsync else None
             if src is not None and spec.reuse is not None:
                 copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path, wb)
                 if wb is not None:

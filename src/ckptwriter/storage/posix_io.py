@@ -30,8 +30,12 @@ def os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
     return StorageError(f"{reason} while {action} {path} [errno {exc.errno}]: {hint}")
 
 
-# How much of a file is written before the kernel is asked to start writing it back.
+# How much of a file is written before the kernel is asked to start writing it back: a
+# megabyte, or a sixteenth of the file if more. Each piece is two calls that release the
+# GIL, and a thread executor beside a CPU-bound loop waits up to a switch interval to get
+# it back: a bounded count of pieces bounds that, whatever the file's size.
 WRITEBACK_CHUNK = 1 << 20
+_WRITEBACK_PIECES = 16
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -48,7 +52,7 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 class Writeback:
-    """Starts the writeback of a file's pages each :data:`WRITEBACK_CHUNK` written.
+    """Starts the writeback of a file's pages each :attr:`chunk` written.
 
     Copy then ``fsync`` is serial: the disk idles while the pages are filled, then the
     fsync waits for all of them. Asking the kernel to write back each megabyte as soon
@@ -58,8 +62,9 @@ class Writeback:
     missing or refused (tmpfs ignores it; a clone has no dirty pages).
     """
 
-    def __init__(self, fd: int, offset: int = 0) -> None:
+    def __init__(self, fd: int, size: int, offset: int = 0) -> None:
         self._fd = fd
+        self.chunk = max(WRITEBACK_CHUNK, size // _WRITEBACK_PIECES)
         self._started = offset
         self._end = offset
         self._call = _sync_file_range()
@@ -67,7 +72,7 @@ class Writeback:
     def wrote(self, nbytes: int) -> None:
         """``nbytes`` more were written, right after what was written before."""
         self._end += nbytes
-        if self._call is not None and self._end - self._started >= WRITEBACK_CHUNK:
+        if self._call is not None and self._end - self._started >= self.chunk:
             if self._call(self._fd, self._started, self._end - self._started,
                           _SYNC_FILE_RANGE_WRITE) != 0:
                 self._call = None  # refused here (EINVAL, ESPIPE...): only a hint
@@ -81,7 +86,7 @@ def write_all(fd: int, views: list[memoryview], writeback: Writeback | None = No
     per_call = _IOV_MAX
     if writeback is not None and views:
         # Memory chunks are all of one size but for the first and the last.
-        per_call = max(1, min(_IOV_MAX, WRITEBACK_CHUNK // len(views[len(views) // 2])))
+        per_call = max(1, min(_IOV_MAX, writeback.chunk // len(views[len(views) // 2])))
     i = 0
     while i < len(views):
         n = os.writev(fd, views[i : i + per_call])
@@ -109,7 +114,7 @@ def copy_prefix(src_fd: int, dst_fd: int, nbytes: int, shown: str,
     """Copy the first ``nbytes`` of open file ``src_fd`` (named ``shown`` in errors) into
     ``dst_fd`` in the kernel (a reflink where the filesystem has one), a chunk at a time
     when ``writeback`` starts the pages' writeback as they are filled."""
-    step = nbytes if writeback is None else WRITEBACK_CHUNK
+    step = nbytes if writeback is None else writeback.chunk
     copied = 0
     try:
         while copied < nbytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import StorageError
@@ -12,6 +13,8 @@ __all__ = ["COPY_CHUNK", "copy_prefix", "os_error", "write_all"]
 
 # Linux caps one writev at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
+# Bytes per writev: few calls, yet a stream still arriving is written a slice at a time.
+_BATCH_BYTES = 8 * 1024 * 1024
 
 
 def os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
@@ -27,12 +30,28 @@ def os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
     return StorageError(f"{reason} while {action} {path} [errno {exc.errno}]: {hint}")
 
 
-def write_all(fd: int, views: list[memoryview]) -> None:
-    """Write every byte of ``views`` to a blocking fd, resuming after partial writes."""
-    views = [v for v in views if len(v)]
+def write_all(fd: int, views: Iterable[memoryview | bytes]) -> None:
+    """Write every byte of ``views`` to a blocking fd, resuming after partial writes.
+
+    ``views`` is read as it is written, a few MiB per call: bytes still arriving (the
+    writer process's hand-over) are written as they come, not after the last.
+    """
+    batch: list[memoryview] = []
+    size = 0
+    for v in views:
+        if len(v):
+            batch.append(memoryview(v))
+            size += len(v)
+        if size >= _BATCH_BYTES or len(batch) == _IOV_MAX:
+            _writev_all(fd, batch)
+            batch, size = [], 0
+    _writev_all(fd, batch)
+
+
+def _writev_all(fd: int, views: list[memoryview]) -> None:
     i = 0
     while i < len(views):
-        n = os.writev(fd, views[i : i + _IOV_MAX])
+        n = os.writev(fd, views[i:])
         # Partial writes happen near ENOSPC and on signals: resume where it stopped.
         while n:
             head = views[i]

@@ -392,7 +392,7 @@ class _LocalPending:
         try:
             if src is not None and spec.reuse is not None:
                 copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path)
-            write_all(fd, spec.data)
+            write_all(fd, spec.data, writeback=self._s.fsync)
             if self._s.fsync:
                 os.fsync(fd)
             return os.fstat(fd)

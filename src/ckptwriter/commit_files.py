@@ -73,8 +73,14 @@ class _Stream:
     name: str
     cap: MemoryCapture
     carry: _StreamCarry | None
-    views: list[memoryview]
+    # Of bytes still arriving in the writer process, reading a view waits for it.
+    views: Sequence[memoryview]
     sha: _Hash
+
+    @property
+    def new_bytes(self) -> int:
+        """The bytes this commit writes (counted without waiting for any to arrive)."""
+        return self.cap.nbytes - (self.carry.nbytes if self.carry is not None else 0)
 
 
 @dataclass(slots=True)
@@ -100,7 +106,7 @@ class Plan:
     def start_hashing(self) -> None:
         """Extend each stream's sha256 over its new bytes: in a thread when large."""
         jobs = [(s.sha, s.views) for s in self.streams]
-        if sum(len(v) for s in self.streams for v in s.views) >= _PARALLEL_HASH_BYTES:
+        if sum(s.new_bytes for s in self.streams) >= _PARALLEL_HASH_BYTES:
             self._hasher = threading.Thread(target=_hash_all, args=(jobs,),
                                             name="ckptwriter-hash")
             self._hasher.start()
@@ -173,7 +179,7 @@ class Carries:
             carry = None
         start = carry.nbytes if carry is not None else 0
         sha = carry.sha.copy() if carry is not None else hashlib.sha256()
-        return _Stream(key, name, cap, carry, list(cap.iter_bytes(start)), sha)
+        return _Stream(key, name, cap, carry, cap.views(start), sha)
 
     def _whole(self, b: Backend, f: WholeFile, plan: Plan) -> FileSpec:
         prev = self.files.get(f.name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -89,6 +89,18 @@ class MemoryCapture:
     # Offset of the first chunk: a capture received by the writer process holds only the
     # bytes after what that process already committed.
     base: int = 0
+    # Set in the writer process while the parent is still handing the bytes over: blocks
+    # until every byte before the given offset has arrived.
+    arrived: Callable[[int], None] | None = None
+
+    def views(self, start: int = 0) -> Sequence[memoryview]:
+        """The bytes from ``start`` on, as :meth:`iter_bytes` yields them; while they
+        are still arriving, a sequence that waits for each view as it is read."""
+        views = list(self.iter_bytes(start))
+        if self.arrived is None:
+            return views
+        first = bisect.bisect_right(self.chunk_ends, start, 0, self.n_chunks)
+        return _Arriving(views, self.chunk_ends[first:self.n_chunks], self.arrived)
 
     def iter_bytes(self, start: int = 0) -> Iterator[memoryview]:
         """Yield the encoded bytes of the capture from byte offset ``start`` on."""
@@ -102,6 +114,43 @@ class MemoryCapture:
         yield view
         for j in range(i + 1, self.n_chunks):
             yield memoryview(self.chunks[j])
+
+
+class _Arriving(Sequence[memoryview]):
+    """Views of bytes the parent is still writing: each one is handed out only once it
+    has arrived, whoever reads it (the writer thread, the hashing thread, a join), so
+    the write starts with the first slice instead of after the last."""
+
+    __slots__ = ("_arrived", "_ends", "_views")
+
+    def __init__(self, views: list[memoryview], ends: Sequence[int],
+                 arrived: Callable[[int], None]) -> None:
+        self._views, self._ends, self._arrived = views, ends, arrived
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    @property
+    def nbytes(self) -> int:
+        """Their total size, known before any has arrived."""
+        return sum(len(v) for v in self._views)
+
+    @overload
+    def __getitem__(self, i: int) -> memoryview: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[memoryview]: ...
+    def __getitem__(self, i: int | slice) -> memoryview | Sequence[memoryview]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        k = i + len(self) if i < 0 else i
+        view = self._views[k]  # IndexError as a list's
+        self._arrived(self._ends[k])
+        return view
+
+    def __iter__(self) -> Iterator[memoryview]:
+        for view, end in zip(self._views, self._ends, strict=True):
+            self._arrived(end)
+            yield view
 
 
 class MemoryLog:

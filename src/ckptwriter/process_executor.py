@@ -60,9 +60,10 @@ _CHILD_CODE = (
 # it unblocks them: no moment of its life can be killed by the stop the parent handles.
 _GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # A delta that does not fit the pipe goes to the writer process in memory shared through
-# a file (a memfd: RAM, never written back to disk), and the child maps it. The loop copies
-# it in itself, a slice per iteration: a memcpy never blocks, and a worker thread would
-# need the GIL, which a CPU-bound loop can starve it of for seconds.
+# a file (a memfd: RAM, never written back to disk), and the child maps it and writes each
+# slice as it lands. The loop copies it in itself, a slice per iteration: a memcpy never
+# blocks, and a worker thread would need the GIL, which a CPU-bound loop can starve it of
+# for seconds.
 _HANDOFF_SLICE_BYTES = 8 * 1024 * 1024
 # Room for the frame in the pipe beside the delta.
 _HEADER_ROOM = 64 * 1024
@@ -358,21 +359,30 @@ class ProcessExecutor:
             return await self._receive(_COMMIT_REPLY)
         fd = _new_delta_fd()
         try:
-            batch: list[memoryview] = []
-            size = 0
-            for view in views:
-                batch.append(view)
-                size += len(view)
-                if size >= _HANDOFF_SLICE_BYTES:
-                    write_all(fd, batch)
-                    batch, size = [], 0
-                    await anyio.lowlevel.checkpoint()
-            write_all(fd, batch)
+            # Its full size first: the child maps it at once and writes each slice as
+            # the lengths that follow the frame say it has landed.
+            os.ftruncate(fd, delta)
             # The child opens it by this path, which stays valid while we hold the fd.
             frame = wire.encode(msgspec.structs.replace(
-                req, delta_file=f"/proc/{os.getpid()}/fd/{fd}"))
+                req, delta_file=f"/proc/{os.getpid()}/fd/{fd}", delta_bytes=delta))
             await send_in_pieces(self._wfd, [memoryview(frame)])
-            return await self._receive(_COMMIT_REPLY)
+            # Shielded up to the reply, which must not stay in the pipe: the child waits
+            # for every byte announced. A slice is a memcpy and an 8-byte note (a pipe
+            # holds thousands), never a wait.
+            with anyio.CancelScope(shield=True):
+                batch: list[memoryview] = []
+                size = filled = 0
+                for i, view in enumerate(views, 1):
+                    batch.append(view)
+                    size += len(view)
+                    if size >= _HANDOFF_SLICE_BYTES or i == len(views):
+                        write_all(fd, batch)
+                        filled += size
+                        write_all(self._wfd, [memoryview(wire.ARRIVED.pack(filled))])
+                        batch, size = [], 0
+                        await anyio.lowlevel.checkpoint()
+                reply = await self._receive(_COMMIT_REPLY)
+            return reply
         finally:
             os.close(fd)
 

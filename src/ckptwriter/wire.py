@@ -5,7 +5,10 @@ decoded once. A commit request is followed on the pipe by ``payload`` bytes: the
 appended since the writer process's previous commit, then each named log's appended
 bytes (in ``logs`` order), then the bytes of each state value the writer process does
 not hold yet (``StateRef.sent``, in ``state`` order). All of it together too large for
-the pipe is handed over in a memfd instead, named by ``delta_file``.
+the pipe is handed over in a memfd instead, named by ``delta_file``: the frame goes
+first, then the parent fills the memfd a slice at a time and after each slice sends
+its new length (:data:`ARRIVED`) on the pipe, the last one equal to ``delta_bytes``; the
+child writes each slice as it lands and always reads every length before it answers.
 
 Parent -> child: :class:`OpenRequest`, then one :class:`CommitRequest` per checkpoint.
 Child -> parent: :class:`OpenReply`, then one :class:`CommitReply` per request.
@@ -43,6 +46,8 @@ __all__ = [
 ]
 
 FRAME = struct.Struct(">I")
+# How much of a memfd hand-over has been written into it so far.
+ARRIVED = struct.Struct(">Q")
 _T = TypeVar("_T")
 # The writer process's exit code after an error it printed itself (a traceback on
 # stderr); with any other code there is no traceback of ours to point at.
@@ -112,6 +117,7 @@ class CommitRequest(msgspec.Struct, frozen=True):
     base: int
     payload: int
     delta_file: str | None = None
+    delta_bytes: int = 0
     logs: dict[str, LogDelta] = {}
     state: dict[str, StateRef] = {}
 

@@ -8,6 +8,7 @@ exits when stdin closes. Nothing but frames is ever written to stdout.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import select
@@ -80,29 +81,80 @@ def _reply(out: BinaryIO, msg: msgspec.Struct) -> None:
     out.flush()
 
 
-def _capture(log_id: str, entries: int, nbytes: int, base: int, delta: memoryview
-             ) -> MemoryCapture:
-    # A view into the payload, not a copy (iter_bytes only takes memoryviews of chunks).
-    chunks: Any = [delta]
+class _Arrival:
+    """How much of a memfd hand-over the parent has written so far, as the lengths that
+    follow the frame on stdin say: read only when a byte beyond it is wanted."""
+
+    def __init__(self, inp: BinaryIO, total: int) -> None:
+        self._inp, self.total, self._have = inp, total, 0
+        # The writing thread and the hashing thread both wait on it.
+        self._lock = threading.Lock()
+        self.mapped: mmap.mmap | None = None
+
+    def wait(self, offset: int) -> None:
+        """Return once every byte before ``offset`` of the hand-over is in the memfd.
+
+        Raises:
+            OSError: stdin ended first (the parent is gone).
+        """
+        with self._lock:
+            while self._have < min(offset, self.total):
+                head = _read_exactly(self._inp, wire.ARRIVED.size)
+                if head is None:
+                    raise OSError("the hand-over ended before its last byte arrived")
+                had, self._have = self._have, wire.ARRIVED.unpack(head)[0]
+                if self.mapped is not None and _POPULATE_READ is not None:
+                    # Map the slice's pages in one call: faulting them in one by one
+                    # while writing them out costs more than the copy itself.
+                    start = had - had % mmap.PAGESIZE
+                    with contextlib.suppress(OSError):
+                        self.mapped.madvise(_POPULATE_READ, start, self._have - start)
+
+
+# madvise(MADV_POPULATE_READ): Linux 5.14 on (Python names it from 3.13 on).
+_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ",
+                                     22 if sys.platform == "linux" else None)
+# A hand-over still arriving is read in pieces of this size, each once it is there.
+_PIECE_BYTES = 8 * 1024 * 1024
+
+
+def _capture(log_id: str, entries: int, nbytes: int, base: int, delta: memoryview,
+             arrival: _Arrival | None = None, at: int = 0) -> MemoryCapture:
+    # Views into the payload, not copies (iter_bytes only takes memoryviews of chunks).
+    if arrival is None:
+        chunks: Any = [delta] if len(delta) else []
+    else:
+        chunks = [delta[i:i + _PIECE_BYTES] for i in range(0, len(delta), _PIECE_BYTES)]
+    ends = list(itertools.accumulate(map(len, chunks), initial=base))[1:]
+
+    def arrived(end: int) -> None:
+        assert arrival is not None
+        arrival.wait(at + end - base)
+
     return MemoryCapture(log_id=log_id, entries=entries, nbytes=nbytes, chunks=chunks,
-                         chunk_ends=[nbytes], n_chunks=1 if len(delta) else 0, base=base)
+                         chunk_ends=ends, n_chunks=len(chunks), base=base,
+                         arrived=None if arrival is None else arrived)
 
 
-def _snapshot(req: wire.CommitRequest, payload: bytes | mmap.mmap) -> CapturedSnapshot:
+def _snapshot(req: wire.CommitRequest, payload: bytes | mmap.mmap,
+              arrival: _Arrival | None = None) -> CapturedSnapshot:
     """The snapshot a request and its payload describe: the memory's delta (from
     ``base``), each log's, then the state values that were sent, back to back."""
     view = memoryview(payload)
     at = req.nbytes - req.base
-    memory = _capture(req.log_id, req.entries, req.nbytes, req.base, view[:at])
+    memory = _capture(req.log_id, req.entries, req.nbytes, req.base, view[:at], arrival)
     logs = {}
     for name, d in req.logs.items():
         n = d.nbytes - d.base
-        logs[name] = _capture(d.log_id, d.entries, d.nbytes, d.base, view[at:at + n])
+        logs[name] = _capture(d.log_id, d.entries, d.nbytes, d.base, view[at:at + n],
+                              arrival, at)
         at += n
     state = {}
     for key, ref in req.state.items():
         data = b""
         if ref.sent:
+            if arrival is not None:
+                arrival.wait(at + ref.nbytes)
             data = bytes(view[at:at + ref.nbytes])
             at += ref.nbytes
         state[key] = StateItem(ref.file, ref.version, EncodedValue("bytes", data), ref.sent)
@@ -142,15 +194,23 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
             delta: bytes | mmap.mmap | None = _read_exactly(inp, req.payload)
             if delta is None:
                 return 0
+            # A large delta is handed over in a file the parent is still filling: map
+            # it and write what has arrived (the parent closes it after our reply).
+            arrival = _Arrival(inp, req.delta_bytes) if req.delta_file is not None else None
             try:
-                if req.delta_file is not None:
-                    # A large delta was handed over as a file: map it instead of reading
-                    # it through the pipe (the parent closes it afterwards).
-                    with open(req.delta_file, "rb") as f:
-                        # An empty file cannot be mapped (nor needs to be).
-                        delta = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                                 if os.fstat(f.fileno()).st_size else b"")
-                report = pipeline.persist(_snapshot(req, delta))
+                try:
+                    if req.delta_file is not None:
+                        with open(req.delta_file, "rb") as f:
+                            delta = mmap.mmap(f.fileno(), req.delta_bytes,
+                                              access=mmap.ACCESS_READ)
+                        if arrival is not None:
+                            arrival.mapped = delta
+                    report = pipeline.persist(_snapshot(req, delta, arrival))
+                finally:
+                    if arrival is not None:
+                        # Every length the parent sends is read, whatever happened: the
+                        # next frame must start where we read next.
+                        arrival.wait(arrival.total)
             except NeedFullMemory:
                 # The previous file cannot be extended after all (changed on disk, or
                 # another log): the loop resends the whole memory.

@@ -76,7 +76,12 @@ class FileSpec:
     @property
     def nbytes(self) -> int:
         """The file's final size."""
-        return (self.reuse.nbytes if self.reuse else 0) + sum(len(d) for d in self.data)
+        # Of bytes still arriving (the writer process's hand-over), the size is known
+        # before they are: iterating them would wait for the last one.
+        size = getattr(self.data, "nbytes", None)
+        if not isinstance(size, int):
+            size = sum(len(d) for d in self.data)
+        return (self.reuse.nbytes if self.reuse else 0) + size
 
 
 class PendingCheckpoint(Protocol):

@@ -111,7 +111,7 @@ class LocalPending:
                     # writer never needs again would otherwise grow with every commit
                     # kept, and new pages cost more than reused ones (10x in a VM).
                     os.posix_fadvise(src, 0, spec.reuse.nbytes, os.POSIX_FADV_DONTNEED)
-            write_all(fd, [memoryview(d) for d in spec.data], wb)
+            write_all(fd, spec.data, wb)
             st = os.fstat(fd)  # fsync moves neither mtime nor ctime
         except BaseException:
             os.close(fd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 
@@ -15,6 +15,9 @@ __all__ = ["COPY_CHUNK", "Writeback", "copy_prefix", "os_error", "write_all"]
 
 # Linux caps one writev at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
+# Bytes per writev at most: few calls, yet a stream still arriving (the writer process's
+# hand-over) is written a slice at a time.
+_BATCH_BYTES = 8 * 1024 * 1024
 
 
 def os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
@@ -31,9 +34,9 @@ def os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
 
 
 # How much of a file is written before the kernel is asked to start writing it back: a
-# megabyte, or a sixteenth of the file if more. Each piece is two calls that release the
-# GIL, and a thread executor beside a CPU-bound loop waits up to a switch interval to get
-# it back: a bounded count of pieces bounds that, whatever the file's size.
+# sixteenth of the file, within 1 to 8 MiB. Each piece is two calls that release the GIL,
+# and a thread executor beside a CPU-bound loop waits up to a switch interval to get it
+# back: few pieces bound that; small ones leave the fsync little to wait for.
 WRITEBACK_CHUNK = 1 << 20
 _WRITEBACK_PIECES = 16
 _SYNC_FILE_RANGE_WRITE = 2
@@ -55,8 +58,8 @@ class Writeback:
     """Starts the writeback of a file's pages each :attr:`chunk` written.
 
     Copy then ``fsync`` is serial: the disk idles while the pages are filled, then the
-    fsync waits for all of them. Asking the kernel to write back each megabyte as soon
-    as it is filled overlaps the two, and the ``fsync`` (still the durability point)
+    fsync waits for all of them. Asking the kernel to write back each piece as soon as
+    it is filled overlaps the two, and the ``fsync`` (still the durability point)
     waits for the tail only: 0.57 to 0.66x the time of copy then ``fsync`` on ext4, for
     11 and 112 MB (docs/PERFORMANCE.md). Nothing is done where the call is
     missing or refused (tmpfs ignores it; a clone has no dirty pages).
@@ -64,7 +67,7 @@ class Writeback:
 
     def __init__(self, fd: int, size: int, offset: int = 0) -> None:
         self._fd = fd
-        self.chunk = max(WRITEBACK_CHUNK, size // _WRITEBACK_PIECES)
+        self.chunk = min(_BATCH_BYTES, max(WRITEBACK_CHUNK, size // _WRITEBACK_PIECES))
         self._started = offset
         self._end = offset
         self._call = _sync_file_range()
@@ -79,19 +82,36 @@ class Writeback:
             self._started = self._end
 
 
-def write_all(fd: int, views: list[memoryview], writeback: Writeback | None = None) -> None:
-    """Write every byte of ``views`` to a blocking fd, resuming after partial writes
-    (each write reported to ``writeback``, which then holds at most a chunk's worth)."""
-    views = [v for v in views if len(v)]
-    per_call = _IOV_MAX
-    if writeback is not None and views:
-        # Memory chunks are all of one size but for the first and the last.
-        per_call = max(1, min(_IOV_MAX, writeback.chunk // len(views[len(views) // 2])))
+def write_all(fd: int, views: Iterable[memoryview | bytes],
+              writeback: Writeback | None = None) -> None:
+    """Write every byte of ``views`` to a blocking fd, resuming after partial writes.
+
+    ``views`` is read as it is written, a batch per call (at most :data:`_BATCH_BYTES`,
+    or the ``writeback``'s chunk): bytes still arriving (the writer process's hand-over)
+    are written as they come, not after the last. Each write is reported to
+    ``writeback``, which starts the kernel writing it back.
+    """
+    limit = _BATCH_BYTES if writeback is None else writeback.chunk
+    batch: list[memoryview] = []
+    size = 0
+    for v in views:
+        if len(v):
+            batch.append(memoryview(v))
+            size += len(v)
+        if size >= limit or len(batch) == _IOV_MAX:
+            _writev_all(fd, batch)
+            if writeback is not None:
+                writeback.wrote(size)
+            batch, size = [], 0
+    _writev_all(fd, batch)
+    if writeback is not None:
+        writeback.wrote(size)
+
+
+def _writev_all(fd: int, views: list[memoryview]) -> None:
     i = 0
     while i < len(views):
-        n = os.writev(fd, views[i : i + per_call])
-        if writeback is not None:
-            writeback.wrote(n)
+        n = os.writev(fd, views[i : i + _IOV_MAX])
         # Partial writes happen near ENOSPC and on signals: resume where it stopped.
         while n:
             head = views[i]

@@ -135,8 +135,6 @@ class LocalStorage:
                                         mode=FILE_MODE)
             self._check_in_place("opening", self.root)
             clean_leftovers(self._dir_fd, self.path, is_whole)
-            if self.fsync:
-                self._pool = fsync_pool()
         except OSError as exc:
             self.close()
             raise os_error(exc, "opening", self.root) from exc
@@ -245,7 +243,11 @@ class LocalStorage:
             os.close(fd)
 
     def _batch(self) -> FsyncBatch:
-        return FsyncBatch(self._pool if self.fsync else None)
+        if not self.fsync:
+            return FsyncBatch(None)
+        if self._pool is None:  # started with the first commit, stopped at close()
+            self._pool = fsync_pool()
+        return FsyncBatch(self._pool)
 
     def _stage(self, name: str, pointer_json: bytes, batch: FsyncBatch) -> None:
         """Write the ``latest.json`` that will name ``name``, synced by ``batch``."""

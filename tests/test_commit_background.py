@@ -213,3 +213,57 @@ async def test_previous_memory_file_leaves_the_page_cache_once_copied(tmp_path: 
     assert _resident(first) == 0
     assert _resident(tmp_path / "ep_000002" / "memory_2.jsonl") > 0
     verify_checkpoint(tmp_path / "ep_000001")
+
+
+def _exit_code_within(pid: int, seconds: float) -> int | None:
+    """The child's exit code, or None (and the child killed) if it runs that long."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return None
+
+
+async def test_a_forked_child_does_not_wait_for_the_parents_removals(tmp_path: Path) -> None:
+    """A child forked while a deleted checkpoint is still being removed (the thread
+    executor runs in the training process) neither waits for nor repeats that removal:
+    its settle() and close() return at once; the parent's removal goes on."""
+    import threading
+
+    from ckptwriter.storage import LocalStorage
+
+    release = threading.Event()
+
+    class HeldRemovals(LocalStorage):
+        def _remove(self, name: str) -> None:
+            if name.startswith(".trash-"):
+                release.wait(60)
+            super()._remove(name)
+
+    storage = HeldRemovals(tmp_path)
+    log = MemoryLog()
+    async with CheckpointWriter(storage=storage, keep_last=1) as w:
+        for ep in (1, 2):
+            log.append(Observation(content=f"o{ep}"))
+            await (await w.submit(Snapshot(ep, ep, "A", log))).wait()
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            code = 1
+            try:
+                storage.settle(wait=True)
+                storage.close()
+                code = 0
+            finally:
+                os._exit(code)
+        code = _exit_code_within(pid, 60)
+        release.set()
+        assert code is not None, "the forked child waited for its parent's removal"
+        assert code == 0
+    assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.glob("ep_*")) == ["ep_000002"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -126,6 +127,12 @@ class Reaper:
 
     def __init__(self, remove: Callable[[str], None]) -> None:
         self._remove = remove
+        self._reset()
+        _REAPERS.add(self)
+
+    def _reset(self) -> None:
+        # Also in a forked child, where the thread is gone and the condition's lock may
+        # have been held by it: the removals are the parent's (its writer holds the lock).
         self._todo: collections.deque[str] = collections.deque()
         self._failed: list[tuple[str, Exception]] = []
         self._cond = threading.Condition()
@@ -189,3 +196,15 @@ class Reaper:
             failed += self._failed
             self._failed = []
         return failed
+
+
+_REAPERS: weakref.WeakSet[Reaper] = weakref.WeakSet()
+
+
+def _forget_in_forked_child() -> None:
+    for reaper in list(_REAPERS):
+        reaper._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_forked_child)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,14 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from ckptwriter import CheckpointWriter, MemoryLog, Observation, load_checkpoint
+from ckptwriter import (
+    AgentState,
+    CheckpointWriter,
+    MemoryLog,
+    Observation,
+    Snapshot,
+    load_checkpoint,
+)
 from ckptwriter import process_executor as pe
 from ckptwriter.memory import MemoryCapture
 from ckptwriter.options import WriterOptions
@@ -136,3 +144,22 @@ def test_arriving_views_wait_for_each_piece() -> None:
     assert b"".join(views) == b"fghij"
     plain = MemoryCapture("id", 3, 14, [data[:4], data[4:8], data[8:]], [8, 12, 14], 3, base=4)
     assert isinstance(plain.views(9), list)
+
+
+@pytest.mark.anyio
+async def test_a_hand_over_ending_in_empty_values_keeps_the_pipe_in_step(tmp_path: Path) -> None:
+    """A large hand-over whose last views are empty (an empty bytes state value after a
+    big one) announces each byte once: the next commits still find their frames."""
+    log, state = MemoryLog(), AgentState()
+    state["n"] = 0
+    state["big"] = os.urandom(20 * 1024 * 1024)
+    state["empty"] = b""
+    async with CheckpointWriter(tmp_path, keep_last=3, executor="process") as w:
+        for ep in (1, 2, 3):
+            log.append(Observation(content=f"o{ep}"))
+            state["n"] = ep
+            await (await w.submit(Snapshot(ep, ep, "A", log, state=state))).wait()
+    ck = load_checkpoint(tmp_path)
+    assert ck.state["n"] == 3
+    assert ck.state["empty"] == b""
+    assert ck.state["big"] == state["big"]

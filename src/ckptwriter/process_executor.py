@@ -375,7 +375,9 @@ class ProcessExecutor:
                 for i, view in enumerate(views, 1):
                     batch.append(view)
                     size += len(view)
-                    if size >= _HANDOFF_SLICE_BYTES or i == len(views):
+                    # Each note announces new bytes: a note repeating the last total
+                    # (empty views at the end) would stay unread in the pipe.
+                    if size and (size >= _HANDOFF_SLICE_BYTES or i == len(views)):
                         write_all(fd, batch)
                         filled += size
                         write_all(self._wfd, [memoryview(wire.ARRIVED.pack(filled))])

@@ -103,6 +103,9 @@ class _Arrival:
                 if head is None:
                     raise OSError("the hand-over ended before its last byte arrived")
                 had, self._have = self._have, wire.ARRIVED.unpack(head)[0]
+                if not had < self._have <= self.total:
+                    raise OSError(f"the hand-over's notes went from {had} to {self._have} "
+                                  f"bytes of {self.total}: out of step with the parent")
                 if self.mapped is not None and _POPULATE_READ is not None:
                     # Map the slice's pages in one call: faulting them in one by one
                     # while writing them out costs more than the copy itself.

@@ -267,3 +267,79 @@ async def test_a_forked_child_does_not_wait_for_the_parents_removals(tmp_path: P
         assert code == 0
     assert leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.glob("ep_*")) == ["ep_000002"]
+
+
+async def test_a_removal_that_raises_anything_is_reported_and_the_next_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A background removal that raises something other than an OSError (SystemExit
+    here) is reported by the next commit; later removals still run, close returns."""
+    from ckptwriter.storage import LocalStorage
+
+    class ExitOnce(LocalStorage):
+        done = False
+
+        def _remove(self, name: str) -> None:
+            if name.startswith(".trash-") and not self.done:
+                self.done = True
+                raise SystemExit(3)
+            super()._remove(name)
+
+    log = MemoryLog()
+    async with CheckpointWriter(storage=ExitOnce(tmp_path), keep_last=1, on_error="warn") as w:
+        for ep in range(1, 6):
+            log.append(Observation(content=f"o{ep}"))
+            await (await w.submit(Snapshot(ep, ep, "A", log))).wait()
+        stats = w.stats
+    assert stats.retention_errors == 1
+    msg = next(r.getMessage() for r in caplog.records if "retention" in r.getMessage())
+    assert "SystemExit(3) while removing the files of a deleted checkpoint" in msg
+    assert sorted(p.name for p in tmp_path.glob("ep_*")) == ["ep_000005"]
+    # ep 1's files were never removed: the next start does it.
+    assert [n for n in leftovers(tmp_path) if n.startswith(".trash-ep_000001-")]
+    async with CheckpointWriter(tmp_path, keep_last=1, executor="thread"):
+        assert leftovers(tmp_path) == []
+
+
+async def test_without_posix_fadvise_commits_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where os has no posix_fadvise (macOS), giving pages back is skipped, nothing else."""
+    monkeypatch.delattr(os, "posix_fadvise")
+    log = MemoryLog()
+    async with CheckpointWriter(tmp_path, executor="thread") as w:
+        for ep in (1, 2, 3):
+            log.append(Observation(content=f"o{ep}" + "x" * 100_000))
+            r = await (await w.submit(Snapshot(ep, ep, "A", log))).wait()
+    assert r.incremental
+    verify_checkpoint(tmp_path / "ep_000003")
+
+
+def test_a_forked_child_leaves_the_parents_staged_latest_json(tmp_path: Path) -> None:
+    """A child forked between a checkpoint's finalize and its pointer move that closes
+    its copy of the storage leaves the staged latest.json to the parent, whose pointer
+    move then succeeds."""
+    from ckptwriter.storage import FileSpec, LocalStorage
+
+    storage = LocalStorage(tmp_path)
+    storage.open(lambda path: True)
+    try:
+        pending = storage.begin("ep_000001")
+        pending.write([FileSpec("memory_1.jsonl", [b"{}\n"])])
+        doc = b'{"checkpoint": "ep_000001"}'
+        pending.finalize(b"{}", latest=doc)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                storage.close()
+                code = 0
+            finally:
+                os._exit(code)
+        assert _exit_code_within(pid, 60) == 0
+        storage.replace_pointer("ep_000001", doc)
+    finally:
+        storage.close()
+    assert (tmp_path / "latest.json").read_bytes() == doc
+    assert os.readlink(tmp_path / "latest") == "ep_000001"
+    assert leftovers(tmp_path) == []

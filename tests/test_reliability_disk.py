@@ -4,6 +4,7 @@ an immutable or unwritable directory, the directory removed, a slow disk."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,13 +81,21 @@ ENOSPC_MSG = (
 
 
 class _HeldRemovals(LocalStorage):
-    """Retention's removals in the background wait until a commit asks for the space."""
+    """Retention's removals in the background wait until a commit asks for the space.
 
-    def __init__(self, root: Path) -> None:
+    ``finish_first``: the removal is over before ``settle`` looks (it finished between
+    the commit's ENOSPC and its question). ``fail``: the removal frees the space, then
+    reports an I/O error (as a later step of it would).
+    """
+
+    def __init__(self, root: Path, *, finish_first: bool = False, fail: bool = False) -> None:
         super().__init__(root)
         self.released = threading.Event()
+        self.removed = threading.Event()
         self.trashed = 0
         self.begun: list[str] = []
+        self.finish_first = finish_first
+        self.fail = fail
 
     def begin(self, name: str) -> PendingCheckpoint:
         self.begun.append(name)
@@ -99,19 +109,35 @@ class _HeldRemovals(LocalStorage):
         if name.startswith(".trash-"):
             assert self.released.wait(60), "nothing asked for the space"
         super()._remove(name)
+        if name.startswith(".trash-"):
+            self.removed.set()
+            if self.fail:
+                self.fail = False
+                raise OSError(errno.EIO, "injected after the removal")
 
     def settle(self, *, wait: bool) -> tuple[bool, list[str]]:
         if wait and self.trashed:
             self.released.set()
+            if self.finish_first:
+                # Over, bookkeeping included, before settle looks: only the count of
+                # removals finished since the last settle tells that space was freed.
+                deadline = time.monotonic() + 60
+                while (self._reaper._todo or self._reaper._busy) and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert not self._reaper._todo
         return super().settle(wait=wait)
 
 
 @pytest.mark.anyio
-async def test_commit_out_of_space_waits_for_background_removals(small_fs: Path) -> None:
+@pytest.mark.parametrize("case", ["held", "finished_first", "failed"])
+async def test_commit_out_of_space_waits_for_background_removals(
+    small_fs: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """A commit that runs out of space while retention still frees the previous one's
     deletion in the background waits for it and succeeds, with nothing left behind."""
     root = small_fs / "c"
-    storage = _HeldRemovals(root)
+    storage = _HeldRemovals(root, finish_first=case == "finished_first", fail=case == "failed")
     # Each checkpoint holds ~1.5 MiB: two fit the 4 MiB tmpfs, three do not.
     log = MemoryLog()
     log.extend(episode_entries(1, pad=1536 * 1024))
@@ -126,6 +152,14 @@ async def test_commit_out_of_space_waits_for_background_removals(small_fs: Path)
     assert r3.deleted == ("ep_000002",)
     # The first try of ep 3 ran out of space; the second, once ep 1 was gone, did not.
     assert storage.begun == ["ep_000001", "ep_000002", "ep_000003", "ep_000003"]
+    # A failure of that removal (taken while retrying) is reported by ep 3's retention.
+    reported = [r.getMessage() for r in caplog.records if "retention" in r.getMessage()]
+    if case == "failed":
+        assert len(reported) == 1
+        assert "error while removing the files of a deleted checkpoint" in reported[0]
+        assert ".trash-ep_000001-" in reported[0]
+    else:
+        assert reported == []
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("ep_")) == ["ep_000003"]
     assert leftovers(root) == []
     verify_checkpoint(root / "ep_000003")

@@ -160,6 +160,9 @@ class CommitPipeline:
         # A checkpoint joined ``known`` without being ranked (its latest move failed).
         self._rank_all = False
         self._carries = Carries()
+        # Failed background removals taken by a commit's out-of-space retry, for the
+        # retention pass that reports them.
+        self._reclaim_errors: list[str] = []
         # An immutable copy of ``known``, replaced whole after each change, for readers
         # in other threads (the writer's event loop) while a commit runs.
         self.committed: tuple[CheckpointRecord, ...] = ()
@@ -214,7 +217,11 @@ class CommitPipeline:
         except StorageError as exc:
             # Space that deletions of earlier commits are still freeing in the
             # background is space this commit may count on: wait for it, then retry.
-            if not _out_of_space(exc) or not b.settle(wait=True)[0]:
+            if not _out_of_space(exc):
+                raise
+            freed, failed = b.settle(wait=True)
+            self._reclaim_errors += failed
+            if not freed:
                 raise
             plan, tokens, runtime, latest_json, path, serialize_s = self._write(
                 snap, name, mem_name, streams, whole)
@@ -361,18 +368,18 @@ class CommitPipeline:
         deleted: list[str] = []
         # The previous pass's removals went on beside this commit: done by now as a rule,
         # waited for if not (at most one pass of them in flight); failures reported here.
-        failed = self.backend.settle(wait=True)[1]
-        error = failed[-1] if failed else None
+        errors = [*self._reclaim_errors, *self.backend.settle(wait=True)[1]]
+        self._reclaim_errors = []
         for name in doomed:
             try:
                 self.backend.delete(name)
             except CheckpointError as exc:
                 # The new checkpoint is durable; this one stays known and is tried again
                 # on the next pass. The others are still deleted now.
-                error = str(exc)
+                errors.append(str(exc))
                 continue
             del self.known[name]
             self._docs.pop(name, None)
             deleted.append(name)
         self.committed = tuple(self.known.values())
-        return deleted, error
+        return deleted, "; ".join(errors) if errors else None

@@ -100,6 +100,7 @@ class LocalStorage:
         # The next latest.json, written and synced with a checkpoint's files: (the
         # checkpoint it names, its bytes, its temp name in the directory).
         self._staged: tuple[str, bytes, str] | None = None
+        self._pid = os.getpid()
 
     def _step(self, name: str) -> None:
         """Called right after each protocol step; a no-op outside fault-injection tests."""
@@ -135,6 +136,7 @@ class LocalStorage:
                                         mode=FILE_MODE)
             self._check_in_place("opening", self.root)
             clean_leftovers(self._dir_fd, self.path, is_whole)
+            self._pid = os.getpid()
         except OSError as exc:
             self.close()
             raise os_error(exc, "opening", self.root) from exc
@@ -259,7 +261,8 @@ class LocalStorage:
 
     def _unstage(self) -> None:
         staged, self._staged = self._staged, None
-        if staged is not None and self._dir_fd is not None:
+        # A forked child's copy names the parent's file, which the parent will rename.
+        if staged is not None and self._dir_fd is not None and os.getpid() == self._pid:
             with contextlib.suppress(OSError):
                 os.unlink(staged[2], dir_fd=self._dir_fd)
 
@@ -390,10 +393,10 @@ class LocalStorage:
         running, failed = self._reaper.settle(wait=wait)
         return running, self._reap_errors(failed)
 
-    def _reap_errors(self, failed: list[tuple[str, Exception]]) -> list[str]:
+    def _reap_errors(self, failed: list[tuple[str, BaseException]]) -> list[str]:
         where = "removing the files of a deleted checkpoint"
-        return [str(os_error(exc, where, self.path / trash) if isinstance(exc, OSError)
-                    else exc) for trash, exc in failed]
+        return [str(os_error(exc, where, self.path / trash)) if isinstance(exc, OSError)
+                else f"{exc!r} while {where} {self.path / trash}" for trash, exc in failed]
 
     def _to_trash(self, name: str) -> str:
         trash = layout.trash_name(name)

@@ -134,21 +134,28 @@ class Reaper:
         # Also in a forked child, where the thread is gone and the condition's lock may
         # have been held by it: the removals are the parent's (its writer holds the lock).
         self._todo: collections.deque[str] = collections.deque()
-        self._failed: list[tuple[str, Exception]] = []
+        self._failed: list[tuple[str, BaseException]] = []
         self._cond = threading.Condition()
         self._busy = False
         self._thread: threading.Thread | None = None
         self._closing = False
+        # Removals finished, and how many the last settle() had seen: space freed since.
+        self._finished = 0
+        self._seen = 0
+
+    def _ensure_thread(self) -> None:
+        """A thread to work through the list (called with the condition held)."""
+        if self._todo and (self._thread is None or not self._thread.is_alive()):
+            self._thread = threading.Thread(target=self._run, name="ckptwriter-reaper",
+                                            daemon=True)
+            self._thread.start()
 
     def submit(self, trash: str) -> None:
         with self._cond:
             if self._closing:
                 raise RuntimeError("the reaper is stopped")
             self._todo.append(trash)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ckptwriter-reaper",
-                                                daemon=True)
-                self._thread.start()
+            self._ensure_thread()
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -160,29 +167,33 @@ class Reaper:
                     return
                 trash = self._todo[0]
                 self._busy = True
+            failure: BaseException | None = None
             try:
                 self._remove(trash)
-            except Exception as exc:  # kept for settle(); the thread goes on
-                with self._cond:
-                    self._failed.append((trash, exc))
-            finally:
-                with self._cond:
-                    self._todo.popleft()
-                    self._busy = False
-                    self._cond.notify_all()
+            except BaseException as exc:  # kept for settle(); the thread goes on
+                failure = exc
+            with self._cond:
+                if failure is not None:
+                    self._failed.append((trash, failure))
+                self._todo.popleft()
+                self._busy = False
+                self._finished += 1
+                self._cond.notify_all()
 
-    def settle(self, *, wait: bool) -> tuple[bool, list[tuple[str, Exception]]]:
-        """Whether removals were still under way (then, with ``wait``, waited for), and
-        the removals that failed since the last call."""
+    def settle(self, *, wait: bool) -> tuple[bool, list[tuple[str, BaseException]]]:
+        """Whether removals freed space since the last call (finished since, or still
+        under way: then, with ``wait``, waited for), and those that failed since."""
         with self._cond:
-            running = bool(self._todo) or self._busy
+            progressed = bool(self._todo) or self._busy or self._finished != self._seen
             if wait:
                 while self._todo or self._busy:
-                    self._cond.wait()
+                    self._ensure_thread()  # never wait on a thread that is gone
+                    self._cond.wait(timeout=1.0)
+            self._seen = self._finished
             failed, self._failed = self._failed, []
-        return running, failed
+        return progressed, failed
 
-    def stop(self) -> list[tuple[str, Exception]]:
+    def stop(self) -> list[tuple[str, BaseException]]:
         """Finish every removal, then end the thread; the failures not yet taken."""
         _, failed = self.settle(wait=True)
         with self._cond:

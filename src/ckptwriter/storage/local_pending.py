@@ -10,6 +10,7 @@ every one of those flushes succeeded (storage/local.py: the rest of the protocol
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Sequence
@@ -105,12 +106,14 @@ class LocalPending:
             wb = Writeback(fd, spec.nbytes) if self._s.fsync else None
             if src is not None and spec.reuse is not None:
                 copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path, wb)
-                if wb is not None:
+                if wb is not None and hasattr(os, "posix_fadvise"):
                     # The previous file is durable and the next copy reads this one:
                     # its pages go back now, for this file's to reuse. Page cache the
                     # writer never needs again would otherwise grow with every commit
                     # kept, and new pages cost more than reused ones (10x in a VM).
-                    os.posix_fadvise(src, 0, spec.reuse.nbytes, os.POSIX_FADV_DONTNEED)
+                    # Only a hint: where it is refused, nothing is lost.
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(src, 0, spec.reuse.nbytes, os.POSIX_FADV_DONTNEED)
             write_all(fd, spec.data, wb)
             st = os.fstat(fd)  # fsync moves neither mtime nor ctime
         except BaseException:

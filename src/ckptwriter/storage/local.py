@@ -2,7 +2,7 @@
 
 Protocol (DESIGN.md): every file goes into ``.tmp-ep_N-<random>/``, ``runtime.json``
 last, and the next ``latest.json`` beside it as a temp file; all of them and the temp
-directory are fsynced (concurrently: storage/local_background.py) before the temp
+directory are fsynced together (storage/local_background.py) before the temp
 directory is renamed to ``ep_N`` (swapped with the old ``ep_N`` in one step when the
 episode is committed again); the parent is fsynced. Only then are ``latest`` (a relative
 symlink renamed over the old one) and ``latest.json`` (the synced temp file, renamed)
@@ -22,14 +22,13 @@ import errno
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import layout
 from ..errors import StorageError
 from .base import ReuseToken
 from .dirfd import exchange, identity, open_dir, remove_entry
-from .local_background import FsyncBatch, Reaper, fsync_pool
+from .local_background import FsyncBatch, Reaper
 from .local_leftovers import clean_leftovers
 from .local_lock import DirectoryLock, lock_directory
 from .local_pending import CREATE, FILE_MODE, LocalPending
@@ -95,7 +94,6 @@ class LocalStorage:
         self._ident: tuple[int, int] = (0, 0)
         # ctime moves of shared files this writer itself linked or unlinked.
         self._own = OwnChanges()
-        self._pool: ThreadPoolExecutor | None = None
         self._reaper = Reaper(self._reap)
         # The next latest.json, written and synced with a checkpoint's files: (the
         # checkpoint it names, its bytes, its temp name in the directory).
@@ -174,9 +172,6 @@ class LocalStorage:
         # writer has opened since.
         for msg in self._reap_errors(self._reaper.stop()):
             log.warning("%s; the next writer to open the directory removes them", msg)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         self._unstage()
         if self._lock is not None:
             self._lock.close()
@@ -245,11 +240,7 @@ class LocalStorage:
             os.close(fd)
 
     def _batch(self) -> FsyncBatch:
-        if not self.fsync:
-            return FsyncBatch(None)
-        if self._pool is None:  # started with the first commit, stopped at close()
-            self._pool = fsync_pool()
-        return FsyncBatch(self._pool)
+        return FsyncBatch(self.fsync)
 
     def _stage(self, name: str, pointer_json: bytes, batch: FsyncBatch) -> None:
         """Write the ``latest.json`` that will name ``name``, synced by ``batch``."""

@@ -64,7 +64,7 @@ _GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # slice as it lands. The loop copies it in itself, a slice per iteration: a memcpy never
 # blocks, and a worker thread would need the GIL, which a CPU-bound loop can starve it of
 # for seconds.
-_HANDOFF_SLICE_BYTES = 8 * 1024 * 1024
+_HANDOFF_SLICE_BYTES = wire.HANDOFF_SLICE_BYTES
 # Room for the frame in the pipe beside the delta.
 _HEADER_ROOM = 64 * 1024
 # How long a closing writer process may take to finish before it is killed.

@@ -48,6 +48,8 @@ __all__ = [
 FRAME = struct.Struct(">I")
 # How much of a memfd hand-over has been written into it so far.
 ARRIVED = struct.Struct(">Q")
+# The parent fills a large hand-over, and the child reads it, in slices of this size.
+HANDOFF_SLICE_BYTES = 8 * 1024 * 1024
 _T = TypeVar("_T")
 # The writer process's exit code after an error it printed itself (a traceback on
 # stderr); with any other code there is no traceback of ours to point at.

@@ -118,7 +118,7 @@ class _Arrival:
 _POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ",
                                      22 if sys.platform == "linux" else None)
 # A hand-over still arriving is read in pieces of this size, each once it is there.
-_PIECE_BYTES = 8 * 1024 * 1024
+_PIECE_BYTES = wire.HANDOFF_SLICE_BYTES
 
 
 def _capture(log_id: str, entries: int, nbytes: int, base: int, delta: memoryview,

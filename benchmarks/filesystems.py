@@ -96,7 +96,9 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, default=20)
     ap.add_argument("--entries", type=int, default=100_000)
     args = ap.parse_args()
-    rows: list[dict[str, object]] = [measure(Path(args.dir), args.entries, args.checkpoints)]
+    target = Path(args.dir)
+    target.mkdir(parents=True, exist_ok=True)  # as ckptwriter bench and benchmarks.floor do
+    rows: list[dict[str, object]] = [measure(target, args.entries, args.checkpoints)]
     skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ckptwriter-fs-") as tmp:
         for kind in ("xfs", "btrfs", "tmpfs"):

@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_floor(cfg, Path(tmp), report, pool=entry_pool(),
                     burn_n=calibrate_burn(cfg.episode_cpu_s))
         report.seconds = time.perf_counter() - t
+        report.machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print_report(report)
 
 

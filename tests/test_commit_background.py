@@ -261,7 +261,7 @@ async def test_a_forked_child_does_not_wait_for_the_parents_removals(tmp_path: P
                 code = 0
             finally:
                 os._exit(code)
-        code = _exit_code_within(pid, 60)
+        code = _exit_code_within(pid, 20)
         release.set()
         assert code is not None, "the forked child waited for its parent's removal"
         assert code == 0
@@ -343,3 +343,36 @@ def test_a_forked_child_leaves_the_parents_staged_latest_json(tmp_path: Path) ->
     assert (tmp_path / "latest.json").read_bytes() == doc
     assert os.readlink(tmp_path / "latest") == "ep_000001"
     assert leftovers(tmp_path) == []
+
+
+async def test_many_files_keep_the_memory_files_flush_for_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more files than a batch holds open (40 state keys), each file past that is
+    flushed as it is written, the memory file's flush waits until all are written, and
+    every one of them is flushed before the checkpoint's rename."""
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {_fd_name(fd)}")
+        real_fsync(fd)
+
+    def rename(src: str, dst: str, **kw: int) -> None:
+        events.append(f"rename {dst}")
+        real_rename(src, dst, **kw)
+
+    log, state = MemoryLog(), AgentState()
+    log.append(Observation(content="x" * 100_000))
+    for k in range(40):
+        state[f"k{k:02d}"] = k
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(local_mod.os, "rename", rename)
+    async with CheckpointWriter(tmp_path, executor="thread") as w:
+        await (await w.submit(Snapshot(1, 1, "A", log, state=state))).wait()
+    i_rename = events.index("rename ep_000001")
+    flushed = [e.removeprefix("fsync ") for e in events[:i_rename] if e.startswith("fsync")]
+    assert {f"state.k{k:02d}.json" for k in range(40)} | {"memory_1.jsonl", "runtime.json"} \
+        <= set(flushed)
+    assert flushed.index("memory_1.jsonl") > flushed.index("state.k39.json")
+    verify_checkpoint(tmp_path / "ep_000001")

@@ -24,6 +24,7 @@ The backend owns atomicity and durability; this module owns the format.
 from __future__ import annotations
 
 import errno
+import logging
 import time
 from collections.abc import Collection, Iterable, Mapping
 from functools import partial
@@ -50,6 +51,8 @@ from .snapshot import CapturedSnapshot, SnapshotMeta
 from .storage.base import Backend, PendingCheckpoint, ReuseToken
 
 __all__ = ["CommitPipeline", "CommitReport", "best_of"]
+
+log = logging.getLogger("ckptwriter")
 
 
 class CommitReport(msgspec.Struct, frozen=True):
@@ -190,7 +193,10 @@ class CommitPipeline:
         return records
 
     def close(self) -> None:
-        """Release the directory lock."""
+        """Release the directory lock (logging removal failures no commit reported)."""
+        for msg in self._reclaim_errors:
+            log.warning("%s; the next writer to open the directory removes them", msg)
+        self._reclaim_errors = []
         self.backend.close()
 
     def persist(self, snap: CapturedSnapshot) -> CommitReport:

@@ -238,9 +238,9 @@ class Backend(Protocol):
         ...
 
     def settle(self, *, wait: bool) -> tuple[bool, list[str]]:
-        """Whether deletions finished in the background freed space since the last call
-        (finished since, or still under way: then, with ``wait``, waited for), and why
-        those that failed since the last call failed."""
+        """Whether deletions in the background may have freed space since the last call
+        (one finished since, or one still under way: then, with ``wait``, waited for),
+        and why those that failed since the last call failed."""
         ...
 
     def _step(self, name: str) -> None:

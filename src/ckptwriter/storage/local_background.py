@@ -3,8 +3,9 @@
 Two kinds, both measured on ext4 (``benchmarks/floor.py``, docs/PERFORMANCE.md):
 
 - :class:`FsyncBatch`: the fsyncs of one pending checkpoint's files, its temp directory
-  and the next ``latest.json``, deferred until all are written; the checkpoint is
-  renamed into place only when every one of them has succeeded.
+  and the next ``latest.json``, deferred until all are written (but for files past the
+  16th, flushed as written); the checkpoint is renamed into place only when every one
+  of them has succeeded.
 - :class:`Reaper`: a checkpoint retention deletes vanishes for readers in one rename,
   in the commit; unlinking its files (freeing an 11 MB file's extents costs ext4 3 to
   14 ms) runs here, beside the next commit. Its failures are kept for the pipeline to
@@ -52,17 +53,22 @@ class FsyncBatch:
         self._error: BaseException | None = None
 
     def add(self, fd: int) -> None:
-        """fsync ``fd`` at :meth:`wait`, then close it; the batch owns it from now on."""
+        """fsync ``fd`` at :meth:`wait`, then close it; the batch owns it from now on.
+
+        Past :data:`_HELD` descriptors, this one is flushed now: the newest, so the first
+        (the memory file, whose writeback is under way) still waits for :meth:`wait`.
+        """
         if not self._enabled:
             os.close(fd)
             return
-        self._held.append(fd)
-        if len(self._held) > _HELD:
-            self._flush_one()
+        if len(self._held) >= _HELD:
+            self._flush(fd)
+        else:
+            self._held.append(fd)
 
-    def _flush_one(self) -> None:
+    def _flush(self, fd: int) -> None:
         try:
-            _sync_close(self._held.popleft())
+            _sync_close(fd)
         except OSError as exc:
             if self._error is None:
                 self._error = exc
@@ -75,7 +81,7 @@ class FsyncBatch:
                 durable, and the checkpoint must not appear.
         """
         while self._held:
-            self._flush_one()
+            self._flush(self._held.popleft())
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -114,6 +120,8 @@ class Reaper:
 
     def _ensure_thread(self) -> None:
         """A thread to work through the list (called with the condition held)."""
+        if self._closing:
+            return  # stop() owns the thread until it has joined it
         if self._todo and (self._thread is None or not self._thread.is_alive()):
             self._thread = threading.Thread(target=self._run, name="ckptwriter-reaper",
                                             daemon=True)
@@ -150,8 +158,9 @@ class Reaper:
                 self._cond.notify_all()
 
     def settle(self, *, wait: bool) -> tuple[bool, list[tuple[str, BaseException]]]:
-        """Whether removals freed space since the last call (finished since, or still
-        under way: then, with ``wait``, waited for), and those that failed since."""
+        """Whether removals may have freed space since the last call (one finished since,
+        even a failed one, which may have removed part of its tree; or one still under
+        way: then, with ``wait``, waited for), and those that failed since."""
         with self._cond:
             progressed = bool(self._todo) or self._busy or self._finished != self._seen
             if wait:
@@ -167,11 +176,12 @@ class Reaper:
         _, failed = self.settle(wait=True)
         with self._cond:
             self._closing = True
-            thread, self._thread = self._thread, None
+            thread = self._thread
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         with self._cond:
+            self._thread = None
             self._closing = False
             failed += self._failed
             self._failed = []

@@ -312,21 +312,13 @@ class ProcessExecutor:
 
     def _request(self, snap: CapturedSnapshot, full: bool
                  ) -> tuple[wire.CommitRequest, list[memoryview]]:
-        """The request for ``snap`` and the bytes that follow it: what the process lacks
-        (everything if ``full``)."""
+        """The request for ``snap`` and the bytes the process lacks (all if ``full``)."""
         mem = snap.memory
-        base = 0
-        if not full and self._base is not None and self._base[0] == mem.log_id \
-                and self._base[1] <= mem.nbytes:
-            base = self._base[1]
-        views = list(mem.iter_bytes(base))
-        logs: dict[str, wire.LogDelta] = {}
-        for name, cap in snap.logs.items():
-            had = None if full else self._log_bases.get(name)
-            lbase = had[1] if had is not None and had[0] == cap.log_id \
-                and had[1] <= cap.nbytes else 0
-            logs[name] = wire.LogDelta(cap.log_id, cap.entries, cap.nbytes, lbase)
-            views.extend(cap.iter_bytes(lbase))
+        had_mem = None if full else self._base
+        base = had_mem[1] if had_mem and had_mem[0] == mem.log_id \
+            and had_mem[1] <= mem.nbytes else 0
+        # State values first: the child needs them whole before it writes anything.
+        views: list[memoryview] = []
         state: dict[str, wire.StateRef] = {}
         for key, item in snap.state.items():
             # The process has this version's file already: only the version crosses.
@@ -335,6 +327,14 @@ class ProcessExecutor:
             state[key] = wire.StateRef(item.file, item.version, len(data), sent)
             if sent:
                 views.append(memoryview(data))
+        views.extend(mem.iter_bytes(base))
+        logs: dict[str, wire.LogDelta] = {}
+        for name, cap in snap.logs.items():
+            had = None if full else self._log_bases.get(name)
+            lbase = had[1] if had is not None and had[0] == cap.log_id \
+                and had[1] <= cap.nbytes else 0
+            logs[name] = wire.LogDelta(cap.log_id, cap.entries, cap.nbytes, lbase)
+            views.extend(cap.iter_bytes(lbase))
         req = wire.CommitRequest(snap.meta, mem.log_id, mem.entries, mem.nbytes, base, 0,
                                  logs=logs, state=state)
         return req, views

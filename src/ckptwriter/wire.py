@@ -1,10 +1,11 @@
 """The wire format between the training process and its writer process.
 
 Each message is one length-prefixed msgpack frame of a msgspec Struct, encoded once and
-decoded once. A commit request is followed on the pipe by ``payload`` bytes: the memory
-appended since the writer process's previous commit, then each named log's appended
-bytes (in ``logs`` order), then the bytes of each state value the writer process does
-not hold yet (``StateRef.sent``, in ``state`` order). All of it together too large for
+decoded once. A commit request is followed on the pipe by ``payload`` bytes: the bytes
+of each state value the writer process does not hold yet (``StateRef.sent``, in
+``state`` order: first, since the child needs them whole before it writes), then the
+memory appended since the writer process's previous commit, then each named log's
+appended bytes (in ``logs`` order). All of it together too large for
 the pipe is handed over in a memfd instead, named by ``delta_file``: the frame goes
 first, then the parent fills the memfd a slice at a time and after each slice sends
 its new length (:data:`ARRIVED`) on the pipe, the last one equal to ``delta_bytes``; the

@@ -141,26 +141,30 @@ def _capture(log_id: str, entries: int, nbytes: int, base: int, delta: memoryvie
 
 def _snapshot(req: wire.CommitRequest, payload: bytes | mmap.mmap,
               arrival: _Arrival | None = None) -> CapturedSnapshot:
-    """The snapshot a request and its payload describe: the memory's delta (from
-    ``base``), each log's, then the state values that were sent, back to back."""
+    """The snapshot a request and its payload describe: the state values that were
+    sent, the memory's delta (from ``base``), then each log's, back to back."""
     view = memoryview(payload)
-    at = req.nbytes - req.base
-    memory = _capture(req.log_id, req.entries, req.nbytes, req.base, view[:at], arrival)
+    at = 0
+    state = {}
+    for key, ref in req.state.items():
+        data = b""
+        if ref.sent:
+            # First in the payload: waiting for them is waiting for their bytes only.
+            if arrival is not None:
+                arrival.wait(at + ref.nbytes)
+            data = bytes(view[at:at + ref.nbytes])
+            at += ref.nbytes
+        state[key] = StateItem(ref.file, ref.version, EncodedValue("bytes", data), ref.sent)
+    n = req.nbytes - req.base
+    memory = _capture(req.log_id, req.entries, req.nbytes, req.base, view[at:at + n],
+                      arrival, at)
+    at += n
     logs = {}
     for name, d in req.logs.items():
         n = d.nbytes - d.base
         logs[name] = _capture(d.log_id, d.entries, d.nbytes, d.base, view[at:at + n],
                               arrival, at)
         at += n
-    state = {}
-    for key, ref in req.state.items():
-        data = b""
-        if ref.sent:
-            if arrival is not None:
-                arrival.wait(at + ref.nbytes)
-            data = bytes(view[at:at + ref.nbytes])
-            at += ref.nbytes
-        state[key] = StateItem(ref.file, ref.version, EncodedValue("bytes", data), ref.sent)
     if at != len(view):
         raise ValueError(f"commit payload holds {len(view)} bytes, the request {at}")
     return CapturedSnapshot(req.meta, memory, 0.0, logs, state)

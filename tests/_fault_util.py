@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -436,3 +437,29 @@ if __name__ == "__main__":
         "as-nobody": _child_as_nobody,
         "zygote": _child_zygote,
     }[cmd](*rest)
+
+
+def record_protocol(monkeypatch: Any) -> list[tuple[str, str]]:
+    """Record the local backend's fsyncs (the path of the fd), renames and replaces
+    (``src -> dst``, relative to the directory descriptor), in order, as they happen."""
+    from ckptwriter.storage import local as local_mod
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src: str, dst: str, **kw: int) -> None:
+        events.append(("rename", f"{src} -> {dst}"))
+        real_rename(src, dst, **kw)
+
+    def replace(src: str, dst: str, **kw: int) -> None:
+        events.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(local_mod.os, "fsync", fsync)
+    monkeypatch.setattr(local_mod.os, "rename", rename)
+    monkeypatch.setattr(local_mod.os, "replace", replace)
+    return events

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _fault_util import episode_entries, leftovers, memory_until, snapshot
+from _fault_util import episode_entries, leftovers, memory_until, record_protocol, snapshot
 from ckptwriter import (
     AgentState,
     CheckpointWriter,
@@ -120,26 +120,10 @@ async def test_latest_json_is_durable_before_the_checkpoint_appears(
 ) -> None:
     """The next latest.json is written and fsynced with the checkpoint's files, and only
     renamed over latest.json after the checkpoint's rename and the latest symlink."""
-    events: list[tuple[str, str]] = []
-    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", _fd_name(fd)))
-        real_fsync(fd)
-
-    def rename(src: str, dst: str, **kw: int) -> None:
-        events.append(("rename", f"{src} -> {dst}"))
-        real_rename(src, dst, **kw)
-
-    def replace(src: str, dst: str, **kw: int) -> None:
-        events.append(("replace", f"{src} -> {dst}"))
-        real_replace(src, dst, **kw)
-
-    monkeypatch.setattr(local_mod.os, "fsync", fsync)
-    monkeypatch.setattr(local_mod.os, "rename", rename)
-    monkeypatch.setattr(local_mod.os, "replace", replace)
+    recorded = record_protocol(monkeypatch)
     async with CheckpointWriter(tmp_path, executor="thread") as w:
         await (await w.submit(snapshot(1, memory_until(1)))).wait()
+    events = [(k, Path(v).name if k == "fsync" else v) for k, v in recorded]
     i_rename = next(i for i, (k, v) in enumerate(events)
                     if k == "rename" and v.endswith("-> ep_000001"))
     staged = [v for k, v in events[:i_rename] if k == "fsync" and v.startswith(".tmp-latest.json-")]

@@ -22,6 +22,7 @@ from _fault_util import (
     leftovers,
     memory_until,
     raise_eio,
+    record_protocol,
     snapshot,
 )
 from ckptwriter import (
@@ -34,7 +35,6 @@ from ckptwriter import (
     verify_checkpoint,
 )
 from ckptwriter.storage import LocalStorage
-from ckptwriter.storage import local as local_mod
 
 STEPS = LocalStorage.STEPS
 # Steps of the third checkpoint after which `latest` already names it.
@@ -274,25 +274,7 @@ async def test_everything_is_fsynced_before_latest_moves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Files, the temp dir and the parent are fsynced before the rename / pointer they guard."""
-    events: list[tuple[str, str]] = []
-    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    # Relative to the checkpoints directory's descriptor (src_dir_fd/dst_dir_fd).
-    def rename(src: str, dst: str, **kw: int) -> None:
-        events.append(("rename", f"{src} -> {dst}"))
-        real_rename(src, dst, **kw)
-
-    def replace(src: str, dst: str, **kw: int) -> None:
-        events.append(("replace", f"{src} -> {dst}"))
-        real_replace(src, dst, **kw)
-
-    monkeypatch.setattr(local_mod.os, "fsync", fsync)
-    monkeypatch.setattr(local_mod.os, "rename", rename)
-    monkeypatch.setattr(local_mod.os, "replace", replace)
+    events = record_protocol(monkeypatch)
     root = tmp_path / "c"
     # In this process, so the syscalls can be watched; the writer process runs the same code.
     async with CheckpointWriter(root, executor="thread") as w:

@@ -20,6 +20,8 @@ import stat
 import sys
 from collections.abc import Callable
 
+from .posix_io import libc_function
+
 __all__ = [
     "DIR_FLAGS",
     "exchange",
@@ -43,20 +45,18 @@ _Renameat2 = Callable[[int, bytes, int, bytes, int], int]
 def _load_renameat2() -> _Renameat2 | None:
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    fn = getattr(libc, "renameat2", None)
+    fn: _Renameat2 | None = libc_function(
+        "renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                      ctypes.c_uint])
     if fn is not None:
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                       ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        return fn  # type: ignore[no-any-return]
+        return fn
     nr = _SYS_RENAMEAT2.get(platform.machine())
     if nr is None:
         return None
-    syscall = libc.syscall
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall  # variadic: no argtypes
+    except (OSError, AttributeError):
+        return None
     syscall.restype = ctypes.c_long
 
     def via_syscall(a: int, src: bytes, b: int, dst: bytes, flags: int) -> int:

@@ -316,12 +316,12 @@ class LocalStorage:
         link_tmp = layout.temp_name(pointer)
         # The latest.json this commit staged (written and synced with its files), if
         # it is the one asked for; any other staged one is stale.
-        staged, self._staged = self._staged, None
+        staged = self._staged
         if staged is not None and (pointer, *staged[:2]) != (layout.LATEST_LINK, name,
                                                              pointer_json):
-            self._staged = staged
             self._unstage()
             staged = None
+        self._staged = None
         json_tmp = staged[2] if staged is not None else layout.temp_name(json_name)
         try:
             os.symlink(name, link_tmp, dir_fd=fd)

@@ -8,10 +8,11 @@ import os
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from ..errors import StorageError
 
-__all__ = ["COPY_CHUNK", "Writeback", "copy_prefix", "os_error", "write_all"]
+__all__ = ["COPY_CHUNK", "Writeback", "copy_prefix", "libc_function", "os_error", "write_all"]
 
 # Linux caps one writev at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
@@ -42,15 +43,23 @@ _WRITEBACK_PIECES = 16
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def libc_function(name: str, argtypes: list[type[Any]]) -> Any | None:
+    """The C library's ``name`` (errno kept for ``ctypes.get_errno``), returning an int,
+    or None where there is no such library or function (calls ``os`` does not have)."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
 @cache
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """libc's sync_file_range (os has none), or None where there is no such call."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
+    fn: Callable[[int, int, int, int], int] | None = libc_function(
+        "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
     return fn
 
 

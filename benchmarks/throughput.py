@@ -47,7 +47,7 @@ def bench_throughput(
     # host), and whichever side ran first would pay it.
     with scratch(base, "warm") as path:
         raw_write(path / "raw.bin", data)
-    sides = ["raw", "process", "thread"]
+    sides: list[Literal["raw", "process", "thread"]] = ["raw", "process", "thread"]
     for i in range(cfg.repeats):
         log(f"  throughput: repeat {i + 1}/{cfg.repeats} ({len(data) / 2**20:.0f} MiB)")
         # A different side first in each repeat: none always follows the same neighbour.

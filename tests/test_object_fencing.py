@@ -333,6 +333,112 @@ def test_writer_frozen_past_its_lease_cannot_change_anything(s3: Backend) -> Non
     assert "ep_000004/memory_4.jsonl" not in s3.names()
 
 
+_FROZEN_MID_BATCH_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from ckptwriter import MemoryLog, Observation, Snapshot
+    from ckptwriter.commit import CommitPipeline
+    from ckptwriter.retention import KeepAll
+    from ckptwriter.storage.remote import RemoteStorage
+    from ckptwriter.storage.s3 import S3ObjectStore
+
+    storage = RemoteStorage(sys.argv[1], lock_ttl=3.0)
+    orig = S3ObjectStore._aput_one
+
+    async def _aput_one(self, item, sem, call):
+        # The worst moment: this upload's lease check has passed and the process stops
+        # before its request leaves (a GC pause, a VM suspend, SIGSTOP).
+        if not item.path.endswith("/ep_000004/blob3.bin"):
+            return await orig(self, item, sem, call)
+
+        async def frozen(op, **kw):
+            storage._lock.check()
+            print("frozen", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return await self.fs._call_s3(op, **kw)
+
+        return await orig(self, item, sem, frozen)
+
+    S3ObjectStore._aput_one = _aput_one
+    pipeline = CommitPipeline(storage, KeepAll())
+    pipeline.open()
+    memory = MemoryLog()
+    for ep in (1, 2, 3, 4):
+        memory.append(Observation(content=f"writer A, episode {ep}"))
+        extra = {f"blob{i}.bin": f"A {ep} {i} ".encode() * 1000 for i in range(6)}
+        try:
+            # Every file new (no server-side copy: moto ignores If-None-Match on
+            # CopyObject, which S3 honours).
+            pipeline.persist(Snapshot(ep, ep, "A", memory, extra_files=extra,
+                                      agent_config={"ep": ep}).capture())
+            print("succeeded", ep, flush=True)
+        except Exception as exc:
+            print("failed", ep, type(exc).__name__, exc, flush=True)
+    storage.close()
+""")
+
+
+def test_frozen_writers_request_already_past_its_lease_check_cannot_overwrite(
+    s3: Backend,
+) -> None:
+    """A stopped after its lease check, before its upload left; B takes over and commits
+    the same episode with other files; A's upload, once continued, is refused (412)."""
+    a = subprocess.Popen([sys.executable, "-c", _FROZEN_MID_BATCH_CHILD, s3.url],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert a.stdout is not None
+        lines = []
+        while (line := a.stdout.readline()) and line != "frozen\n":
+            lines.append(line)
+        assert line == "frozen\n", (lines, a.stderr.read() if a.stderr else "")
+        _wait_stopped(a.pid)
+        b = CommitPipeline(RemoteStorage(s3.url), KeepAll())
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            try:
+                b.open()
+                break
+            except DirectoryLockedError:
+                assert time.monotonic() < deadline, "A's lock never expired"
+                time.sleep(0.1)
+        try:
+            resumed = load_checkpoint(s3.url)
+            memory = resumed.memory
+            add_episode(memory, 4)
+            extra = {f"blob{i}.bin": f"B 4 {i} ".encode() * 900 for i in range(6)}
+            b.persist(snapshot(memory, 4, extra_files=extra).capture())
+            os.kill(a.pid, signal.SIGCONT)
+            out, err = a.communicate(timeout=CHILD_TIMEOUT)
+        finally:
+            b.close()
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert a.returncode == 0, err
+    assert out.splitlines()[-1].startswith("failed 4 DirectoryLockedError"), out
+    assert verify_checkpoint(f"{s3.url}/ep_000004").episode_index == 4
+    assert s3.read_raw("ep_000004/blob3.bin") == b"B 4 3 " * 900
+    assert load_checkpoint(s3.url).agent.agent_type == "HistoryAgent"
+
+
+def test_an_object_that_lands_under_a_new_name_after_open_is_replaced(s3: Backend) -> None:
+    """A late upload of a writer that lost the lock lands under the name B is about to
+    commit, after B's open cleaned it: B's exclusive upload meets it, removes it under
+    its confirmed lock and uploads its own; the checkpoint is B's, whole."""
+    b = CommitPipeline(RemoteStorage(s3.url), KeepAll())
+    b.open()
+    try:
+        memory = MemoryLog()
+        add_episode(memory, 1)
+        s3.write_raw("ep_000001/agent.json", b'{"late": "from a writer that lost the lock"}')
+        s3.write_raw("ep_000001/memory_1.jsonl", b"not these bytes\n")
+        b.persist(snapshot(memory, 1).capture())
+    finally:
+        b.close()
+    assert verify_checkpoint(f"{s3.url}/ep_000001").episode_index == 1
+    assert b"late" not in s3.read_raw("ep_000001/agent.json")
+
+
 # -- stale multipart uploads (item 8) -------------------------------------------------
 
 

@@ -38,8 +38,11 @@ TRASH_PREFIX = ".trash-"
 REPLACED_PREFIX = ".replaced-"
 FORMAT_VERSION = 1
 
-_NAME_RE = re.compile(r"^ep_(\d{6,})$")
-RUN_DIR_RE = re.compile(r"^\d{8}_\d{6}(?:_\d+)?$")
+# ASCII digits only (``\d`` takes any script's), at most 18 of them: int() of a planted
+# name of thousands of digits raises, and no real run counts past 10**18 episodes.
+MAX_EPISODE_INDEX = 10**18 - 1
+_NAME_RE = re.compile(r"ep_([0-9]{6,18})")
+RUN_DIR_RE = re.compile(r"^[0-9]{8}_[0-9]{6}(?:_[0-9]+)?\Z")
 _DIGITS_RE = re.compile(r"([0-9]+)")
 
 
@@ -50,19 +53,22 @@ def checkpoint_name(episode_index: int) -> str:
 
 def parse_checkpoint_name(name: str) -> int | None:
     """The episode index of a checkpoint directory name, or None if it is not one."""
-    m = _NAME_RE.match(name)
+    m = _NAME_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
-def run_sort_key(name: str) -> tuple[tuple[int, int | str], ...]:
+def run_sort_key(name: str) -> tuple[tuple[int, int, str], ...]:
     """The one order of run directories (and of the names above them): natural order.
 
     Runs started in the same second are ``<stamp>``, ``<stamp>_1`` ... ``<stamp>_10``; by
     plain string order ``_10`` would sort before ``_2`` and resume would pick an older run
     as the newest. Digit runs compare as numbers, everything else as text.
     """
+    # A digit run compares by its length without leading zeros, then as text: the order
+    # of the numbers, without int() (which refuses a planted name of 5,000 digits).
     return tuple(
-        (0, int(part)) if part[0] in "0123456789" else (1, part)
+        (0, len(part.lstrip("0")), part.lstrip("0")) if part[0] in "0123456789"
+        else (1, 0, part)
         for part in _DIGITS_RE.split(name) if part
     )
 
@@ -73,10 +79,12 @@ def memory_file_name(episode_index: int) -> str:
 
 
 # A named log's or a state key's name: a plain file-name part, no dots, no slashes.
-STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# \Z, not $: $ also matches before a final newline.
+STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 STREAM_NAME_RULE = ("1 to 64 letters, digits, '_' or '-', starting with a letter or digit "
                     "(no dots, no slashes)")
-_RESERVED_RE = re.compile(r"^(?:memory_.*\.jsonl|log\..*\.jsonl|state\..*\.(?:json|bin))$")
+_RESERVED_RE = re.compile(
+    r"^(?:memory_.*\.jsonl|log\..*\.jsonl|state\..*\.(?:json|bin))\Z", re.DOTALL)
 
 
 def log_file_name(name: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from . import layout
 from .agent_state import AgentState, StateItem, check_name
 from .entry_codec import entry_types as entry_types_of
 from .errors import CheckpointError
@@ -77,6 +78,12 @@ class Snapshot:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise CheckpointError(f"Snapshot.{name} must be an int >= 0, got {value!r}")
+        if self.episode_index > layout.MAX_EPISODE_INDEX:
+            raise CheckpointError(
+                f"Snapshot.episode_index must be at most {layout.MAX_EPISODE_INDEX:,} (18 "
+                f"digits in the checkpoint's name), got an int of "
+                f"{int(self.episode_index.bit_length() * 0.30103) + 1} digits"
+            )
         if not isinstance(self.agent_type, str) or not self.agent_type:
             raise CheckpointError(
                 f"Snapshot.agent_type must be a non-empty str, got {self.agent_type!r}"

@@ -16,7 +16,7 @@ import errno
 import hashlib
 import posixpath
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +51,26 @@ class PutItem:
     path: str
     parts: Sequence[memoryview | bytes]
     copy_from: CopySource | None = None
+    # Only if no object is there (If-None-Match: *) where the store can condition writes.
+    exclusive: bool = False
 
     @property
     def nbytes(self) -> int:
         """Bytes uploaded from this process (the copied prefix is not counted)."""
         return sum(len(p) for p in self.parts)
+
+
+class PutConflict(FileExistsError):
+    """Exclusive uploads found objects already there; every other upload completed.
+
+    Attributes:
+        paths: the objects that were there (nothing of this batch was written to them).
+        tags: path -> tag of the uploads that landed.
+    """
+
+    def __init__(self, paths: list[str], tags: dict[str, str]) -> None:
+        super().__init__(errno.EEXIST, "objects already exist", paths[0])
+        self.paths, self.tags = paths, tags
 
 
 def _join(parts: Sequence[memoryview | bytes]) -> bytes:
@@ -239,19 +254,26 @@ class ObjectStore:
 
     # -- writing -----------------------------------------------------------------------
 
-    def put_many(self, items: Sequence[PutItem]) -> dict[str, str]:
-        """Upload objects concurrently; returns path -> tag (etag where the store has one)."""
+    def put_many(self, items: Sequence[PutItem], *,
+                 fence: Callable[[], None] | None = None) -> dict[str, str]:
+        """Upload objects concurrently; returns path -> tag (etag where the store has one).
+
+        ``fence`` runs right before each request and stops the batch by raising (the
+        writer's lease check): a writer frozen mid-batch sends nothing once it resumes.
+        """
         if len(items) <= 1:
-            return {i.path: self._put_one(i) for i in items}
+            return {i.path: self._put_one(i, fence) for i in items}
         workers = min(len(items), UPLOAD_CONCURRENCY)
         with concurrent.futures.ThreadPoolExecutor(workers, "ckptwriter-upload") as pool:
-            futures = {i.path: pool.submit(self._put_one, i) for i in items}
+            futures = {i.path: pool.submit(self._put_one, i, fence) for i in items}
             return {path: f.result() for path, f in futures.items()}
 
-    def _put_one(self, item: PutItem) -> str:
+    def _put_one(self, item: PutItem, fence: Callable[[], None] | None = None) -> str:
         if item.copy_from is not None:
             raise ValueError("this store cannot copy a prefix server-side")
         data = _join(item.parts)
+        if fence is not None:
+            fence()
         self.fs.pipe_file(item.path, data)
         return _content_tag(data)
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import fsspec.asyn
 
 from .. import layout
-from .objects import UPLOAD_CONCURRENCY, ObjectStore, PutItem, _join, slices
+from .objects import UPLOAD_CONCURRENCY, ObjectStore, PutConflict, PutItem, _join, slices
 
 __all__ = ["MULTIPART_THRESHOLD", "PART_BYTES", "S3ObjectStore"]
 
@@ -26,6 +26,12 @@ _S3_MAX_COPY_PART = 4 * 2**30
 PART_BYTES = 8 * 2**20
 # Below this a memory file goes up in one PUT; above it, as concurrent multipart parts.
 MULTIPART_THRESHOLD = 16 * 2**20
+# One request to S3 (an upload's, fenced by the writer's lease).
+_Call = Callable[..., Awaitable[Any]]
+
+
+class _Taken(FileExistsError):
+    """An exclusive upload found an object there (a 412 on its condition)."""
 
 
 def _precondition_failed(exc: OSError) -> bool:
@@ -134,23 +140,53 @@ class S3ObjectStore(ObjectStore):
         self.fs.invalidate_cache(path)
         return str(resp["ETag"])
 
-    def put_many(self, items: Sequence[PutItem]) -> dict[str, str]:
-        result: dict[str, str] = self._sync(self._aput_many, list(items))
+    def put_many(self, items: Sequence[PutItem], *,
+                 fence: Callable[[], None] | None = None) -> dict[str, str]:
+        result: dict[str, str] = self._sync(self._aput_many, list(items), fence)
         for i in items:
             self.fs.invalidate_cache(i.path)
         return result
 
-    async def _aput_many(self, items: list[PutItem]) -> dict[str, str]:
+    async def _aput_many(self, items: list[PutItem],
+                         fence: Callable[[], None] | None) -> dict[str, str]:
         sem = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-        tags = await asyncio.gather(*(self._aput(i, sem) for i in items))
-        return {i.path: t for i, t in zip(items, tags, strict=True)}
 
-    async def _aput(self, item: PutItem, sem: asyncio.Semaphore) -> str:
+        async def call(op: str, **kw: Any) -> Any:
+            # Right before each request, after any wait for a slot: a writer frozen
+            # mid-batch past its lease sends nothing more once it runs again.
+            if fence is not None:
+                fence()
+            return await self.fs._call_s3(op, **kw)
+
+        # Every upload runs to its end (none keeps going unobserved after a failure).
+        done = await asyncio.gather(*(self._aput(i, sem, call) for i in items),
+                                    return_exceptions=True)
+        tags = {i.path: t for i, t in zip(items, done, strict=True) if isinstance(t, str)}
+        failed = [e for e in done if isinstance(e, BaseException)]
+        taken = [e.filename for e in failed if isinstance(e, _Taken)]
+        for e in failed:
+            if not isinstance(e, _Taken):
+                raise e
+        if taken:
+            raise PutConflict(taken, tags)
+        return tags
+
+    async def _aput(self, item: PutItem, sem: asyncio.Semaphore, call: _Call) -> str:
+        try:
+            return await self._aput_one(item, sem, call)
+        except OSError as exc:
+            if item.exclusive and _precondition_failed(exc):
+                raise _Taken(errno.EEXIST, "object exists", item.path) from exc
+            raise
+
+    async def _aput_one(self, item: PutItem, sem: asyncio.Semaphore, call: _Call) -> str:
         bucket, key = self._split(item.path)
+        # What makes the object appear is conditional for an exclusive upload.
+        cond: dict[str, str] = {"IfNoneMatch": "*"} if item.exclusive else {}
         if item.copy_from is None and item.nbytes <= MULTIPART_THRESHOLD:
             async with sem:
-                resp = await self.fs._call_s3(
-                    "put_object", Bucket=bucket, Key=key, Body=_join(item.parts)
+                resp = await call(
+                    "put_object", Bucket=bucket, Key=key, Body=_join(item.parts), **cond
                 )
             return str(resp["ETag"])
         src = item.copy_from
@@ -158,12 +194,13 @@ class S3ObjectStore(ObjectStore):
             # An unchanged file whole: one server-side copy, not a byte uploaded.
             sbucket, skey = self._split(src.path)
             async with sem:
-                resp = await self.fs._call_s3(
+                resp = await call(
                     "copy_object", Bucket=bucket, Key=key,
                     CopySource={"Bucket": sbucket, "Key": skey}, CopySourceIfMatch=src.etag,
+                    **cond,
                 )
             return str(resp["CopyObjectResult"]["ETag"])
-        mpu = await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        mpu = await call("create_multipart_upload", Bucket=bucket, Key=key)
         upload_id = mpu["UploadId"]
         try:
             jobs: list[Any] = []
@@ -176,19 +213,19 @@ class S3ObjectStore(ObjectStore):
                 for start in range(0, src.nbytes, step):
                     end = min(start + step, src.nbytes) - 1
                     jobs.append(self._acopy_part(
-                        sem, bucket, key, upload_id, number,
+                        sem, call, bucket, key, upload_id, number,
                         {"Bucket": sbucket, "Key": skey}, f"bytes={start}-{end}", src.etag,
                     ))
                     number += 1
             for group in slices(item.parts, PART_BYTES):
-                jobs.append(self._aupload_part(sem, bucket, key, upload_id, number, group))
+                jobs.append(self._aupload_part(sem, call, bucket, key, upload_id, number, group))
                 number += 1
             etags = await asyncio.gather(*jobs)
-            resp = await self.fs._call_s3(
+            resp = await call(
                 "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
                 MultipartUpload={"Parts": [
                     {"PartNumber": n + 1, "ETag": e} for n, e in enumerate(etags)
-                ]},
+                ]}, **cond,
             )
         except BaseException:
             # An abandoned multipart upload is billed until aborted: always abort it.
@@ -197,24 +234,24 @@ class S3ObjectStore(ObjectStore):
         return str(resp["ETag"])
 
     async def _aupload_part(
-        self, sem: asyncio.Semaphore, bucket: str, key: str, upload_id: str, number: int,
-        group: list[memoryview],
+        self, sem: asyncio.Semaphore, call: _Call, bucket: str, key: str, upload_id: str,
+        number: int, group: list[memoryview],
     ) -> str:
         async with sem:
             # Joined here, inside the semaphore, so at most UPLOAD_CONCURRENCY parts are
             # copied into memory at once.
-            resp = await self.fs._call_s3(
+            resp = await call(
                 "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
                 PartNumber=number, Body=b"".join(group),
             )
         return str(resp["ETag"])
 
     async def _acopy_part(
-        self, sem: asyncio.Semaphore, bucket: str, key: str, upload_id: str, number: int,
-        source: dict[str, str], byte_range: str, etag: str,
+        self, sem: asyncio.Semaphore, call: _Call, bucket: str, key: str, upload_id: str,
+        number: int, source: dict[str, str], byte_range: str, etag: str,
     ) -> str:
         async with sem:
-            resp = await self.fs._call_s3(
+            resp = await call(
                 "upload_part_copy", Bucket=bucket, Key=key, UploadId=upload_id,
                 PartNumber=number, CopySource=source, CopySourceRange=byte_range,
                 # The carried-forward sha256 is only valid for these exact bytes.

@@ -34,7 +34,9 @@ from ckptwriter.storage import LocalStorage
 from ckptwriter.storage.base import PendingCheckpoint
 
 FIX = (r"Write to a new checkpoint directory, continue from an episode above {n}, or pass "
-       r"replace=True to submit\(\) to write {name} anyway \(latest then names it\)\.$")
+       r"replace=True to submit\(\) to write {name} anyway \(latest then names it\)\. "
+       r"If this run resumed from a checkpoint below episode {n}, load the directory "
+       r"again now: latest names the newest committed one once a writer has opened it\.$")
 
 
 def _history(root: Path, episodes: tuple[int, ...] = (10, 15, 20), keep: int = 3) -> None:

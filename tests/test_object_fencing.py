@@ -439,6 +439,52 @@ def test_an_object_that_lands_under_a_new_name_after_open_is_replaced(s3: Backen
     assert b"late" not in s3.read_raw("ep_000001/agent.json")
 
 
+_DIES_BEFORE_LATEST_CHILD = textwrap.dedent("""
+    import os, sys
+    from ckptwriter import MemoryLog, Observation, Snapshot
+    from ckptwriter.commit import CommitPipeline
+    from ckptwriter.retention import KeepAll
+    from ckptwriter.storage.remote import RemoteStorage
+
+    class DiesAfterMarker(RemoteStorage):
+        episode = 0
+        def begin(self, name):
+            self.episode = int(name[3:])
+            return super().begin(name)
+        def _step(self, name):
+            if name == "marker_written" and self.episode == 3:
+                os._exit(3)
+
+    pipeline = CommitPipeline(DiesAfterMarker(sys.argv[1], lock_ttl=2.0), KeepAll())
+    pipeline.open()
+    memory = MemoryLog()
+    for ep in (1, 2, 3):
+        memory.append(Observation(content=f"episode {ep}"))
+        pipeline.persist(Snapshot(ep, ep, "A", memory).capture())
+""")
+
+
+def test_a_writer_opening_after_a_kill_moves_a_lagging_latest_json_on(s3: Backend) -> None:
+    """Killed after ep 3's marker, before latest.json moved: the next writer's open
+    points latest.json at ep 3 before it commits anything."""
+    p = subprocess.run([sys.executable, "-c", _DIES_BEFORE_LATEST_CHILD, s3.url],
+                       capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
+    assert p.returncode == 3, p.stderr
+    assert latest_name(s3) == "ep_000002"
+    b = CommitPipeline(RemoteStorage(s3.url), KeepAll())
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        try:
+            b.open()  # once the dead writer's lock has expired
+            break
+        except DirectoryLockedError:
+            assert time.monotonic() < deadline, "the dead writer's lock never expired"
+            time.sleep(0.1)
+    b.close()
+    assert latest_name(s3) == "ep_000003"
+    assert load_checkpoint(s3.url).runtime.episode_index == 3
+
+
 # -- stale multipart uploads (item 8) -------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
+import anyio
 import pytest
 
 from _fault_util import (
@@ -403,3 +404,55 @@ async def test_whole_trash_of_a_retention_delete_stays_deleted(tmp_path: Path) -
         pass
     assert leftovers(root) == []
     assert [i.name for i in list_checkpoints(root)] == ["ep_000002"]
+
+
+@pytest.mark.parametrize("step", ["renamed", "parent_synced"])
+@pytest.mark.parametrize("executor", ["process", "thread"])
+def test_a_writer_opening_after_a_kill_moves_a_lagging_latest_on(
+    tmp_path: Path, step: str, executor: str
+) -> None:
+    """Killed after ep 3 was renamed into place, before latest moved: ep 3 is whole and
+    durable, latest still names ep 2. The next writer's open moves latest to ep 3 (before
+    any commit), so a resume that loads the directory then continues from ep 3, and the
+    run's next checkpoint, ep 4, does not collide with it."""
+    import subprocess
+
+    root = tmp_path / "ckpts"
+    p = subprocess.run([PY, str(HERE), "crash", str(root), step, "exit"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == CRASH_EXIT, p.stderr
+    assert load_checkpoint(root).runtime.episode_index == 2
+    assert verify_checkpoint(root / "ep_000003").episode_index == 3
+
+    async def main() -> None:
+        async with CheckpointWriter(root, keep_last=2, executor=executor) as w:
+            loaded = load_checkpoint(root)
+            assert loaded.runtime.episode_index == 3
+            log = loaded.memory
+            log.extend(episode_entries(4))
+            await (await w.submit(snapshot(4, log))).wait()
+
+    anyio.run(main)
+    assert load_checkpoint(root).runtime.episode_index == 4
+    assert os.readlink(root / "latest") == "ep_000004"
+    _assert_no_incomplete(root)
+
+
+def test_latest_moved_back_by_a_recommit_is_left_alone(tmp_path: Path) -> None:
+    """A higher episode committed *before* the one latest names is another history
+    (replace=True going back): opening a writer does not move latest to it."""
+    root = tmp_path / "ckpts"
+
+    async def main() -> None:
+        log = MemoryLog()
+        async with CheckpointWriter(root) as w:
+            for ep in (1, 2, 3):
+                log.extend(episode_entries(ep))
+                await (await w.submit(snapshot(ep, log))).wait()
+            back = memory_until(1)
+            await (await w.submit(snapshot(1, back), replace=True)).wait()
+        async with CheckpointWriter(root):
+            pass
+
+    anyio.run(main)
+    assert load_checkpoint(root).runtime.episode_index == 1

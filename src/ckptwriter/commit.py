@@ -36,6 +36,7 @@ from . import layout
 from .commit_files import Carries, Plan, WholeFile
 from .discovery import guarded
 from .errors import CheckpointError, StorageError
+from .integrity import CheckpointInfo
 from .layout import FORMAT_VERSION
 from .manifest import LatestPointer, dump_json, format_timestamp
 from .memory import MemoryCapture
@@ -187,10 +188,40 @@ class CommitPipeline:
             self._best_named = {self.best.name} if self.best is not None else set()
             if not guarded(b.store, b.root, "opening", self._best_is_current):
                 self._move_best()
+            self._catch_latest_up(whole)
         except BaseException:
             b.close()
             raise
         return records
+
+    def _catch_latest_up(self, whole: list[CheckpointInfo]) -> None:
+        """Move ``latest`` to a checkpoint committed after the one it names, if any.
+
+        A run killed between committing ``ep_M`` and moving ``latest`` leaves ``latest``
+        on an older ``ep_N``, though ``ep_M`` is whole and durable: the newest state of
+        this history. A higher episode committed *before* ``ep_N`` (``replace=True``
+        going back) is another history and is left alone (the CLI's resume uses the
+        same rule for runs it resumes before any writer opened them).
+        """
+        store, root = self.backend.store, self.backend.root
+        try:
+            pointer = LatestPointer.model_validate_json(
+                store.read(store.join(root, layout.LATEST_JSON)))
+        except (OSError, ValidationError):
+            return  # none yet, or one the readers already fall back from
+        named = next((i for i in whole if i.name == pointer.checkpoint), None)
+        if named is None or named.runtime is None:
+            return
+        stamp, ep = named.runtime.timestamp, named.episode_index
+        later = [i for i in whole if i.runtime is not None and i.episode_index > ep
+                 and i.runtime.timestamp >= stamp]
+        if not later:
+            return
+        newest = max(later, key=lambda i: i.episode_index)
+        log.warning("latest named %s, but %s was committed after it and is whole (a run "
+                    "stopped between committing it and moving latest): latest now names %s",
+                    named.name, newest.name, newest.name)
+        self.backend.replace_pointer(newest.name, self._docs[newest.name])
 
     def close(self) -> None:
         """Release the directory lock (logging removal failures no commit reported)."""

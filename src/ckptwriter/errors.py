@@ -97,10 +97,15 @@ class CheckpointExistsError(CheckpointError):
                       "in that history (retention, which orders by episode, would delete "
                       "it first, and latest would move back)",
         }[reason]
+        # A resume that loaded latest before a writer opened the directory may have
+        # loaded a pointer a killed run left behind (the writer's open moves it on).
+        lagged = (f" If this run resumed from a checkpoint below episode {newest_episode}, "
+                  f"load the directory again now: latest names the newest committed one "
+                  f"once a writer has opened it." if reason != "pending" else "")
         super().__init__(
             f"Not saved: {what}. Write to a new checkpoint directory, continue from an "
             f"episode above {newest_episode}, or pass replace=True to submit() to write "
-            f"{name} anyway (latest then names it)."
+            f"{name} anyway (latest then names it).{lagged}"
         )
 
 

@@ -27,11 +27,12 @@ from rich.console import Console
 from rich.table import Table
 
 from . import layout
-from .errors import CheckpointCorruptError, CheckpointError, ConfigError
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
 from .reader import CheckpointFallbackWarning
 
 if TYPE_CHECKING:
     from .runtime import TrainResult
+    from .runtime.inspection import CheckpointsDir
 
 __all__ = ["main"]
 
@@ -332,22 +333,20 @@ def _show_log(out: Console, what: str, log: Any, classes: dict[str, str]) -> Non
 
 
 def _verify(path: str, out: Console) -> int:
-    from .reader import latest_status, verify_checkpoint
-    from .runtime.inspection import checkpoint_at, find_checkpoint_dirs, shared_with
+    from .reader import verify_checkpoint
+    from .runtime.inspection import checkpoint_at, find_checkpoint_dirs
 
     single = checkpoint_at(path)  # a URL stays a URL (a URLPath)
-    targets: list[Path] = []
-    broken = 0
+    targets: list[tuple[Path, CheckpointsDir | None]] = []
+    broken = retired = 0
     if single is not None:
-        targets.append(single)
+        targets.append((single, None))
     else:
         for cdir in find_checkpoint_dirs(path):
-            names = []
-            for info in cdir.checkpoints():
-                targets.append(info.path)
-                names.append(info.name)
-            latest = latest_status(cdir.path)
-            if latest.name is not None and latest.name not in names:
+            # One view of a live run: latest judged against a listing it agrees with.
+            infos, latest = cdir.listing()
+            targets += [(info.path, cdir) for info in infos]
+            if latest.name is not None and latest.name not in {i.name for i in infos}:
                 out.print(f"BROKEN  {cdir.path / layout.LATEST_LINK}: points at {latest.name}, "
                           "which does not exist", markup=False)
                 broken += 1
@@ -357,25 +356,44 @@ def _verify(path: str, out: Console) -> int:
             if latest.json_problem is not None:
                 out.print(f"WARN    {cdir.path / layout.LATEST_JSON}: {latest.json_problem}",
                           markup=False)
-    for ckpt in targets:
+    for ckpt, listed_in in targets:
         try:
             rt = verify_checkpoint(ckpt)
+        except CheckpointNotFoundError:
+            if listed_in is None:
+                raise
+            problem = listed_in.problem_of(ckpt.name)
+            if problem is None:  # listed, then deleted: a live writer's retention
+                retired += 1
+                out.print(f"RETIRED {ckpt}: deleted by the live writer's retention while "
+                          "verify ran (not a problem)", markup=False)
+                continue
+            broken += 1
+            out.print(f"BROKEN  {ckpt}: {problem}", markup=False)
+            continue
         except CheckpointCorruptError as exc:
             broken += 1
-            # A file linked from checkpoint to checkpoint breaks each of them: say so.
-            others = shared_with(ckpt, exc.file)
-            shared = f" (shared with {', '.join(others)})" if others else ""
-            out.print(f"BROKEN  {ckpt}: {exc.file}: {exc.problem}{shared}", markup=False)
+            out.print(f"BROKEN  {ckpt}: {exc.file}: {exc.problem}{_shared(ckpt, exc.file)}",
+                      markup=False)
             continue
         out.print(f"OK      {ckpt} ({len(rt.files)} files, episode {rt.episode_index})",
                   markup=False)
     if not targets:
         out.print("no checkpoints found", markup=False)
         return EXIT_ERROR
-    total = len(targets)
+    total = len(targets) - retired
     out.print(f"{total - min(broken, total)}/{total} checkpoints OK"
-              + (f", {broken} problem(s)" if broken else ""), markup=False)
+              + (f", {broken} problem(s)" if broken else "")
+              + (f"; {retired} retired while verifying" if retired else ""), markup=False)
     return EXIT_ERROR if broken else 0
+
+
+def _shared(ckpt: Path, file: str) -> str:
+    """A file linked from checkpoint to checkpoint breaks each of them: say which."""
+    from .runtime.inspection import shared_with
+
+    others = shared_with(ckpt, file)
+    return f" (shared with {', '.join(others)})" if others else ""
 
 
 def _du(path: str, out: Console) -> int:

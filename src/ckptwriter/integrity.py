@@ -60,6 +60,9 @@ _FILE_ERRNOS = frozenset({
     errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EIO,
 })
 _NOT_COMMITTED = "No committed checkpoint (runtime.json) under this prefix."
+# Checks of a checkpoint that looked damaged in a listing: another only when its
+# runtime.json changed during the last (a re-commit), so this only stops one lapped forever.
+_RECHECKS = 1000
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,24 @@ def _quick_check(
     return rt, total
 
 
+def _rechecked(store: ReadStore, ckpt: str, exc: CheckpointCorruptError
+               ) -> tuple[RuntimeManifest, int, bytes]:
+    """The quick check of a checkpoint that looked damaged, again from its own sizes.
+
+    A re-commit (``replace=True``) between a listing's one walk of sizes and its marker
+    reads mixes two copies (it looks truncated). Sizes read between two equal reads of
+    runtime.json are of that copy. Raises the damage that stays (``exc`` if it never
+    stopped changing), or Gone.
+    """
+    shown, name = store.url(ckpt), name_of(ckpt)
+    for _ in range(_RECHECKS):
+        marker = _read_marker(store, ckpt, shown)
+        sizes = {f"{name}/{f}": n for f, n in store.sizes(ckpt).items()}
+        if _read_marker(store, ckpt, shown) == marker:
+            return (*_quick_check(store, ckpt, marker, sizes), marker)
+    raise exc
+
+
 def _read_markers(store: ReadStore, ckpts: list[str]) -> dict[str, bytes | None]:
     def one(ckpt: str) -> bytes | None:
         try:
@@ -378,7 +399,10 @@ def scan_with_markers(store: ReadStore, root: str) -> list[tuple[CheckpointInfo,
         try:
             if marker is None:
                 marker = _read_marker(store, ckpt, store.url(ckpt))
-            rt, size = _quick_check(store, ckpt, marker, sizes)
+            try:
+                rt, size = _quick_check(store, ckpt, marker, sizes)
+            except CheckpointCorruptError as first:
+                rt, size, marker = _rechecked(store, ckpt, first)
         except Gone:
             continue
         except CheckpointCorruptError as exc:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -67,10 +66,8 @@ from .storage.base import ReadStore
 __all__ = [
     "CheckpointFallbackWarning",
     "CheckpointInfo",
-    "LatestStatus",
     "LoadedCheckpoint",
     "is_whole",
-    "latest_status",
     "list_checkpoints",
     "load_checkpoint",
     "resolve_checkpoint",
@@ -152,8 +149,12 @@ OpenOne = Callable[[str, Seen], _T]
 
 
 def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_T],
-                    pointer: str = layout.LATEST_LINK) -> _T:
-    """Open the checkpoint latest (or ``pointer``) names; again while a live writer moves it."""
+                    pointer: str = layout.LATEST_LINK, *, fallback: bool = True) -> _T:
+    """Open the checkpoint latest (or ``pointer``) names; again while a live writer moves it.
+
+    Only ``latest`` with ``fallback`` falls back to the newest valid checkpoint when what it
+    names stays broken; otherwise what it names is the answer (``best``; ``verify``).
+    """
     why = ""
     last: Exception | None = None
     for _ in range(_ATTEMPTS):
@@ -184,10 +185,11 @@ def _through_latest(store: ReadStore, root: str, shown: str, open_one: OpenOne[_
         # fallback warning about a pointer that is not broken.
         assert last is not None
         raise last
-    if pointer != layout.LATEST_LINK:
+    if pointer != layout.LATEST_LINK or not fallback:
         raise last or CheckpointNotFoundError(shown, nearby(store, root), hint=(
-            f"No {pointer} in {store.url(root)} ({why}): the writer keeps one only once a "
-            "checkpoint has a val_score; load latest or a checkpoint by name instead."))
+            f"No {pointer} in {store.url(root)} ({why})" + (
+                "." if pointer == layout.LATEST_LINK else ": the writer keeps one only once "
+                "a checkpoint has a val_score; load latest or a checkpoint by name instead.")))
     broken: list[CheckpointCorruptError] = []
     for info, marker in reversed(scan_with_markers(store, root)):
         if not info.complete:  # damaged (sizes): counted among the broken ones
@@ -235,16 +237,25 @@ def _open_named(store: ReadStore, path: str, open_one: OpenOne[_T]) -> _T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> _T:
-    """Open the checkpoint ``path`` names: a checkpoint, ``latest``, ``latest.json`` (or
-    ``best``, ``best.json``), a checkpoints directory, a run directory, or
-    ``outputs/<run_name>`` (its newest run)."""
+def _named_pointer(store: ReadStore, path: str) -> tuple[str, str] | None:
+    """(its checkpoints directory, ``latest`` or ``best``) if ``path`` names a pointer:
+    ``latest``, ``latest.json``, ``best`` or ``best.json`` of a checkpoints directory, on
+    every backend (object stores have only the JSON twin; the name still means it)."""
     name = name_of(path)
     if name in (*_POINTERS, *_POINTERS.values()):
         parent = store.parent(path)
         children = store.listdir(parent)
         if children is not None and (name in children or holds_checkpoints(children)):
-            return _through_latest(store, parent, shown, open_one, name.removesuffix(".json"))
+            return parent, name.removesuffix(".json")
+    return None
+
+
+def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> _T:
+    """Open the checkpoint ``path`` names: a checkpoint, ``latest``, ``latest.json`` (or
+    ``best``, ``best.json``), a checkpoints directory, a run directory, or
+    ``outputs/<run_name>`` (its newest run)."""
+    if (named := _named_pointer(store, path)) is not None:
+        return _through_latest(store, named[0], shown, open_one, named[1])
     path = followed(store, path)
     name = name_of(path)
     children = store.listdir(path)
@@ -303,34 +314,35 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
-    """Check every file of one checkpoint directory against its size and sha256.
+    """Check every file of one checkpoint against its size and sha256.
+
+    ``path`` is a checkpoint directory, or ``latest``, ``latest.json``, ``best`` or
+    ``best.json``: the checkpoint the pointer names (by the readers' rules, on every
+    backend, never a fallback: a broken one is reported). A live writer never makes it
+    fail: a pointer that moves, or a checkpoint re-committed mid-read, is read again.
 
     Returns:
         the validated runtime manifest.
 
     Raises:
-        CheckpointNotFoundError: the directory does not exist.
+        CheckpointNotFoundError: no checkpoint there (a checkpoint named directly may have
+            been retired by a live writer's retention).
         CheckpointCorruptError: a file is missing, damaged or unsafe (the file is named).
         StorageError: the store cannot be read.
     """
     store, where = open_location(path)
 
+    def check(ckpt: str, seen: Seen) -> RuntimeManifest:
+        return read_checkpoint(store, ckpt, seen, keep=False).runtime
+
     def verify() -> RuntimeManifest:
         ckpt = followed(store, where)
-        if store.readlink(ckpt) is not None:
-            # `latest` named: the checkpoint it names by the pointer rules, never read
-            # through the link (and no fallback: verify reports what latest names).
-            root = store.parent(ckpt)
-            target, why = _pointer(store, root)
-            if target is None:
-                raise CheckpointNotFoundError(store.url(ckpt), nearby(store, root), hint=why)
-            ckpt = store.join(root, target)
-            if (link := store.readlink(ckpt)) is not None:
-                raise UnsafePathError(
-                    store.url(root), target, f"is a symlink to {link}; refusing to follow it"
-                )
+        named = _named_pointer(store, where) or _named_pointer(store, ckpt)
+        if named is not None:
+            return _through_latest(store, named[0], os.fspath(path), check, named[1],
+                                   fallback=False)
         try:
-            return read_checkpoint(store, ckpt, Seen(), keep=False).runtime
+            return _open_named(store, ckpt, check)
         except Gone as gone:
             raise CheckpointNotFoundError(
                 store.url(ckpt), nearby(store, ckpt), hint=gone.hint
@@ -378,52 +390,3 @@ def list_checkpoints(checkpoints_dir: str | os.PathLike[str]) -> list[Checkpoint
     """
     store, where = open_location(checkpoints_dir)
     return guarded(store, where, "listing", lambda: scan(store, followed(store, where)))
-
-
-@dataclass(frozen=True)
-class LatestStatus:
-    """What ``latest`` of a checkpoints directory says, for ``ckptwriter ls`` and ``verify``.
-
-    Attributes:
-        name: the checkpoint it names (a plain name), or None (missing, invalid, unsafe).
-        problem: why it must not be followed (it leads outside, it cannot be read).
-        json_problem: ``latest.json`` disagreeing with the ``latest`` symlink readers use.
-    """
-
-    name: str | None
-    problem: str | None = None
-    json_problem: str | None = None
-
-
-def _json_problem(store: ReadStore, root: str, link: str) -> str | None:
-    try:
-        ptr = LatestPointer.model_validate_json(
-            store.read(store.join(root, layout.LATEST_JSON)))
-    except FileNotFoundError:
-        return "missing (readers use the latest symlink; the next checkpoint writes it)"
-    except (OSError, ValidationError):
-        return "invalid (readers use the latest symlink; the next checkpoint rewrites it)"
-    if ptr.checkpoint != link:
-        return (f"names {ptr.checkpoint} but latest points at {link} (a crash between "
-                "the two updates: readers use the symlink; the next checkpoint repairs it)")
-    return None
-
-
-def latest_status(checkpoints_dir: str | os.PathLike[str]) -> LatestStatus:
-    """Where ``latest`` of a checkpoints directory points, read by the readers' rules.
-
-    Raises:
-        StorageError: the store cannot be read.
-    """
-    store, where = open_location(checkpoints_dir)
-
-    def status() -> LatestStatus:
-        root = followed(store, where)
-        try:
-            name, _ = _pointer(store, root)
-        except CheckpointCorruptError as exc:
-            return LatestStatus(None, f"{exc.file}: {exc.problem}")
-        link = store.readlink(store.join(root, layout.LATEST_LINK))
-        return LatestStatus(name, None, None if link is None else _json_problem(store, root, link))
-
-    return guarded(store, where, "reading latest in", status)

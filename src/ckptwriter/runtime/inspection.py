@@ -15,14 +15,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .. import layout
 from ..discovery import checkpoints_dirs, followed, guarded, name_of, open_location
 from ..errors import CheckpointCorruptError
-from ..reader import CheckpointInfo, _pointer, latest_status, list_checkpoints
+from ..manifest import LatestPointer
+from ..reader import CheckpointInfo, _named_pointer, _pointer, list_checkpoints
+from ..storage.base import ReadStore
 from ..storage.urlpath import URLPath
 
 __all__ = [
     "CheckpointsDir",
+    "LatestStatus",
     "best_name",
     "checkpoint_at",
     "disk_usage",
@@ -30,9 +35,64 @@ __all__ = [
     "format_age",
     "format_size",
     "latest_name",
+    "latest_status",
     "shared_with",
     "tree_size",
 ]
+
+# Listings one consistent view of a live checkpoints directory may take: another is taken
+# only when latest moved during the last one (a commit made meanwhile), so this bounds a
+# reader lapped forever, not a normal one.
+_LISTINGS = 1000
+
+
+@dataclass(frozen=True)
+class LatestStatus:
+    """What ``latest`` of a checkpoints directory says, for ``ckptwriter ls`` and ``verify``.
+
+    Attributes:
+        name: the checkpoint it names (a plain name), or None (missing, invalid, unsafe).
+        problem: why it must not be followed (it leads outside, it cannot be read).
+        json_problem: ``latest.json`` disagreeing with the ``latest`` symlink readers use.
+    """
+
+    name: str | None
+    problem: str | None = None
+    json_problem: str | None = None
+
+
+def _json_problem(store: ReadStore, root: str, link: str) -> str | None:
+    try:
+        ptr = LatestPointer.model_validate_json(
+            store.read(store.join(root, layout.LATEST_JSON)))
+    except FileNotFoundError:
+        return "missing (readers use the latest symlink; the next checkpoint writes it)"
+    except (OSError, ValidationError):
+        return "invalid (readers use the latest symlink; the next checkpoint rewrites it)"
+    if ptr.checkpoint != link:
+        return (f"names {ptr.checkpoint} but latest points at {link} (a crash between "
+                "the two updates: readers use the symlink; the next checkpoint repairs it)")
+    return None
+
+
+def latest_status(checkpoints_dir: str | os.PathLike[str]) -> LatestStatus:
+    """Where ``latest`` of a checkpoints directory points, read by the readers' rules.
+
+    Raises:
+        StorageError: the store cannot be read.
+    """
+    store, where = open_location(checkpoints_dir)
+
+    def status() -> LatestStatus:
+        root = followed(store, where)
+        try:
+            name, _ = _pointer(store, root)
+        except CheckpointCorruptError as exc:
+            return LatestStatus(None, f"{exc.file}: {exc.problem}")
+        link = store.readlink(store.join(root, layout.LATEST_LINK))
+        return LatestStatus(name, None, None if link is None else _json_problem(store, root, link))
+
+    return guarded(store, where, "reading latest in", status)
 
 
 @dataclass(frozen=True)
@@ -45,6 +105,35 @@ class CheckpointsDir:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Its checkpoints, oldest first (quick checks: manifest and sizes)."""
         return list_checkpoints(self.path)
+
+    def listing(self) -> tuple[list[CheckpointInfo], LatestStatus]:
+        """Its checkpoints and what ``latest`` says, in one view even while a writer runs.
+
+        ``latest`` is read before and after the listing, and the listing taken again
+        until both agree: a live writer that moved ``latest`` meanwhile (and retired what
+        it named) is not a dangling ``latest``. One that names nothing listed is looked at
+        once more before it is believed.
+
+        Raises:
+            StorageError: the store cannot be read.
+        """
+        before, doubt = latest_status(self.path), None
+        for _ in range(_LISTINGS):
+            infos = self.checkpoints()
+            after = latest_status(self.path)
+            dangling = after.name is not None and after.name not in {i.name for i in infos}
+            if after == before and (not dangling or doubt == after):
+                break
+            before, doubt = after, after if dangling else None
+        return infos, after
+
+    def problem_of(self, name: str) -> str | None:
+        """Why checkpoint ``name``, listed but then not found, is broken; None if it is gone
+        (a live writer's retention deleted it meanwhile) or whole again (re-committed)."""
+        for info in self.checkpoints():
+            if info.name == name and not info.complete:
+                return info.problem or "not a checkpoint directory"
+        return None
 
 
 def find_checkpoint_dirs(path: str | os.PathLike[str]) -> list[CheckpointsDir]:
@@ -62,10 +151,13 @@ def find_checkpoint_dirs(path: str | os.PathLike[str]) -> list[CheckpointsDir]:
 
 
 def checkpoint_at(path: str | os.PathLike[str]) -> Path | None:
-    """``path`` as a Path if it names one checkpoint directory (not a directory of them)."""
+    """``path`` as a Path if it names one checkpoint (a directory, or ``latest``,
+    ``latest.json``, ``best``, ``best.json``), not a directory of them."""
     store, where = open_location(path)
 
     def find() -> Path | None:
+        if _named_pointer(store, where) is not None:
+            return store.as_path(where)  # latest or best: what it names, when verified
         ckpt = followed(store, where)
         if layout.parse_checkpoint_name(name_of(ckpt)) is None:
             marker = store.stat(store.join(ckpt, layout.RUNTIME_JSON))

@@ -190,6 +190,7 @@ class UnknownStateTypeError(UnknownEntryTypeError):
             "plain data with load_checkpoint(path, raw=True).")
         self.source = source
         self.key = key
+        self.cls = cls
         self.tags = {tag: 0}
         self.found = tag
         self.expected = ", ".join(known)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from _runtime_util import EXAMPLES, config, train
 from ckptwriter import (
     AgentState,
+    CheckpointError,
     ConfigError,
     FeedbackContent,
     MemoryLog,
@@ -422,7 +423,15 @@ class NanState(_Base):
         return {"loss": [1.0, math.nan]}
 
 
+class UntypedState(TallyAgent):
+    state_types = ()
+
+
 @pytest.mark.parametrize(("agent", "needle"), [
+    ("UntypedState", r"UntypedState\.state_dict\(\)\['tally'\] holds a Tally, a model class "
+                     r"not in UntypedState\.state_types: add it to the agent class "
+                     r"\(state_types = \(Tally,\)\); a resumed run loads the checkpoint's "
+                     r"state with those classes"),
     ("ListState", r"ListState\.state_dict\(\) returned list, expected a ckptwriter\.AgentState"),
     ("NoLoad", r"NoLoad defines state_dict\(\) but not load_state_dict\(self, state, logs\)"),
     ("AsyncState", r"AsyncState\.state_dict must be a plain method, not async"),
@@ -467,3 +476,49 @@ def test_history_agent_ignores_a_foreign_state(tmp_path: Path) -> None:
     assert agent._cursor == 0
     agent.load_state_dict(AgentState(lessons=[1]), {})
     assert agent._cursor == 0
+
+
+class LateModel(SkillAgent):
+    """Sets a model value its hook does not declare only after the first episode."""
+
+    async def reflect(self) -> str | None:
+        self.state["tally"] = Tally(right=1)
+        return await super().reflect()
+
+
+def test_an_undeclared_model_set_later_stops_at_the_first_checkpoint(tmp_path: Path) -> None:
+    """Not at start-up, so at the first checkpoint: nothing written, the fix named."""
+    with pytest.raises(CheckpointError, match=r"^LateModel\.state_dict\(\)\['tally'\] holds "
+                       r"a Tally, a model class not in LateModel\.state_types: add it to the "
+                       r"agent class \(state_types = \(Tally,\)\)"):
+        _train(tmp_path, "late", "LateModel", max_envs_to_visit=20, checkpoint_every_episodes=10)
+    assert not list((tmp_path / "outputs").glob("late/*/checkpoints/ep_*"))
+
+
+class TallyForgot(TallyAgent):
+    state_types = ()
+
+
+class HintForgot(SkillAgent):
+    entry_types = (Thought,)
+
+
+@pytest.mark.parametrize(("agent", "needle"), [
+    pytest.param("TallyForgot", r"holds state\['tally'\], a test_agent_state_hook:Tally \(tag "
+                 r"'Tally'\), and no class in TallyForgot\.state_types has that tag: add the "
+                 r"class to the agent class \(state_types = \(Tally,\)\)", id="state_types"),
+    pytest.param("HintForgot", r"\(memory_100\.jsonl\) holds entries of type 'Hint', and no "
+                 r"class in HintForgot\.entry_types has that tag: add the class to the agent "
+                 r"class \(entry_types = \(Thought, Hint\)\)", id="entry_types"),
+])
+def test_resuming_a_class_the_agent_lacks_names_its_class_attribute(
+        tmp_path: Path, agent: str, needle: str) -> None:
+    """At resume the fix is the agent class's attribute, not load_checkpoint's argument."""
+    whole = _train(tmp_path, "whole", "TallyAgent", max_envs_to_visit=100,
+                   checkpoint_every_episodes=100)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/again\.yaml: agent\.type "
+                       rf"'{_MOD}:{agent}': checkpoint {_end(whole, 100)}.*{needle}; a resumed "
+                       r"run loads the checkpoint with those classes") as info:
+        _train(tmp_path, "again", agent, max_envs_to_visit=200,
+               resume_from=str(_end(whole, 100)))
+    assert "load_checkpoint" not in str(info.value)

@@ -19,6 +19,7 @@ from ckptwriter import (
     Action,
     CheckpointCorruptError,
     CheckpointWriter,
+    ClassMismatchError,
     Feedback,
     FeedbackContent,
     MemoryLog,
@@ -335,15 +336,18 @@ def test_a_line_nested_too_deeply_in_an_any_field_is_a_corrupt_checkpoint(
 
 
 def test_a_changed_field_type_fails_on_load_not_later(tmp_path: Path) -> None:
-    """A class whose field changed type since the checkpoint is refused when loading."""
+    """A class whose field changed type since the checkpoint is refused when loading, as a
+    class mismatch (not damage)."""
     root = _write(tmp_path / "ck", MemoryLog([Span(start=1, end=2)], entry_types=TYPES))
 
     class Span2(msgspec.Struct, frozen=True, tag_field="type", tag="Span"):
         start: str
         end: int
+        label: str | None = None
 
-    with pytest.raises(CheckpointCorruptError, match=r"line 1 is not a valid memory entry: "
-                       r"Expected `str`, got `int`"):
+    with pytest.raises(ClassMismatchError, match=r"\(memory_1\.jsonl, line 1\) holds a 'Span' "
+                       r"entry .*: field `start`: the class expects `str` and the entry holds "
+                       r"`int`\."):
         load_checkpoint(root / "ep_000001", entry_types=[Span2])
 
 

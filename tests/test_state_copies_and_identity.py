@@ -37,6 +37,7 @@ from ckptwriter import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointWriter,
+    ClassMismatchError,
     Feedback,
     FeedbackContent,
     MemoryLog,
@@ -353,9 +354,9 @@ async def test_a_class_that_lost_fields_is_refused_at_load(tmp_path: Path) -> No
     async with CheckpointWriter(tmp_path, executor="thread", fsync=False) as w:
         await (await w.submit(_snap(1, mem, AgentState({"s": old("s", 5)}),
                                     logs={"l": log}))).wait()
-    with pytest.raises(CheckpointError, match=r"memory_1.jsonl.*fields level.*raw=True"):
+    with pytest.raises(ClassMismatchError, match=r"memory_1.jsonl.*the field `level`.*raw=True"):
         load_checkpoint(tmp_path, entry_types=[new], state_types=[old])
-    with pytest.raises(CheckpointError, match=r"state\['s'\] has fields level"):
+    with pytest.raises(ClassMismatchError, match=r"state\['s'\].*the field `level`"):
         load_checkpoint(tmp_path, entry_types=[old], state_types=[new])
     ck = load_checkpoint(tmp_path, entry_types=[old], state_types=[old])
     assert list(ck.logs["l"]) == list(log)

@@ -11,6 +11,7 @@ from .errors import CheckpointCorruptError as CheckpointCorruptError
 from .errors import CheckpointError as CheckpointError
 from .errors import CheckpointExistsError as CheckpointExistsError
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError
+from .errors import ClassMismatchError as ClassMismatchError
 from .errors import ConfigError as ConfigError
 from .errors import DirectoryLockedError as DirectoryLockedError
 from .errors import MemoryTypeMismatchError as MemoryTypeMismatchError
@@ -57,6 +58,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointResult",
     "CheckpointWriter",
+    "ClassMismatchError",
     "ConfigError",
     "DirectoryLockedError",
     "Feedback",

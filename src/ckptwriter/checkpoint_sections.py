@@ -9,17 +9,16 @@ causes code to be imported.
 
 from __future__ import annotations
 
-import msgspec
-
 from .agent_state import AgentState
+from .class_fit import refuse_changed_entries, refuse_changed_state
 from .entry_codec import entry_types as entry_types_of
-from .errors import CheckpointCorruptError, CheckpointError, UnknownStateTypeError
+from .errors import CheckpointCorruptError, UnknownStateTypeError
 from .layout import AGENT_JSON, STREAM_NAME_RE
 from .manifest import AgentManifest
 from .memory import MemoryLog
-from .state_codec import EncodedValue, decode_value, fingerprint
+from .state_codec import EncodedValue, decode_value
 
-__all__ = ["refuse_dropped_fields", "restore_sections"]
+__all__ = ["load_log", "restore_sections"]
 
 
 def _take(blobs: dict[str, bytes], name: str, shown: str, taken: set[str]) -> bytes:
@@ -43,58 +42,26 @@ def _checked_name(name: str, what: str, shown: str) -> str:
     return name
 
 
-def refuse_dropped_fields(agent: AgentManifest, file: str, data: bytes,
-                          entry_types: tuple[type, ...], shown: str, *, raw: bool) -> None:
-    """Refuse to load ``data`` (a log's file) through a class that would drop fields.
+def load_log(agent: AgentManifest, file: str, data: bytes, *, memory_type: str,
+             entry_types: tuple[type, ...], raw: bool, shown: str, section: str) -> MemoryLog:
+    """The memory or a named log of a checkpoint, from its file's bytes.
 
-    agent.json records each entry class's schema fingerprint. Where the class passed has
-    another one (its fields changed since), the entries of that tag are checked for keys
-    it does not have: decoding would silently drop them. A class that only gained fields
-    (with defaults) loads as before. Costs nothing while the fingerprints match.
+    Entries whose class changed since the checkpoint was written are checked first: one
+    that no longer fits (a field renamed, removed, added without a default, of another
+    type, or one loading would drop) is a class mismatch, not damage.
 
     Raises:
-        CheckpointError: an entry holds a field the class passed does not have.
+        ClassMismatchError: an entry does not fit its tag's class, changed since.
+        UnknownEntryTypeError: the file holds a tag no class in ``entry_types`` has.
+        CheckpointCorruptError: a line is not a valid entry of its (unchanged) class.
     """
-    if raw or not entry_types or not agent.entry_types:
-        return
-    by_tag = entry_types_of(entry_types).by_tag
-    changed = {tag: by_tag[tag] for tag, rec in agent.entry_types.items()
-               if rec.fingerprint and tag in by_tag
-               and fingerprint(by_tag[tag].cls) != rec.fingerprint}
-    if not changed:
-        return
-    fields = {tag: {f.encode_name for f in msgspec.structs.fields(c.mirror)} | {"type"}
-              for tag, c in changed.items()}
-    for n, line in enumerate(data.splitlines(), 1):
-        try:
-            entry = msgspec.json.decode(line)
-        except msgspec.DecodeError:
-            return  # the decode proper reports it, with its line
-        tag = entry.get("type") if isinstance(entry, dict) else None
-        if tag in changed and (extra := sorted(entry.keys() - fields[tag])):
-            rec, cls = agent.entry_types[tag], changed[tag].cls
-            raise CheckpointError(
-                f"{shown} ({file}) line {n}: an entry of type {tag!r} has fields "
-                f"{', '.join(extra)}, which {cls.__module__}:{cls.__qualname__} (passed in "
-                f"entry_types=) does not have: it was written by {rec.class_} with other "
-                "fields (the schema fingerprints differ), and loading would drop them. "
-                "Pass the class it was written with, add the fields to yours, or read it "
-                "with load_checkpoint(path, raw=True).")
-
-
-def _refuse_dropped_state(key: str, enc: EncodedValue, mirror: type, shown: str) -> None:
-    """A model-typed value with fields the class passed lacks (decoding would drop them)."""
+    if not raw:
+        refuse_changed_entries(agent, file, data, entry_types, shown, section)
     try:
-        data = msgspec.json.decode(enc.data)
-    except msgspec.DecodeError:
-        return  # the decode proper reports it
-    known = {f.encode_name for f in msgspec.structs.fields(mirror)} | {"type"}
-    if isinstance(data, dict) and (extra := sorted(data.keys() - known)):
-        raise CheckpointError(
-            f"{shown}: state[{key!r}] has fields {', '.join(extra)}, which the class passed "
-            f"in state_types= for its tag {enc.tag!r} does not have: it was written by "
-            f"{enc.cls} with other fields, and loading would drop them. Pass the class it "
-            "was written with, add the fields to yours, or read it with raw=True.")
+        return MemoryLog.from_jsonl(data, memory_type=memory_type, entry_types=entry_types,
+                                    raw=raw, source=f"checkpoint {shown} ({file})")
+    except ValueError as exc:
+        raise CheckpointCorruptError(shown, file, str(exc)) from None
 
 
 def restore_sections(
@@ -105,6 +72,8 @@ def restore_sections(
 
     Raises:
         CheckpointCorruptError: a file is missing from the manifest or is not valid.
+        ClassMismatchError: an entry or a state value does not fit its class, changed
+            since the checkpoint was written.
         UnknownEntryTypeError: a log holds a tag no class in ``entry_types`` has.
         UnknownStateTypeError: a model-typed key's class was not passed (not ``raw``).
     """
@@ -112,29 +81,30 @@ def restore_sections(
     taken: set[str] = set()
     for name, rec in agent.logs.items():
         _checked_name(name, "log", shown)
-        data = _take(blobs, rec.file, shown, taken)
-        try:
-            logs[name] = MemoryLog.from_jsonl(
-                data, memory_type=rec.memory_type, entry_types=entry_types, raw=raw,
-                source=f"checkpoint {shown} ({rec.file})")
-        except ValueError as exc:
-            raise CheckpointCorruptError(shown, rec.file, str(exc)) from None
-        # After the decode proper: a field that changed type is reported as such first.
-        refuse_dropped_fields(agent, rec.file, data, entry_types, shown, raw=raw)
+        logs[name] = load_log(agent, rec.file, _take(blobs, rec.file, shown, taken),
+                              memory_type=rec.memory_type, entry_types=entry_types, raw=raw,
+                              shown=shown, section=f"Log {name!r}")
     types = entry_types_of(state_types)
     values = []
     for key, srec in agent.state.items():
         _checked_name(key, "state key", shown)
         enc = EncodedValue(srec.kind, _take(blobs, srec.file, shown, taken), srec.class_,
                            srec.tag)
-        if srec.kind == "model" and not raw and (srec.tag or "") not in types.by_tag:
+        model = srec.kind == "model" and not raw
+        if model and (srec.tag or "") not in types.by_tag:
             raise UnknownStateTypeError(shown, key, srec.class_ or "?", srec.tag or "",
                                         [c.__name__ for c in types.classes] or ["none"])
+        # A model value's bytes were checked: one its class cannot load means the class
+        # changed since (a field renamed, removed, added, retyped), not damage.
+        if model:
+            fit = (key, srec.file, enc.data, srec.tag or "", srec.class_ or "?",
+                   types.by_tag[srec.tag or ""], shown)
+            refuse_changed_state(*fit)
         try:
             obj = decode_value(enc, types, raw=raw)
         except ValueError as exc:
+            if model:  # an object the class refuses all the same (a validator, say)
+                refuse_changed_state(*fit, refused=str(exc))
             raise CheckpointCorruptError(shown, srec.file, f"state[{key!r}]: {exc}") from None
-        if srec.kind == "model" and not raw:
-            _refuse_dropped_state(key, enc, types.by_tag[srec.tag or ""].mirror, shown)
         values.append((key, obj, enc))
     return logs, AgentState._restored(values)

@@ -10,14 +10,18 @@ Every error the library raises on purpose derives from :class:`CheckpointError`,
     ├── CheckpointCorruptError       a checkpoint exists but a file is missing or damaged
     │   └── UnsafePathError          a manifest or pointer tries to leave its directory
     ├── MemoryTypeMismatchError      the checkpoint's memory type differs from the agent's
-    │   └── UnknownEntryTypeError    the memory holds entry types the caller did not pass
-    │       └── UnknownStateTypeError  a state key holds a model of a class not passed
+    │   ├── UnknownEntryTypeError    the memory holds entry types the caller did not pass
+    │   │   └── UnknownStateTypeError  a state key holds a model of a class not passed
+    │   └── ClassMismatchError       an entry or state class changed since it was written
     ├── StorageError                 the disk or store refused an operation (ENOSPC, EACCES...)
     ├── DirectoryLockedError         another live writer owns the checkpoints directory
     ├── WriterClosedError            submit/flush on a writer that is closed or not started
     └── WriterFailedError            a background write failed; raised on the next call
 
-Messages say what was expected, what was found and what to do.
+Messages say what was expected, what was found and what to do. Only
+:class:`CheckpointCorruptError` (damage) makes ``latest`` fall back to an older checkpoint;
+a :class:`MemoryTypeMismatchError` is about the caller's classes, which every checkpoint
+of the run would meet, and is raised as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "ClassMismatchError",
     "ConfigError",
     "DirectoryLockedError",
     "MemoryTypeMismatchError",
@@ -190,9 +195,50 @@ class UnknownStateTypeError(UnknownEntryTypeError):
             "plain data with load_checkpoint(path, raw=True).")
         self.source = source
         self.key = key
+        self.cls = cls
         self.tags = {tag: 0}
         self.found = tag
         self.expected = ", ".join(known)
+
+
+class ClassMismatchError(MemoryTypeMismatchError):
+    """An entry or state value does not fit the class passed for its tag.
+
+    The class changed since the checkpoint was written (a field renamed, removed, added
+    without a default, or given another type). The checkpoint is not damaged (its
+    checksums match), so ``latest`` does not fall back to an older one: every checkpoint
+    holding such a value would meet the same class.
+
+    Attributes:
+        source: the checkpoint.
+        where: the file and line (an entry) or the state key and file (a state value).
+        tag: the value's ``type`` tag.
+        cls: the class passed for that tag (``module:QualName``).
+        written_by: the class recorded when the checkpoint was written.
+        problem: which fields differ: what the checkpoint holds, what the class expects.
+    """
+
+    def __init__(self, section: str, source: str, where: str, tag: str, cls: str,
+                 written_by: str, problem: str, fix: str) -> None:
+        # Not MemoryTypeMismatchError.__init__: the message is about one class.
+        CheckpointError.__init__(
+            self,
+            f"{section} not restored: checkpoint {source} ({where}) holds a {tag!r} "
+            f"{'value' if section == 'State' else 'entry'} that does not fit {cls}, the "
+            f"class passed for that tag: {problem}. It was written by {written_by} as that "
+            "class was then (its fields changed since); the checkpoint is not damaged "
+            "(`ckptwriter verify` finds it whole), and no older checkpoint is loaded in its "
+            f"place. Fix the class ({fix}), or migrate the checkpoint: read it with "
+            "load_checkpoint(path, raw=True) and write what it holds, converted, with the "
+            "class as it is now.")
+        self.source = source
+        self.where = where
+        self.tag = tag
+        self.cls = cls
+        self.written_by = written_by
+        self.problem = problem
+        self.found = written_by
+        self.expected = cls
 
 
 class StorageError(CheckpointError):

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from . import layout
 from .agent_state import AgentState
-from .checkpoint_sections import refuse_dropped_fields, restore_sections
+from .checkpoint_sections import load_log, restore_sections
 from .discovery import name_of
 from .errors import (
     CheckpointCorruptError,
@@ -267,7 +267,7 @@ def loaded(
 
     Raises:
         Gone, CheckpointCorruptError, MemoryTypeMismatchError (UnknownEntryTypeError,
-        UnknownStateTypeError).
+        UnknownStateTypeError, ClassMismatchError: a class changed since; no fallback).
     """
     got = read_checkpoint(store, ckpt, seen, keep=True)
     shown, rt, blobs = store.url(ckpt), got.runtime, dict(got.files)
@@ -282,15 +282,9 @@ def loaded(
     if memory_data is None:  # it names agent.json, which was taken above
         raise CheckpointCorruptError(shown, layout.RUNTIME_JSON, "memory_snapshot_path "
                                      f"names {rt.memory_snapshot_path}, not a memory file")
-    try:
-        memory = MemoryLog.from_jsonl(
-            memory_data, memory_type=agent.memory_type,
-            entry_types=entry_types, raw=raw,
-            source=f"checkpoint {shown} ({rt.memory_snapshot_path})")
-    except ValueError as exc:
-        raise CheckpointCorruptError(shown, rt.memory_snapshot_path, str(exc)) from None
-    refuse_dropped_fields(agent, rt.memory_snapshot_path, memory_data, entry_types, shown,
-                          raw=raw)
+    memory = load_log(agent, rt.memory_snapshot_path, memory_data,
+                      memory_type=agent.memory_type, entry_types=entry_types, raw=raw,
+                      shown=shown, section="Memory")
     logs, state = restore_sections(agent, blobs, shown, entry_types=entry_types,
                                    state_types=state_types, raw=raw)
     return LoadedCheckpoint(store.as_path(ckpt), rt, agent, memory, blobs, logs, state)

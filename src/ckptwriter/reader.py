@@ -369,7 +369,8 @@ def load_checkpoint(
     Raises:
         CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError
         (UnknownEntryTypeError: the memory or a log holds a type not passed;
-        UnknownStateTypeError: a state value's class was not passed), StorageError.
+        UnknownStateTypeError: a state value's class was not passed; ClassMismatchError: a
+        class changed since it was written, which is never a fallback), StorageError.
         TypeError: a class in ``entry_types`` cannot be an entry type.
     """
     types, stypes = tuple(entry_types), tuple(state_types)

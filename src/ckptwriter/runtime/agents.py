@@ -63,7 +63,8 @@ class Agent(Protocol):
       pydantic models, msgspec Structs, dataclasses) in its memory and its logs. The
       runtime builds the memory with them and loads the checkpoint with them on resume.
     - ``state_types: tuple[type, ...]`` (class attribute): model classes it keeps as
-      state values, loaded back as those classes on resume.
+      state values, loaded back as those classes on resume (a model value of another
+      class is a ConfigError at start-up, a CheckpointError at a later checkpoint).
     - ``logs(self) -> Mapping[str, MemoryLog]``: extra named logs, each checkpointed
       incrementally as ``log.<name>.jsonl`` (names: letters, digits, ``_``, ``-``).
     - ``state_dict(self) -> AgentState``: an :class:`~ckptwriter.AgentState` the agent

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..config import DEFAULT_MAX_ENVS_TO_VISIT, RESUME_AUTO, Config
-from ..errors import ConfigError
+from ..errors import ConfigError, UnknownEntryTypeError
 from ..memory import MemoryLog
 from ..reader import LoadedCheckpoint
 from .agents import Agent, create_agent, resolve_agent_class
 from .environments import ArithmeticEnvironment, Task, TaskSequence, load_validation_dataset
 from .resume import find_resume
-from .state_hook import AgentHook, hook_of, restore
+from .state_hook import AgentHook, hook_of, restore, types_refusal
 
 __all__ = ["RunPlan", "prepare_run"]
 
@@ -70,8 +70,9 @@ def prepare_run(cfg: Config, search_dirs: tuple[str, ...] | None) -> RunPlan:
         memory restored and the task sequence advanced past its episodes.
 
     Raises:
-        ConfigError: nothing is left to train, or the agent or validation data is
-            unusable.
+        ConfigError: nothing is left to train, the agent or validation data is
+            unusable, or the checkpoint holds a class the agent's ``entry_types`` or
+            ``state_types`` lack.
         CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError:
             ``resume_from`` cannot be used.
     """
@@ -83,8 +84,7 @@ def prepare_run(cfg: Config, search_dirs: tuple[str, ...] | None) -> RunPlan:
         resolve_agent_class(cfg.agent.type, _dirs(search_dirs)), cfg.agent.type))
     # Steps 1-2 of the guide's "What happens": manifest loaded (and verified against its
     # checksums), memory restored, with the memory type checked against ours.
-    resumed, continue_in = find_resume(cfg, entry_types=hook.entry_types,
-                                       state_types=hook.state_types)
+    resumed, continue_in = _named(cfg, lambda: _resume(cfg, hook))
     if resumed is not None:
         memory = resumed.memory
         first, steps = resumed.runtime.episode_index, resumed.runtime.train_steps_total
@@ -120,6 +120,14 @@ def prepare_run(cfg: Config, search_dirs: tuple[str, ...] | None) -> RunPlan:
     validation = load_validation_dataset(cfg.validation, env) if validating else []
     return RunPlan(cfg, agent, memory, sequence, validation, first, target, steps, resumed,
                    continue_in, hook=hook)
+
+
+def _resume(cfg: Config, hook: AgentHook) -> tuple[LoadedCheckpoint | None, Path | None]:
+    """:func:`find_resume` with the agent's types; a class they lack is a ConfigError."""
+    try:
+        return find_resume(cfg, entry_types=hook.entry_types, state_types=hook.state_types)
+    except UnknownEntryTypeError as exc:
+        raise types_refusal(exc, hook) from exc
 
 
 def create_agent_for(cfg: Config, memory: MemoryLog, search_dirs: tuple[str, ...] | None

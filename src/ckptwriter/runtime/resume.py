@@ -27,7 +27,7 @@ import yaml
 
 from .. import layout
 from ..config import RESUME_AUTO, Config
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError, MemoryTypeMismatchError
 from ..reader import LoadedCheckpoint, list_checkpoints, load_checkpoint
 from ..storage.location import parse_location
 
@@ -54,7 +54,8 @@ def find_resume(cfg: Config, *, entry_types: tuple[type, ...] = (),
         resume; the run directory is set only under ``auto`` (continued in place).
 
     Raises:
-        CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError.
+        CheckpointNotFoundError, CheckpointCorruptError, MemoryTypeMismatchError
+        (ClassMismatchError: an entry or state class changed since; never a fallback).
     """
     want = cfg.runtime.resume_from
     if want is None:
@@ -120,6 +121,10 @@ def _newest_committed(loaded: LoadedCheckpoint, load: Callable[[str], LoadedChec
     for info in sorted(later, key=lambda i: i.episode_index, reverse=True):
         try:
             newer = load(str(info.path))
+        except MemoryTypeMismatchError:
+            # The agent's classes do not fit it (one changed since, say): resuming from
+            # the older one would rerun its episodes and then collide with it.
+            raise
         except CheckpointError as exc:
             log.warning("%s is newer than the pointer's %s but cannot be loaded (%s)",
                         info.name, loaded.path.name, exc)

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..agent_state import AgentState, StateItem, check_name
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, UnknownEntryTypeError, UnknownStateTypeError
 from ..memory import MemoryLog
 from ..reader import LoadedCheckpoint
 
 __all__ = ["AgentHook", "EpisodeMark", "agent_logs", "agent_state", "check_agent", "episode_mark",
-           "hook_of", "memory_up_to", "restore", "snapshot_parts"]
+           "hook_of", "memory_up_to", "restore", "snapshot_parts", "types_refusal"]
 
 _FIX = "see ckptwriter.runtime.Agent"
 
@@ -157,16 +157,45 @@ def _state_of(agent: Any, hook: AgentHook) -> AgentState | None:
         return None
     state = agent.state_dict()
     if isinstance(state, AgentState):
-        return state
+        return _typed(agent, hook, state)
     if not isinstance(state, Mapping):
         raise ValueError(f"state_dict() returned {type(state).__name__}, expected a "
                          "ckptwriter.AgentState (or a Mapping of names to values)")
     # A plain mapping is encoded again at every checkpoint: an AgentState is not.
     try:
-        return AgentState(state)
+        state = AgentState(state)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"state_dict() returned a mapping a checkpoint cannot hold: {exc}"
                         ) from None
+    return _typed(agent, hook, state)
+
+
+def _typed(agent: Any, hook: AgentHook, state: AgentState) -> AgentState:
+    """``state``, if the class of each model value in it is in the hook's state_types.
+
+    A resumed run loads the state with those classes: a class not there would be saved
+    at every checkpoint and then stop the resume (as ``logs()`` entry types do).
+    """
+    known = set(hook.state_types)
+    lacking: dict[str, str] = {}
+    for key, item in state.capture().items():
+        if item.value.kind == "model" and (cls := type(state[key])) not in known:
+            lacking.setdefault(cls.__name__, key)
+    if lacking:
+        name = type(agent).__name__
+        held = ", ".join(f"state_dict()[{k!r}] holds a {c}" for c, k in lacking.items())
+        what = "a model class" if len(lacking) == 1 else "model classes"
+        them = "it" if len(lacking) == 1 else "them"
+        names = [*(t.__name__ for t in hook.state_types), *lacking]
+        raise ValueError(
+            f"{held}, {what} not in {name}.state_types: add {them} to the agent class "
+            f"(state_types = {_tuple(names)}); a resumed run loads the checkpoint's state "
+            "with those classes")
+    return state
+
+
+def _tuple(names: list[str]) -> str:
+    return f"({names[0]},)" if len(names) == 1 else f"({', '.join(names)})"
 
 
 def check_agent(agent: Any, hook: AgentHook) -> None:
@@ -189,6 +218,24 @@ def check_agent(agent: Any, hook: AgentHook) -> None:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"agent.type {hook.type_name!r}: {type(agent).__name__}.{exc} "
                           f"({_FIX})") from None
+
+
+def types_refusal(exc: UnknownEntryTypeError, hook: AgentHook) -> ConfigError:
+    """What a checkpoint holding a class the agent's hook lacks means for a runtime user:
+    the agent class's ``entry_types`` or ``state_types`` (not ``load_checkpoint``)."""
+    name = hook.type_name.rpartition(":")[2]
+    if isinstance(exc, UnknownStateTypeError):
+        attr, have, names = "state_types", hook.state_types, [exc.cls.rpartition(":")[2]]
+        held = f"checkpoint {exc.source} holds state[{exc.key!r}], a {exc.cls} (tag {exc.found!r})"
+    else:
+        attr, have, names = "entry_types", hook.entry_types, list(exc.tags)
+        held = f"{exc.source} holds entries of type {', '.join(map(repr, exc.tags))}"
+    tags = "that tag: add the class" if len(names) == 1 else "those tags: add the classes"
+    return ConfigError(
+        f"agent.type {hook.type_name!r}: {held}, and no class in {name}.{attr} has "
+        f"{tags} to the agent class ({attr} = "
+        f"{_tuple([*(t.__name__ for t in have), *names])}); a resumed run loads the "
+        f"checkpoint with those classes ({_FIX})")
 
 
 def restore(agent: Any, hook: AgentHook, loaded: LoadedCheckpoint) -> None:

@@ -253,25 +253,18 @@ _OK_FB = Feedback(content=FeedbackContent(score=1.0, message="m"))
             score=float("inf"), message="m")}), r"Feedback\.content\.score is inf",
             id="feedback-inf"),
         pytest.param(_OK_FB.model_copy(update={"content": FeedbackContent.model_construct(
-            score=1, message="m")}), None, id="feedback-int-score-loads-back-equal"),
+            score=1, message="m")}), r"Feedback\.content\.score is the int 1 in a float field",
+            id="feedback-int-score-comes-back-float"),
         pytest.param(Observation.model_construct(), r"Observation\.content|`content`",
                      id="missing-field"),
     ],
 )
 @pytest.mark.parametrize("how", ["append", "extend"])
-def test_fast_paths_refuse_what_would_not_load_back(bad: object, message: str | None,
+def test_fast_paths_refuse_what_would_not_load_back(bad: object, message: str,
                                                     how: str) -> None:
     """append and extend (in a batch of valid entries) take only what loads back equal."""
     good = [Observation(content="a"), _OK_FB] * 100
     log = MemoryLog()
-    if message is None:
-        if how == "extend":
-            log.extend([*good, bad])
-        else:
-            for e in [*good, bad]:
-                log.append(e)
-        assert MemoryLog.from_jsonl(log.to_jsonl())[:] == [*good, bad]
-        return
     if how == "extend":
         with pytest.raises(ValueError, match=message):
             log.extend([*good, bad, *good])

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from .entries import BUILTIN_TYPES, FeedbackContent
 from .entry_schema import Codec, codec_for, own_fields, register_hint
+from .exact import find_change
 from .nonfinite import NONFINITE_FIX, find_nonfinite, may_hold_nonfinite
 
 __all__ = ["FIELDS_ENCODER", "EntryTypes", "RawTag", "entry_types", "plain_lines"]
@@ -135,7 +136,11 @@ class EntryTypes:
             problem = f"{where}: {err['msg']} " + _bypass_hint(codec.cls)
         else:
             if back == entry:
-                return
+                # Equal is not the same: an enum in an Any field loads back as its value.
+                found = find_change(entry, back, name)
+                if found is None:
+                    return
+                raise ValueError(f"cannot append {name} entry: {found}")
             problem = _difference(name, entry, back)
         if may_hold_nonfinite(line) and (bad := find_nonfinite(entry, name)) is not None:
             problem = f"{bad}: {NONFINITE_FIX}"

@@ -24,7 +24,6 @@ Error handling:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import hashlib
 import math
@@ -36,6 +35,7 @@ from pydantic import BaseModel
 
 from .entry_codec import EntryTypes, entry_types
 from .entry_schema import codec_for, own_fields
+from .exact import a_noun, subclass_problem
 from .nonfinite import NONFINITE_FIX
 
 __all__ = ["EncodedValue", "class_path", "decode_value", "encode_value", "fingerprint"]
@@ -53,11 +53,6 @@ class EncodedValue(msgspec.Struct, frozen=True):
     data: bytes
     cls: str | None = None
     tag: str | None = None
-
-
-def _a(noun: str) -> str:
-    """``a list``, ``an object``: the article a message needs."""
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def class_path(cls: type) -> str:
@@ -207,24 +202,6 @@ def _exact_walk(value: Any) -> bool:
     return True
 
 
-_SUBCLASS_FIX = {dict: "dict(value)", list: "list(value)", str: "str(value)",
-                 int: "int(value)", float: "float(value)"}
-
-
-def _subclass(value: Any, path: str) -> str | None:
-    """What is wrong with a value of a subclass of a JSON type, or None."""
-    t = type(value)
-    if isinstance(value, enum.Enum):
-        return (f"{path} is {t.__name__}.{value.name} (an enum): it would load back as "
-                f"its plain value {value.value!r}; store {t.__name__}.{value.name}.value "
-                f"and rebuild it with {t.__name__}(value) after loading")
-    for base, fix in _SUBCLASS_FIX.items():
-        if isinstance(value, base) and t is not base and t is not bool:
-            return (f"{path} is {_a(t.__name__)} (a subclass of {base.__name__}): it would "
-                    f"load back as a plain {base.__name__}; convert it with {fix}")
-    return None
-
-
 def _bad_text(text: str, path: str) -> str | None:
     try:
         text.encode("utf-8")
@@ -266,18 +243,18 @@ def _problem(value: Any, path: str) -> tuple[type[Exception], str] | None:
     if t is tuple:
         return TypeError, f"{path} is a tuple: it would load back as a list; pass a list"
     if t in (set, frozenset):
-        return TypeError, (f"{path} is {_a(t.__name__)}: it would load back as a list; pass a "
+        return TypeError, (f"{path} is {a_noun(t.__name__)}: it would load back as a list; pass a "
                            "sorted list")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return TypeError, (f"{path} is bytes inside JSON data: JSON has no bytes; store "
                            "bytes as a state value of its own")
-    if (sub := _subclass(value, path)) is not None:
+    if (sub := subclass_problem(value, path)) is not None:
         return TypeError, sub
     if _is_model(value):
-        return TypeError, (f"{path} is {_a(t.__name__)} inside JSON data: it would load back "
+        return TypeError, (f"{path} is {a_noun(t.__name__)} inside JSON data: it would load back "
                            "as a dict; store it as a state value of its own, or convert it "
                            "(model_dump(), msgspec.to_builtins())")
-    return TypeError, (f"{path} is {_a(t.__name__)}, which would not load back equal from "
+    return TypeError, (f"{path} is {a_noun(t.__name__)}, which would not load back equal from "
                        "JSON")
 
 

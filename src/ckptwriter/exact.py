@@ -1,0 +1,156 @@
+"""Did a value come back from JSON as it was handed over: the same types, not only equal?
+
+Equal is not enough. An IntEnum or a str Enum compares equal to the int or str it loads
+back as, a defaultdict to a plain dict, the int 2 in a dataclass's ``float`` field to the
+2.0 it loads back as, a datetime in ``ZoneInfo("Europe/Paris")`` to the same instant at a
+fixed ``+02:00`` (which is wrong after the next DST change), a time in a ZoneInfo to a
+naive time. :func:`find_change` walks the value handed over and the value loaded back
+side by side (containers, model fields) and names the first place their types differ,
+with the fix. It runs only after the two compare equal, so it looks at types alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+from typing import Any
+
+import msgspec
+from pydantic import BaseModel
+from pydantic_core import TzInfo
+
+__all__ = ["a_noun", "find_change", "subclass_problem"]
+
+_LEAVES = frozenset({str, int, float, bool, type(None), bytes, bytearray})
+_SUBCLASS_FIX = {dict: "dict(value)", list: "list(value)", str: "str(value)",
+                 int: "int(value)", float: "float(value)"}
+# The fixed-offset time zones JSON keeps exactly (pydantic's TzInfo is what it makes of
+# "+02:00"; msgspec gives the same offset back as a datetime.timezone).
+_FIXED = (datetime.timezone, TzInfo)
+
+
+def a_noun(noun: str) -> str:
+    """``a list``, ``an object``: the article a message needs."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def subclass_problem(value: Any, path: str) -> str | None:
+    """What is wrong with an enum or another subclass of a JSON type, or None."""
+    t = type(value)
+    if isinstance(value, enum.Enum):
+        return (f"{path} is {t.__name__}.{value.name} (an enum): it would load back as "
+                f"its plain value {value.value!r}; store {t.__name__}.{value.name}.value "
+                f"and rebuild it with {t.__name__}(value) after loading")
+    for base, fix in _SUBCLASS_FIX.items():
+        if isinstance(value, base) and t is not base and t is not bool:
+            return (f"{path} is {a_noun(t.__name__)} (a subclass of {base.__name__}): it "
+                    f"would load back as a plain {base.__name__}; convert it with {fix}")
+    return None
+
+
+def find_change(given: Any, back: Any, path: str) -> str | None:
+    """Where ``back`` (``given`` loaded back, and equal to it) is not what ``given`` was.
+
+    Returns:
+        a message naming the path inside the value, what it would load back as and the
+        fix; None when every type (and time zone) is the same.
+    """
+    try:
+        return _change(given, back, path)
+    except RecursionError:
+        return None  # deeper than the encoder goes: the encoder has refused it already
+
+
+def _change(given: Any, back: Any, path: str) -> str | None:
+    t = type(given)
+    if t is not type(back):
+        return _type_change(given, back, path)
+    if t in _LEAVES or given is back:
+        return None
+    if isinstance(given, dict):
+        return _dict_change(given, back, path)
+    if isinstance(given, (list, tuple)):
+        for i, (g, b) in enumerate(zip(given, back, strict=True)):
+            if (found := _change(g, b, f"{path}[{i}]")) is not None:
+                return found
+        return None
+    if isinstance(given, (set, frozenset)):
+        same = {b: b for b in back}  # the loaded element equal to each given one
+        for g in given:
+            if (found := _change(g, same.get(g, g), f"{path} item {g!r}")) is not None:
+                return found
+        return None
+    if isinstance(given, (datetime.datetime, datetime.time)):
+        return _zone_change(given, back, path)
+    if isinstance(given, decimal.Decimal) and str(given) != str(back):
+        return f"{path} = {given!r} would load back as {back!r}; store it as a str"
+    for name, g, b in _fields(given, back):
+        if (found := _change(g, b, f"{path}.{name}")) is not None:
+            return found
+    return None
+
+
+def _dict_change(given: dict[Any, Any], back: dict[Any, Any], path: str) -> str | None:
+    keys: dict[Any, Any] | None = None
+    for (k, v), (kb, vb) in zip(given.items(), back.items(), strict=True):
+        if k is not kb and (type(k) is not type(kb) or k != kb):
+            if keys is None:  # another order (a sorted encode): match keys by equality
+                keys = {key: key for key in back}
+            kb = keys.get(k, k)
+            vb = back[k]
+        if type(k) is not type(kb):
+            return _type_change(k, kb, f"{path} key {k!r}")
+        if (found := _change(v, vb, f"{path}[{k!r}]")) is not None:
+            return found
+    return None
+
+
+def _fields(given: Any, back: Any) -> list[tuple[str, Any, Any]]:
+    if isinstance(given, BaseModel):
+        b = back.__dict__
+        return [(k, v, b[k]) for k, v in given.__dict__.items()]
+    if isinstance(given, msgspec.Struct):
+        return [(f, getattr(given, f), getattr(back, f)) for f in given.__struct_fields__]
+    if dataclasses.is_dataclass(given):
+        return [(f.name, getattr(given, f.name), getattr(back, f.name))
+                for f in dataclasses.fields(given)]
+    return []
+
+
+def _zone_change(given: datetime.datetime | datetime.time,
+                 back: datetime.datetime | datetime.time, path: str) -> str | None:
+    tz, tz_back = given.tzinfo, back.tzinfo
+    if tz is tz_back or (isinstance(tz, _FIXED) and isinstance(tz_back, _FIXED)
+                         and given.utcoffset() == back.utcoffset()
+                         and (type(tz) is not datetime.timezone
+                              or given.tzname() == back.tzname())):
+        if given.fold == back.fold:
+            return None
+        return (f"{path} = {given!r} has fold=1, which JSON does not keep: it would load "
+                f"back as {back!r}; store it in UTC (value.astimezone(timezone.utc))")
+    if isinstance(given, datetime.time):
+        return (f"{path} is a time in the time zone {tz}, which JSON does not keep (a time "
+                f"has no UTC offset in such a zone): it would load back as {back!r}; store "
+                "a datetime, or a time with a fixed offset (datetime.timezone), and the "
+                "zone name in a field of its own")
+    return (f"{path} is a datetime in the time zone {tz}: JSON keeps only its UTC offset, "
+            f"so it would load back with the fixed offset {back.tzinfo} (wrong after a "
+            "daylight saving change); store it with a fixed offset, e.g. "
+            "value.astimezone(timezone.utc), and the zone name in a field of its own")
+
+
+def _type_change(given: Any, back: Any, path: str) -> str:
+    if isinstance(given, enum.Enum):
+        t = type(given)
+        return (f"{path} is {t.__name__}.{given.name} (an enum) in a field that does not "
+                f"declare {t.__name__}: it would load back as {back!r}; declare the field's "
+                f"type as {t.__name__}, or store {t.__name__}.{given.name}.value")
+    if type(given) is int and type(back) is float:
+        return (f"{path} is the int {given!r} in a float field: it would load back as the "
+                f"float {back!r}; pass float({given!r})")
+    if (sub := subclass_problem(given, path)) is not None:
+        return sub
+    return (f"{path} = {given!r} ({type(given).__name__}) would load back as {back!r} "
+            f"({type(back).__name__}); store a value of the type it loads back as")

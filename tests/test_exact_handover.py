@@ -20,7 +20,16 @@ import msgspec
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from ckptwriter import AgentState, MemoryLog, SyncCheckpointWriter, load_checkpoint
+from ckptwriter import (
+    AgentState,
+    CheckpointError,
+    ConfigError,
+    MemoryLog,
+    Snapshot,
+    SyncCheckpointWriter,
+    load_checkpoint,
+)
+from ckptwriter.config import load_config
 from conftest import snapshot
 
 
@@ -122,3 +131,94 @@ def test_exact_values_are_kept_exactly(tmp_path: Path) -> None:
     assert type(ck.memory[0].color) is Color
     assert ck.memory[1].at.utcoffset() == datetime.timedelta(hours=2)
     assert ck.state["step"] == Step(reward=0.5)
+
+
+class Mode(str, enum.Enum):
+    FAST = "fast"
+
+
+_NOT_JSON = [
+    pytest.param(float("nan"), r"\['v'\] is nan: JSON has no NaN or infinity", id="nan"),
+    pytest.param([1.0, float("inf")], r"\['v'\]\[1\] is inf: JSON has no NaN", id="inf"),
+    pytest.param((64, 64), r"\['v'\] is a tuple: it would load back as a list", id="tuple"),
+    pytest.param({3, 1}, r"\['v'\] is a set: it would load back as a list", id="set"),
+    pytest.param(Mode.FAST, r"\['v'\] is Mode\.FAST \(an enum\)", id="enum"),
+    pytest.param({1: "a"}, r"\['v'\] has the key 1 \(int\): JSON keys are strings", id="int-key"),
+    pytest.param(datetime.datetime(2024, 1, 1), r"\['v'\] is a datetime, which would not load",
+                 id="datetime"),
+    pytest.param(defaultdict(int), r"\['v'\] is a defaultdict \(a subclass of dict\)",
+                 id="defaultdict"),
+    pytest.param(b"\x00", r"\['v'\] is bytes inside JSON data", id="nested-bytes"),
+    pytest.param("caf\udce9", r"\['v'\] holds '\\udce9' at index 3, a lone surrogate",
+                 id="surrogate"),
+]
+
+
+@pytest.mark.parametrize(("value", "message"), _NOT_JSON)
+def test_agent_config_that_would_come_back_changed_is_refused(value: Any, message: str) -> None:
+    """agent_config is refused at capture, as a state value would be, naming the key."""
+    snap = Snapshot(1, 1, "A", MemoryLog(), agent_config={"v": value})
+    with pytest.raises(CheckpointError, match=rf"^Snapshot\.agent_config{message}"):
+        snap.capture()
+
+
+@pytest.mark.parametrize(("value", "message"), _NOT_JSON)
+def test_extra_file_that_would_come_back_changed_is_refused(tmp_path: Path, value: Any,
+                                                            message: str) -> None:
+    """An extra file is refused at submit, naming the file and the path inside it."""
+    snap = Snapshot(1, 1, "A", MemoryLog(), extra_files={"o.json": {"v": value}})
+    with SyncCheckpointWriter(tmp_path) as w:
+        with pytest.raises(CheckpointError, match=rf"^extra_files\['o\.json'\]{message}"):
+            w.submit(snap)
+        w.submit(Snapshot(1, 1, "A", MemoryLog(), extra_files={"o.json": b"ok"})).wait()
+    assert load_checkpoint(tmp_path).extra_files == {"o.json": b"ok"}
+
+
+def test_agent_config_nan_in_config_file_is_a_config_error(tmp_path: Path) -> None:
+    """A `.nan` (or a YAML date) under agent.config is refused when the file is loaded."""
+    path = tmp_path / "run.yaml"
+    path.write_text("agent:\n  config:\n    temperature: .nan\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"agent\.config\['temperature'\] is nan: JSON has no"):
+        load_config(path)
+    path.write_text("agent:\n  config:\n    since: 2024-01-01\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"agent\.config\['since'\] is a date, .* quote a date"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    pytest.param("a\x00b.json", r"holds a NUL character", id="nul"),
+    pytest.param("\udcff.json", r"holds '\\udcff' at index 0, a lone surrogate", id="surrogate"),
+    pytest.param("字" * 90 + ".json", r"is 275 bytes long in UTF-8", id="too-long-utf8"),
+    pytest.param("a" * 256, r"is 256 bytes long in UTF-8", id="too-long"),
+    pytest.param("runtime.json", r"is reserved by ckptwriter", id="reserved"),
+    pytest.param("../x", r"holds a slash", id="path"),
+])
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_extra_file_name_no_file_can_have_is_refused_at_submit(
+        tmp_path: Path, name: str, problem: str, executor: str) -> None:
+    """A bad extra file name is refused at submit, naming it; the writer goes on working."""
+    with SyncCheckpointWriter(tmp_path, executor=executor) as w:
+        with pytest.raises(CheckpointError, match=rf"^extra_files name .* {problem}"):
+            w.submit(Snapshot(1, 1, "A", MemoryLog(), extra_files={name: b"x"}))
+        w.submit(Snapshot(1, 1, "A", MemoryLog(), extra_files={"a" * 255: b"x"})).wait()
+    assert list(load_checkpoint(tmp_path).extra_files) == ["a" * 255]
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    pytest.param({"val_score": "0.5"}, r"^Snapshot\.val_score must be a float \(or None\), got "
+                 r"'0\.5' \(str\)", id="score-str"),
+    pytest.param({"val_score": True}, r"^Snapshot\.val_score must be a float", id="score-bool"),
+    pytest.param({"val_score": 10**400}, r"^Snapshot\.val_score is an int too large for a float",
+                 id="score-overflow"),
+    pytest.param({"agent_type": "A\udce9"}, r"^Snapshot\.agent_type 'A\\udce9' holds '\\udce9' "
+                 r"at index 1, a lone surrogate", id="agent_type-surrogate"),
+    pytest.param({"agent_config": {"p": "caf\udce9"}}, r"^Snapshot\.agent_config\['p'\] holds",
+                 id="config-surrogate"),
+])
+def test_snapshot_field_that_cannot_be_written_is_refused_clearly(field: dict[str, Any],
+                                                                  message: str) -> None:
+    """val_score, agent_type and agent_config refusals are CheckpointErrors naming the field."""
+    args: dict[str, Any] = {"episode_index": 1, "train_steps_total": 1, "agent_type": "A",
+                            "memory": MemoryLog(), **field}
+    with pytest.raises(CheckpointError, match=message):
+        Snapshot(**args).capture()

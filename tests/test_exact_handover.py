@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ckptwriter import (
     AgentState,
@@ -222,3 +222,69 @@ def test_snapshot_field_that_cannot_be_written_is_refused_clearly(field: dict[st
                             "memory": MemoryLog(), **field}
     with pytest.raises(CheckpointError, match=message):
         Snapshot(**args).capture()
+
+
+class Rec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["Rec"] = "Rec"
+    data: dict[str, Any]
+
+
+class _Text(str):
+    pass
+
+
+def test_value_no_json_line_holds_is_a_type_error_naming_field_and_fix() -> None:
+    """A numpy scalar or a str subclass in an Any field: TypeError with the path and fix."""
+    np = pytest.importorskip("numpy")
+    log = MemoryLog(entry_types=[Rec])
+    with pytest.raises(TypeError, match=r"^cannot append Rec entry: Rec\.data\['r'\]\[0\] is an "
+                       r"int64 \(numpy\.int64\), which a JSON line cannot hold: convert it to "
+                       r"plain data \(for a numpy value: value\.item\(\)\)"):
+        log.append(Rec(data={"r": [np.int64(3)]}))
+    with pytest.raises(TypeError, match=r"^cannot append Rec entry: Rec\.data\['r'\] is a "
+                       r"float64 \(a subclass of float\).*convert it with float\(value\)$"):
+        log.extend([Rec(data={"r": np.float64(0.5)})])
+    with pytest.raises(TypeError, match=r"^state\['k'\]: cannot append Rec entry: "
+                       r"Rec\.data\['t'\] is a _Text \(a subclass of str\)"):
+        AgentState(k=Rec(data={"t": _Text("x")}))
+    assert len(log) == 0
+
+
+@pytest.mark.parametrize(("entry", "advice"), [
+    pytest.param({"type": "Observation", "content": "x"},
+                 r"got dict, not an entry: build the entry from it, "
+                 r"Observation\.model_validate\(d\)$", id="built-in-shaped-dict"),
+    pytest.param({"a": 1}, r"got dict, which cannot be an entry type: entries are frozen "
+                 r"pydantic models, msgspec Structs or dataclasses; declare one with a field "
+                 r"for the dict and pass it as MemoryLog\(entry_types=\[YourEntry\]\)",
+                 id="other-dict"),
+])
+def test_plain_dict_entry_gets_advice_that_works(entry: dict[str, Any], advice: str) -> None:
+    """A dict entry is told to build an entry (never to register `dict`)."""
+    with pytest.raises(TypeError, match=rf"^MemoryLog entries must be .*; {advice}") as info:
+        MemoryLog().append(entry)
+    assert "entry_types=[dict]" not in str(info.value)
+
+
+class _Inner(BaseModel):
+    x: int = Field(alias="X")
+
+
+class _Outer(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["_Outer"] = "_Outer"
+    inner: _Inner
+
+
+def test_nested_alias_is_not_blamed_on_skipped_validation() -> None:
+    """A model built normally that cannot load its own JSON is told so, not model_copy."""
+    log = MemoryLog(entry_types=[_Outer])
+    with pytest.raises(ValueError, match=r"^cannot append _Outer entry: _Outer\.inner\.X: Field "
+                       r"required \(_Outer validates as built, but not from the JSON it is "
+                       r"written as: a nested model with a field alias"):
+        log.append(_Outer(inner=_Inner(X=1)))
+    bypassed = _Outer.model_construct(inner={"X": "not an int"})
+    with pytest.raises(ValueError, match=r"model_copy\(update=\.\.\.\) and model_construct skip "
+                       r"validation"):
+        log.append(bypassed)

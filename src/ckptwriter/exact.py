@@ -15,17 +15,22 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import uuid
 from typing import Any
 
 import msgspec
 from pydantic import BaseModel
 from pydantic_core import TzInfo
 
-__all__ = ["a_noun", "find_change", "subclass_problem"]
+__all__ = ["a_noun", "find_change", "find_unencodable", "subclass_problem"]
 
 _LEAVES = frozenset({str, int, float, bool, type(None), bytes, bytearray})
 _SUBCLASS_FIX = {dict: "dict(value)", list: "list(value)", str: "str(value)",
                  int: "int(value)", float: "float(value)"}
+# What msgspec writes as JSON as it is (besides enums, containers and models).
+_ENCODABLE = frozenset({str, int, float, bool, type(None), bytes, bytearray, uuid.UUID,
+                        datetime.datetime, datetime.date, datetime.time,
+                        datetime.timedelta, decimal.Decimal})
 # The fixed-offset time zones JSON keeps exactly (pydantic's TzInfo is what it makes of
 # "+02:00"; msgspec gives the same offset back as a datetime.timezone).
 _FIXED = (datetime.timezone, TzInfo)
@@ -154,3 +159,45 @@ def _type_change(given: Any, back: Any, path: str) -> str:
         return sub
     return (f"{path} = {given!r} ({type(given).__name__}) would load back as {back!r} "
             f"({type(back).__name__}); store a value of the type it loads back as")
+
+
+def find_unencodable(value: Any, path: str) -> str | None:
+    """The first value inside ``value`` that a JSON line cannot hold, worded with the fix.
+
+    For an encode that failed: a numpy scalar, a str subclass, any other object in an
+    ``Any`` field. None if there is none (the encoder failed for another reason).
+    """
+    try:
+        return _unencodable(value, path)
+    except RecursionError:
+        return None
+
+
+def _unencodable(value: Any, path: str) -> str | None:
+    t = type(value)
+    if t in _ENCODABLE or isinstance(value, enum.Enum):
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = (_unencodable(k, f"{path} key {k!r}")
+                     or _unencodable(v, f"{path}[{k!r}]"))
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for i, v in enumerate(value):
+            if (found := _unencodable(v, f"{path}[{i}]")) is not None:
+                return found
+        return None
+    if isinstance(value, (BaseModel, msgspec.Struct)) or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        for name, v, _ in _fields(value, value):
+            if (found := _unencodable(v, f"{path}.{name}")) is not None:
+                return found
+        return None
+    if (sub := subclass_problem(value, path)) is not None:
+        return sub
+    numpy = " (for a numpy value: value.item())" if t.__module__.startswith("numpy") else ""
+    return (f"{path} is {a_noun(t.__name__)} ({t.__module__}.{t.__qualname__}), which a "
+            f"JSON line cannot hold: convert it to plain data{numpy}, or declare the field "
+            f"with a type the class validates to plain data")

@@ -16,6 +16,8 @@ import datetime
 import decimal
 import enum
 import uuid
+from collections.abc import Iterable
+from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -24,7 +26,7 @@ from pydantic_core import TzInfo
 
 __all__ = ["a_noun", "find_change", "find_unencodable", "subclass_problem"]
 
-_LEAVES = frozenset({str, int, float, bool, type(None), bytes, bytearray})
+_LEAVES: frozenset[type] = frozenset({str, int, float, bool, type(None), bytes, bytearray})
 _SUBCLASS_FIX = {dict: "dict(value)", list: "list(value)", str: "str(value)",
                  int: "int(value)", float: "float(value)"}
 # What msgspec writes as JSON as it is (besides enums, containers and models).
@@ -58,47 +60,100 @@ def subclass_problem(value: Any, path: str) -> str | None:
 def find_change(given: Any, back: Any, path: str) -> str | None:
     """Where ``back`` (``given`` loaded back, and equal to it) is not what ``given`` was.
 
+    Linear in the size of the value; the path is only built for the difference found.
+
     Returns:
         a message naming the path inside the value, what it would load back as and the
         fix; None when every type (and time zone) is the same.
     """
     try:
-        return _change(given, back, path)
+        found = _diff(given, back)
     except RecursionError:
         return None  # deeper than the encoder goes: the encoder has refused it already
+    if found is None:
+        return None
+    g, b, steps = found
+    where = path + "".join(reversed(steps))
+    if type(g) is not type(b):
+        return _type_change(g, b, where)
+    if isinstance(g, decimal.Decimal):
+        return f"{where} = {g!r} would load back as {b!r}; store it as a str"
+    return _zone_change(g, b, where)
 
 
-def _change(given: Any, back: Any, path: str) -> str | None:
+# What each type is to the walk, found once per type (a dict lookup per value after).
+_LEAF, _DICT, _SEQ, _SET, _ZONED, _DECIMAL, _MODEL, _STRUCT, _DATACLASS = range(9)
+_KINDS: dict[type, int] = dict.fromkeys(_LEAVES, _LEAF)
+
+
+def _kind(t: type) -> int:
+    if len(_KINDS) > 4096:  # classes made on the fly: keep the cache bounded
+        _KINDS.clear()
+        _KINDS.update(dict.fromkeys(_LEAVES, _LEAF))
+    kind = (_DICT if issubclass(t, dict) else _SEQ if issubclass(t, (list, tuple))
+            else _SET if issubclass(t, (set, frozenset))
+            else _ZONED if issubclass(t, (datetime.datetime, datetime.time))
+            else _DECIMAL if issubclass(t, decimal.Decimal)
+            else _MODEL if issubclass(t, BaseModel)
+            else _STRUCT if issubclass(t, msgspec.Struct)
+            else _DATACLASS if dataclasses.is_dataclass(t) else _LEAF)
+    _KINDS[t] = kind
+    return kind
+
+
+_Found = tuple[Any, Any, list[str]]
+
+
+def _diff(given: Any, back: Any) -> _Found | None:
+    """The first two values that differ, and the steps to them (innermost first)."""
     t = type(given)
     if t is not type(back):
-        return _type_change(given, back, path)
-    if t in _LEAVES or given is back:
+        return given, back, []
+    kind = _KINDS.get(t)
+    if kind is None:
+        kind = _kind(t)
+    if kind == _LEAF or given is back:
         return None
-    if isinstance(given, dict):
-        return _dict_change(given, back, path)
-    if isinstance(given, (list, tuple)):
-        for i, (g, b) in enumerate(zip(given, back, strict=True)):
-            if (found := _change(g, b, f"{path}[{i}]")) is not None:
-                return found
-        return None
-    if isinstance(given, (set, frozenset)):
+    if kind == _DICT:
+        return _dict_diff(given, back)
+    if kind == _MODEL:
+        d, bd = given.__dict__, back.__dict__
+        return _zip_diff(".{}", d, d.values(), map(bd.__getitem__, d))
+    if kind == _SEQ:
+        return _zip_diff("[{}]", range(len(given)), given, back)
+    if kind == _SET:
         same = {b: b for b in back}  # the loaded element equal to each given one
-        for g in given:
-            if (found := _change(g, same.get(g, g), f"{path} item {g!r}")) is not None:
-                return found
-        return None
-    if isinstance(given, (datetime.datetime, datetime.time)):
-        return _zone_change(given, back, path)
-    if isinstance(given, decimal.Decimal) and str(given) != str(back):
-        return f"{path} = {given!r} would load back as {back!r}; store it as a str"
-    for name, g, b in _fields(given, back):
-        if (found := _change(g, b, f"{path}.{name}")) is not None:
+        return _zip_diff(" item {!r}", given, given, map(same.__getitem__, given))
+    if kind == _ZONED:
+        return None if _same_zone(given, back) else (given, back, [])
+    if kind == _DECIMAL:
+        return None if str(given) == str(back) else (given, back, [])
+    if kind == _STRUCT:
+        return _zip_diff(".{}", given.__struct_fields__, msgspec.structs.astuple(given),
+                         msgspec.structs.astuple(back))
+    names = [f.name for f in dataclasses.fields(given)]
+    return _zip_diff(".{}", names, map(getattr, repeat(given), names),
+                     map(getattr, repeat(back), names))
+
+
+def _zip_diff(step: str, keys: Iterable[Any], given: Iterable[Any],
+              back: Iterable[Any]) -> _Found | None:
+    """The first difference of ``given`` and ``back`` (in step); ``step`` words a key."""
+    leaves = _LEAVES
+    for key, g, b in zip(keys, given, back, strict=True):
+        t = type(g)
+        if t is type(b) and t in leaves:
+            continue  # most values: no call, no path
+        found = _diff(g, b)
+        if found is not None:
+            found[2].append(step.format(key))
             return found
     return None
 
 
-def _dict_change(given: dict[Any, Any], back: dict[Any, Any], path: str) -> str | None:
+def _dict_diff(given: dict[Any, Any], back: dict[Any, Any]) -> _Found | None:
     keys: dict[Any, Any] | None = None
+    leaves = _LEAVES
     for (k, v), (kb, vb) in zip(given.items(), back.items(), strict=True):
         if k is not kb and (type(k) is not type(kb) or k != kb):
             if keys is None:  # another order (a sorted encode): match keys by equality
@@ -106,33 +161,38 @@ def _dict_change(given: dict[Any, Any], back: dict[Any, Any], path: str) -> str 
             kb = keys.get(k, k)
             vb = back[k]
         if type(k) is not type(kb):
-            return _type_change(k, kb, f"{path} key {k!r}")
-        if (found := _change(v, vb, f"{path}[{k!r}]")) is not None:
+            return k, kb, [f" key {k!r}"]
+        t = type(v)
+        if t is type(vb) and t in leaves:
+            continue
+        found = _diff(v, vb)
+        if found is not None:
+            found[2].append(f"[{k!r}]")
             return found
     return None
 
 
-def _fields(given: Any, back: Any) -> list[tuple[str, Any, Any]]:
-    if isinstance(given, BaseModel):
-        b = back.__dict__
-        return [(k, v, b[k]) for k, v in given.__dict__.items()]
-    if isinstance(given, msgspec.Struct):
-        return [(f, getattr(given, f), getattr(back, f)) for f in given.__struct_fields__]
-    if dataclasses.is_dataclass(given):
-        return [(f.name, getattr(given, f.name), getattr(back, f.name))
-                for f in dataclasses.fields(given)]
-    return []
+def _fields(value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, BaseModel):
+        return list(value.__dict__.items())
+    if isinstance(value, msgspec.Struct):
+        return [(f, getattr(value, f)) for f in value.__struct_fields__]
+    return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+
+
+def _same_zone(given: datetime.datetime | datetime.time,
+               back: datetime.datetime | datetime.time) -> bool:
+    tz, tz_back = given.tzinfo, back.tzinfo
+    return given.fold == back.fold and (tz is tz_back or (
+        isinstance(tz, _FIXED) and isinstance(tz_back, _FIXED)
+        and given.utcoffset() == back.utcoffset()
+        and (type(tz) is not datetime.timezone or given.tzname() == back.tzname())))
 
 
 def _zone_change(given: datetime.datetime | datetime.time,
-                 back: datetime.datetime | datetime.time, path: str) -> str | None:
-    tz, tz_back = given.tzinfo, back.tzinfo
-    if tz is tz_back or (isinstance(tz, _FIXED) and isinstance(tz_back, _FIXED)
-                         and given.utcoffset() == back.utcoffset()
-                         and (type(tz) is not datetime.timezone
-                              or given.tzname() == back.tzname())):
-        if given.fold == back.fold:
-            return None
+                 back: datetime.datetime | datetime.time, path: str) -> str:
+    tz = given.tzinfo
+    if given.fold != back.fold:
         return (f"{path} = {given!r} has fold=1, which JSON does not keep: it would load "
                 f"back as {back!r}; store it in UTC (value.astimezone(timezone.utc))")
     if isinstance(given, datetime.time):
@@ -191,7 +251,7 @@ def _unencodable(value: Any, path: str) -> str | None:
         return None
     if isinstance(value, (BaseModel, msgspec.Struct)) or (
             dataclasses.is_dataclass(value) and not isinstance(value, type)):
-        for name, v, _ in _fields(value, value):
+        for name, v in _fields(value):
             if (found := _unencodable(v, f"{path}.{name}")) is not None:
                 return found
         return None

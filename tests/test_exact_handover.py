@@ -288,3 +288,16 @@ def test_nested_alias_is_not_blamed_on_skipped_validation() -> None:
     with pytest.raises(ValueError, match=r"model_copy\(update=\.\.\.\) and model_construct skip "
                        r"validation"):
         log.append(bypassed)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    pytest.param({"memory": MemoryLog(memory_type="h\udce9")},
+                 r"^Snapshot\.memory_type \(or the MemoryLog's\) 'h\\udce9' holds", id="memory"),
+    pytest.param({"logs": {"chat": MemoryLog(memory_type="h\udce9")}},
+                 r"^Snapshot\.logs\['chat'\]\.memory_type 'h\\udce9' holds", id="named-log"),
+])
+def test_memory_type_json_cannot_hold_is_refused(kw: dict[str, Any], message: str) -> None:
+    """A lone surrogate in a log's memory_type is a CheckpointError naming it."""
+    args: dict[str, Any] = {"memory": MemoryLog(), **kw}
+    with pytest.raises(CheckpointError, match=message):
+        Snapshot(1, 1, "A", **args).capture()

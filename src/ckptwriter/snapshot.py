@@ -89,6 +89,7 @@ class Snapshot:
                         else path_text(os.fspath(self.resumed_from)))
         score = _check_score(self.val_score)
         memory_type = self.memory_type or self.memory.memory_type
+        _check_text(memory_type, "memory_type (or the MemoryLog's)", required=False)
         logs = self._capture_logs()
         state = self._capture_state()
         for what, part in (("agent_config", self.agent_config),
@@ -133,6 +134,7 @@ class Snapshot:
             if not isinstance(log, MemoryLog):
                 raise CheckpointError(f"Snapshot.logs[{name!r}] must be a ckptwriter.MemoryLog, "
                                       f"got {type(log).__name__}")
+            _check_text(log.memory_type, f"logs[{name!r}].memory_type", required=False)
             out[name] = (log, log.capture())
         return out
 

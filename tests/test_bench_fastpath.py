@@ -72,11 +72,13 @@ def test_subclass_entry_is_refused_not_written_as_its_base() -> None:
 
 
 def test_extend_rejects_foreign_object_after_earlier_entries() -> None:
-    """extend() raises on a foreign object and keeps the entries before it."""
+    """extend() raises on a foreign object and appends none of the entries before it."""
     log = MemoryLog()
-    with pytest.raises(TypeError, match=r"^MemoryLog entries must be .*got int$"):
+    with pytest.raises(TypeError, match=r"^MemoryLog entries must be .*got int, which cannot "
+                       r"be an entry type"):
         log.extend([Action(content="a"), 5])  # type: ignore[list-item]
-    assert len(log) == 1
+    assert len(log) == 0
+    assert log.to_jsonl() == b""
 
 
 def test_capture_after_extend_roundtrips() -> None:

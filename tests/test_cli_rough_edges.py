@@ -280,8 +280,8 @@ def test_extra_file_with_non_str_keys_names_the_file(tmp_path: Path) -> None:
                                          extra_files={"optimizer.json": {1: 0.5}}))
 
     with pytest.raises(CheckpointError, match=(
-        r"^extra_files\['optimizer\.json'\] is not JSON-able \(a dict has a key that is not "
-        r"a str; convert keys with str\(key\)\)\. Make it JSON")):
+        r"^extra_files\['optimizer\.json'\] has the key 1 \(int\): JSON keys are strings, it "
+        r"would load back as '1'; convert keys with str\(key\); make it JSON data")):
         anyio.run(submit)
 
 

@@ -253,31 +253,39 @@ _OK_FB = Feedback(content=FeedbackContent(score=1.0, message="m"))
             score=float("inf"), message="m")}), r"Feedback\.content\.score is inf",
             id="feedback-inf"),
         pytest.param(_OK_FB.model_copy(update={"content": FeedbackContent.model_construct(
-            score=1, message="m")}), None, id="feedback-int-score-loads-back-equal"),
+            score=1, message="m")}), r"Feedback\.content\.score is the int 1 in a float field",
+            id="feedback-int-score-comes-back-float"),
         pytest.param(Observation.model_construct(), r"Observation\.content|`content`",
                      id="missing-field"),
     ],
 )
 @pytest.mark.parametrize("how", ["append", "extend"])
-def test_fast_paths_refuse_what_would_not_load_back(bad: object, message: str | None,
+def test_fast_paths_refuse_what_would_not_load_back(bad: object, message: str,
                                                     how: str) -> None:
     """append and extend (in a batch of valid entries) take only what loads back equal."""
     good = [Observation(content="a"), _OK_FB] * 100
     log = MemoryLog()
-    if message is None:
-        if how == "extend":
-            log.extend([*good, bad])
-        else:
-            for e in [*good, bad]:
-                log.append(e)
-        assert MemoryLog.from_jsonl(log.to_jsonl())[:] == [*good, bad]
-        return
-    if how == "extend":
-        with pytest.raises(ValueError, match=message):
-            log.extend([*good, bad, *good])
-    else:
-        log.extend(good)
-        with pytest.raises(ValueError, match=message):
-            log.append(bad)
+    log.extend(good)
+    with pytest.raises(ValueError, match=message):
+        log.extend([*good, bad, *good]) if how == "extend" else log.append(bad)
     assert len(log) == len(good)
     assert MemoryLog.from_jsonl(log.to_jsonl())[:] == good
+
+
+@pytest.mark.parametrize("before", [0, 3, 2000], ids=["empty", "short-tail", "sealed"])
+@pytest.mark.parametrize("size", [3, 5000], ids=["one-batch", "past-a-seal"])
+def test_extend_is_all_or_nothing(before: int, size: int) -> None:
+    """A refused entry leaves the log exactly as it was: a retry appends nothing twice."""
+    head = [Observation(content=f"head {i}") for i in range(before)]
+    more = [Action(content=f"more {i} " + "x" * 40) for i in range(size)]
+    log = MemoryLog(head)
+    was = log.to_jsonl()
+    for bad in ("not an entry", Observation.model_construct(content=b"bytes")):
+        with pytest.raises((TypeError, ValueError)):
+            log.extend([*more, bad])
+        assert len(log) == before
+        assert log[:] == head
+        assert log.to_jsonl() == was
+    log.extend(more)
+    assert log.to_jsonl() == MemoryLog([*head, *more]).to_jsonl()
+    assert MemoryLog.from_jsonl(log.to_jsonl())[:] == [*head, *more]

@@ -41,7 +41,7 @@ def test_capture_refuses_fields_the_reader_rejects(field: dict[str, Any]) -> Non
                      r"extra_files\['optimizer\.json'\]\['lr'\]\[1\] is nan", id="nested-nan"),
         pytest.param({"stats.json": float("inf")}, r"extra_files\['stats\.json'\] is inf",
                      id="top-level-inf"),
-        pytest.param({"s.json": {"ok": None, "t": (1.0, {"x": float("-inf")})}},
+        pytest.param({"s.json": {"ok": None, "t": [1.0, {"x": float("-inf")}]}},
                      r"extra_files\['s\.json'\]\['t'\]\[1\]\['x'\] is -inf", id="beside-null"),
     ],
 )

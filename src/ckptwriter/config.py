@@ -41,6 +41,7 @@ from .config_yaml import (
 from .errors import ConfigError
 from .options import DEFAULTS, ExecutorKind, OnBacklog, OnError, WriterOptions
 from .retention import DEFAULT_TOP_K, Mode, Strategy
+from .state_codec import encode_json
 
 __all__ = [
     "DEFAULT_MAX_ENVS_TO_VISIT",
@@ -292,6 +293,13 @@ def _check_rules(cfg: Config) -> Config:
         return ConfigError(f"{src}: {msg}")
 
     _check_plain_name(cfg.run_name or "", "run_name", src)
+    try:
+        # It becomes Snapshot.agent_config, stored in agent.json: refused here, where the
+        # file can be fixed, rather than at the first checkpoint (.nan, a YAML date).
+        encode_json(cfg.agent.config, "agent.config", fix=_AGENT_CONFIG_FIX,
+                    own="a value of its own")
+    except (TypeError, ValueError) as exc:
+        raise fail(str(exc)) from None
     if not cfg.output_dir or "\x00" in cfg.output_dir:
         raise fail("output_dir must be a directory path, e.g. output_dir: outputs")
     if rt.checkpoint_dir is None:
@@ -355,6 +363,10 @@ def _check_rules(cfg: Config) -> Config:
             update={"runtime": rt.model_copy(update={"checkpoint_keep_last": keep_last})}
         )
     return cfg
+
+
+_AGENT_CONFIG_FIX = ("agent.config holds plain JSON data: mappings, lists, strings, numbers "
+                     "(no .nan or .inf), booleans and null; quote a date to keep it a string")
 
 
 def _check_plain_name(value: str, key: str, src: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any, Union
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from .entries import BUILTIN_TYPES, FeedbackContent
 from .entry_schema import Codec, codec_for, own_fields, register_hint
+from .exact import find_change, find_unencodable
 from .nonfinite import NONFINITE_FIX, find_nonfinite, may_hold_nonfinite
 
 __all__ = ["FIELDS_ENCODER", "EntryTypes", "RawTag", "entry_types", "plain_lines"]
@@ -35,12 +37,24 @@ _WRONG_TYPE = "(a {kind} does not check its fields' types when built: pass a val
     "declared type)"
 
 
-def _bypass_hint(cls: type) -> str:
+# A model that validates as it is but not from its own JSON: the class is the problem.
+_OWN_JSON = ("({name} validates as built, but not from the JSON it is written as: a nested "
+             "model with a field alias is written by field name and read by alias, or a "
+             "validator refuses what the model dumps; drop the alias or fix the validator)")
+
+
+def _bypass_hint(cls: type, entry: Any) -> str:
     if isinstance(cls, type) and issubclass(cls, msgspec.Struct):
         return _WRONG_TYPE.format(kind="msgspec Struct")
     if dataclasses.is_dataclass(cls):
         return _WRONG_TYPE.format(kind="dataclass")
-    return _BYPASS.format(name=cls.__name__)
+    try:  # only a value that skipped validation (nested ones too) fails it again
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the serializer's warnings about such values
+            cls.model_validate(entry.model_dump(by_alias=True))  # type: ignore[attr-defined]
+    except Exception:
+        return _BYPASS.format(name=cls.__name__)
+    return _OWN_JSON.format(name=cls.__name__)
 
 
 def _fields(obj: object) -> Any:
@@ -113,7 +127,12 @@ class EntryTypes:
         codec = self.by_cls.get(type(entry))
         if codec is None:
             raise TypeError(self._unregistered(entry))
-        line = FIELDS_ENCODER.encode(codec.as_encodable(entry))
+        try:
+            line = FIELDS_ENCODER.encode(codec.as_encodable(entry))
+        except (NotImplementedError, TypeError, msgspec.EncodeError) as exc:
+            name = codec.cls.__name__
+            found = find_unencodable(entry, name) or f"{name} cannot be encoded ({exc})"
+            raise TypeError(f"cannot append {name} entry: {found}") from None
         if codec.prefix is not None:
             line = codec.prefix + line[1:] if line != b"{}" else codec.prefix[:-1] + b"}"
         self._verify(codec, entry, line)
@@ -127,15 +146,19 @@ class EntryTypes:
         try:
             back = codec.build(self._check[codec.cls].decode(line))
         except msgspec.ValidationError as exc:
-            problem = _msgspec_problem(name, str(exc)) + " " + _bypass_hint(codec.cls)
+            problem = _msgspec_problem(name, str(exc)) + " " + _bypass_hint(codec.cls, entry)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
                                    for p in err["loc"])
-            problem = f"{where}: {err['msg']} " + _bypass_hint(codec.cls)
+            problem = f"{where}: {err['msg']} " + _bypass_hint(codec.cls, entry)
         else:
             if back == entry:
-                return
+                # Equal is not the same: an enum in an Any field loads back as its value.
+                found = find_change(entry, back, name)
+                if found is None:
+                    return
+                raise ValueError(f"cannot append {name} entry: {found}")
             problem = _difference(name, entry, back)
         if may_hold_nonfinite(line) and (bad := find_nonfinite(entry, name)) is not None:
             problem = f"{bad}: {NONFINITE_FIX}"
@@ -157,11 +180,30 @@ class EntryTypes:
                 + register_hint(name)
             )
         known = ", ".join(c.__name__ for c in self.by_cls)
-        return (
-            f"MemoryLog entries must be one of the registered types ({known}); to store "
-            f"{name} (a frozen pydantic model, msgspec Struct or dataclass), "
-            + register_hint(name) + f"; got {name}"
-        )
+        if issubclass(cls, (BaseModel, msgspec.Struct)) or dataclasses.is_dataclass(cls):
+            return (
+                f"MemoryLog entries must be one of the registered types ({known}); to store "
+                f"{name} (a frozen pydantic model, msgspec Struct or dataclass), "
+                + register_hint(name) + f"; got {name}"
+            )
+        head = f"MemoryLog entries must be one of the registered types ({known}); got {name}"
+        tag = entry.get("type") if isinstance(entry, dict) else None
+        codec = self.by_tag.get(tag) if isinstance(tag, str) else None
+        if codec is not None:  # the fields of a registered type, as a plain dict
+            return f"{head}, not an entry: build the entry from it, {_build_hint(codec.cls)}"
+        return (f"{head}, which cannot be an entry type: entries are frozen pydantic models, "
+                f"msgspec Structs or dataclasses; declare one with a field for the {name} "
+                "and " + register_hint("YourEntry"))
+
+
+def _build_hint(cls: type) -> str:
+    """How to build an entry of ``cls`` from a dict ``d`` of its line."""
+    name = cls.__name__
+    if issubclass(cls, BaseModel):
+        return f"{name}.model_validate(d)"
+    if issubclass(cls, msgspec.Struct):
+        return f"msgspec.convert(d, type={name})"
+    return f"{name}(**{{k: v for k, v in d.items() if k != 'type'}})"
 
 
 def _msgspec_problem(name: str, message: str) -> str:

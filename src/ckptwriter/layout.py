@@ -87,6 +87,36 @@ _RESERVED_RE = re.compile(
     r"^(?:memory_.*\.jsonl|log\..*\.jsonl|state\..*\.(?:json|bin))\Z", re.DOTALL)
 
 
+# An extra file's name: one file name on every backend. 255 bytes is NAME_MAX of the
+# common local file systems; UTF-8 because runtime.json (JSON) lists it.
+EXTRA_NAME_MAX_BYTES = 255
+EXTRA_NAME_RULE = ("a plain file name like 'optimizer.json': at most 255 bytes in UTF-8, "
+                   "no slash, backslash, NUL or leading dot")
+
+
+def extra_name_problem(name: object) -> str | None:
+    """What is wrong with ``name`` as an ``extra_files`` name, or None."""
+    if not isinstance(name, str):
+        return f"is {type(name).__name__}, not a str"
+    if "/" in name or "\\" in name:
+        return "holds a slash or a backslash (a path, not a file name)"
+    if not name or name in {".", ".."} or name.startswith("."):
+        return "is empty or starts with a dot"
+    if "\x00" in name:
+        return "holds a NUL character, which no file name can"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return (f"holds {name[exc.start:exc.end]!r} at index {exc.start}, a lone surrogate "
+                "that UTF-8 cannot encode (it usually comes from bytes decoded with "
+                "errors='surrogateescape')")
+    if size > EXTRA_NAME_MAX_BYTES:
+        return f"is {size} bytes long in UTF-8, more than a file name can be (255)"
+    if is_reserved_name(name):
+        return "is reserved by ckptwriter (a file it writes itself)"
+    return None
+
+
 def log_file_name(name: str) -> str:
     """``log.messages.jsonl`` for the named log ``messages``."""
     return f"log.{name}.jsonl"

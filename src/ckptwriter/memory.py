@@ -253,8 +253,27 @@ class MemoryLog:
         self._entries.append(entry)
 
     def extend(self, entries: Iterable[Any]) -> None:
-        """Append entries in order (built-ins are checked and encoded in batches: faster)."""
+        """Append entries in order (built-ins are checked and encoded in batches: faster).
+
+        All or nothing: if one entry is refused, none is appended (a retry would
+        otherwise append the earlier ones twice).
+
+        Raises:
+            TypeError, ValueError: as :meth:`append`, for the first entry refused.
+        """
         batch = entries if isinstance(entries, list) else list(entries)
+        mark, n_chunks, n_entries = len(self._tail), len(self._chunks), len(self._entries)
+        try:
+            self._extend(batch)
+        except BaseException:
+            # Sealing moved the tail as it was into the first new chunk: take it back.
+            if len(self._chunks) > n_chunks:
+                self._tail[:] = self._chunks[n_chunks][:mark]
+                del self._chunks[n_chunks:], self._chunk_ends[n_chunks:]
+            del self._tail[mark:], self._entries[n_entries:]
+            raise
+
+    def _extend(self, batch: list[Any]) -> None:
         for i in range(0, len(batch), _BATCH):
             part = batch[i : i + _BATCH]
             dicts = builtin_dicts(part)

@@ -10,6 +10,7 @@ encoded when it was set), and the small JSON parts are encoded to bytes on the s
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections.abc import Mapping
@@ -23,11 +24,11 @@ from . import layout
 from .agent_state import AgentState, StateItem, check_name
 from .entry_codec import entry_types as entry_types_of
 from .errors import CheckpointError
-from .layout import is_reserved_name, log_file_name, path_text
+from .exact import a_noun
+from .layout import EXTRA_NAME_RULE, extra_name_problem, log_file_name, path_text
 from .manifest import dump_json
 from .memory import MemoryCapture, MemoryLog
-from .nonfinite import NONFINITE_FIX, find_nonfinite, may_hold_nonfinite
-from .state_codec import class_path, fingerprint
+from .state_codec import class_path, encode_json, fingerprint
 
 __all__ = ["CapturedSnapshot", "Snapshot", "SnapshotMeta"]
 
@@ -84,14 +85,8 @@ class Snapshot:
                 f"digits in the checkpoint's name), got an int of "
                 f"{int(self.episode_index.bit_length() * 0.30103) + 1} digits"
             )
-        if not isinstance(self.agent_type, str) or not self.agent_type:
-            raise CheckpointError(
-                f"Snapshot.agent_type must be a non-empty str, got {self.agent_type!r}"
-            )
-        if self.memory_type is not None and not isinstance(self.memory_type, str):
-            raise CheckpointError(
-                f"Snapshot.memory_type must be a str or None, got {self.memory_type!r}"
-            )
+        _check_text(self.agent_type, "agent_type", required=True)
+        _check_text(self.memory_type, "memory_type", required=False)
         if not isinstance(self.memory, MemoryLog):
             raise CheckpointError(
                 f"Snapshot.memory must be a ckptwriter.MemoryLog, got {type(self.memory).__name__}"
@@ -99,24 +94,22 @@ class Snapshot:
         # runtime.json is JSON (UTF-8): a path that is not UTF-8 goes in as its file: URI.
         resumed_from = (None if self.resumed_from is None
                         else path_text(os.fspath(self.resumed_from)))
-        score = self.val_score
-        if score is not None:
-            score = float(score)
-            if not math.isfinite(score):
-                raise CheckpointError(f"Snapshot.val_score must be finite, got {score!r}")
+        score = _check_score(self.val_score)
         memory_type = self.memory_type or self.memory.memory_type
+        _check_text(memory_type, "memory_type (or the MemoryLog's)", required=False)
         logs = self._capture_logs()
         state = self._capture_state()
-        try:
-            agent_json = dump_json(self._agent_document(memory_type, logs, state))
-            extras = {name: _encode_extra(name, obj) for name, obj in self.extra_files.items()}
-        except (TypeError, msgspec.EncodeError) as exc:
-            # The extra files raise their own error, naming the file.
-            raise CheckpointError(
-                f"Snapshot for episode {self.episode_index}: agent_config is not JSON-able "
-                f"({_json_problem(exc)}). Keep it JSON; pass bytes in extra_files for "
-                "state that is not JSON."
-            ) from exc
+        for what, part in (("agent_config", self.agent_config),
+                           ("extra_files", self.extra_files)):
+            if not isinstance(part, Mapping):
+                raise CheckpointError(f"Snapshot.{what} must be a mapping (a dict), got "
+                                      f"{type(part).__name__}")
+        # Checked as extra files are, so both load back exactly as they were handed over.
+        config = dict(self.agent_config)
+        _checked_json(config, "Snapshot.agent_config", _CONFIG_FIX,
+                      "an extra file (Snapshot(extra_files=...))")
+        extras = {name: _encode_extra(name, obj) for name, obj in self.extra_files.items()}
+        agent_json = dump_json(self._agent_document(memory_type, logs, state, config))
         meta = SnapshotMeta(
             episode_index=self.episode_index,
             train_steps_total=int(self.train_steps_total),
@@ -148,6 +141,7 @@ class Snapshot:
             if not isinstance(log, MemoryLog):
                 raise CheckpointError(f"Snapshot.logs[{name!r}] must be a ckptwriter.MemoryLog, "
                                       f"got {type(log).__name__}")
+            _check_text(log.memory_type, f"logs[{name!r}].memory_type", required=False)
             out[name] = (log, log.capture())
         return out
 
@@ -165,9 +159,10 @@ class Snapshot:
             raise CheckpointError(f"Snapshot.state: {exc}") from exc
 
     def _agent_document(self, memory_type: str, logs: Mapping[str, tuple[MemoryLog, Any]],
-                        state: Mapping[str, StateItem]) -> dict[str, Any]:
+                        state: Mapping[str, StateItem], config: dict[str, Any],
+                        ) -> dict[str, Any]:
         doc: dict[str, Any] = {"agent_type": self.agent_type, "memory_type": memory_type,
-                               "config": dict(self.agent_config)}
+                               "config": config}
         types: dict[str, Any] = {}
         # agent.json maps each tag to one class, and loading takes one class per tag:
         # two classes of one tag would load one log's entries through the other's class.
@@ -217,35 +212,62 @@ def _state_entry(item: StateItem) -> dict[str, str]:
     return entry
 
 
-def _json_problem(exc: Exception) -> str:
-    text = str(exc)
-    if "str keys" in text:
-        return "a dict has a key that is not a str; convert keys with str(key)"
-    return text
+def _check_text(value: object, what: str, *, required: bool) -> None:
+    """A str field of runtime.json / agent.json: JSON text (UTF-8), non-empty if required."""
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or (required and not value):
+        kind = "a non-empty str" if required else "a str or None"
+        raise CheckpointError(f"Snapshot.{what} must be {kind}, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CheckpointError(
+            f"Snapshot.{what} {value!r} holds {value[exc.start:exc.end]!r} at index "
+            f"{exc.start}, a lone surrogate that UTF-8 (JSON) cannot hold; fix the text, "
+            "e.g. value.encode('utf-8', 'replace').decode()") from None
+
+
+def _check_score(value: object) -> float | None:
+    """``val_score`` as the finite float it is: a str or a bool is not a score."""
+    if value is None:
+        return None
+    # numbers.Real: a numpy or torch float is a score too; True is not.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CheckpointError(f"Snapshot.val_score must be a float (or None), got {value!r} "
+                              f"({type(value).__name__}); pass float(...) of the score")
+    try:
+        score = float(value)
+    except OverflowError:
+        kind = a_noun(type(value).__name__)
+        raise CheckpointError(f"Snapshot.val_score is {kind} too large for a float; pass a "
+                              "finite float score") from None
+    if not math.isfinite(score):
+        raise CheckpointError(f"Snapshot.val_score must be finite, got {score!r}")
+    return score
+
+
+_CONFIG_FIX = ("keep agent_config JSON data (dicts with str keys, lists, str, int, float, "
+               "bool, None); pass state that is not JSON in extra_files as bytes")
+_EXTRA_FIX = ("make it JSON data (dicts with str keys, lists, str, int, float, bool, None), "
+              "or pass bytes for state that is not JSON")
+
+
+def _checked_json(value: Any, where: str, fix: str, own: str,
+                  encoder: msgspec.json.Encoder = _ENCODER) -> bytes:
+    """``value``'s JSON if it loads back exactly as it is, else a CheckpointError."""
+    try:
+        return encode_json(value, where, encoder=encoder, fix=fix, own=own)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _encode_extra(name: str, obj: Any) -> bytes:
-    if not name or "/" in name or "\\" in name or name in {".", ".."} or name.startswith("."):
-        raise CheckpointError(
-            f"extra_files name {name!r} is not a plain file name; use a name like 'optimizer.json'"
-        )
-    if is_reserved_name(name):
-        raise CheckpointError(f"extra_files name {name!r} is reserved by ckptwriter; rename it")
+    if (problem := extra_name_problem(name)) is not None:
+        raise CheckpointError(f"extra_files name {name!r} {problem}: use {EXTRA_NAME_RULE}")
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return bytes(obj)
-    try:
-        data = _ENCODER.encode(obj)
-    except (TypeError, msgspec.EncodeError) as exc:
-        # msgspec's own words ("Only dicts with str keys are supported when `order` is
-        # not `None`") name neither the file nor the fix.
-        raise CheckpointError(
-            f"extra_files[{name!r}] is not JSON-able ({_json_problem(exc)}). Make it "
-            "JSON (dicts with str keys, lists, str, numbers, bools, None) or pass bytes "
-            "for state that is not JSON."
-        ) from exc
-    if may_hold_nonfinite(data) and (where := find_nonfinite(obj, f"extra_files[{name!r}]")):
-        raise CheckpointError(f"{where}: {NONFINITE_FIX}")
-    return data
+    return _checked_json(obj, f"extra_files[{name!r}]", _EXTRA_FIX, "an extra file of its own")
 
 
 class SnapshotMeta(msgspec.Struct, frozen=True):

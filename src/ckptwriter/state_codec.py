@@ -24,7 +24,6 @@ Error handling:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import hashlib
 import math
@@ -36,9 +35,12 @@ from pydantic import BaseModel
 
 from .entry_codec import EntryTypes, entry_types
 from .entry_schema import codec_for, own_fields
+from .exact import a_noun, subclass_problem
 from .nonfinite import NONFINITE_FIX
 
-__all__ = ["EncodedValue", "class_path", "decode_value", "encode_value", "fingerprint"]
+__all__ = [
+    "EncodedValue", "class_path", "decode_value", "encode_json", "encode_value", "fingerprint",
+]
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
@@ -53,11 +55,6 @@ class EncodedValue(msgspec.Struct, frozen=True):
     data: bytes
     cls: str | None = None
     tag: str | None = None
-
-
-def _a(noun: str) -> str:
-    """``a list``, ``an object``: the article a message needs."""
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def class_path(cls: type) -> str:
@@ -93,8 +90,26 @@ def encode_value(key: str, value: Any) -> EncodedValue:
         return EncodedValue("bytes", bytes(value))
     if _is_model(value):
         return _encode_model(where, value)
+    return EncodedValue("json", encode_json(value, where))
+
+
+def encode_json(value: Any, where: str, *, encoder: msgspec.json.Encoder = _ENCODER,
+                fix: str = _JSON_FIX, own: str = "a state value of its own") -> bytes:
+    """``value`` as JSON, if it loads back exactly as it is (same values, same types).
+
+    Args:
+        value: plain JSON data.
+        where: what to call it in messages (``state['k']``, ``extra_files['a.json']``).
+        encoder: the encoder to use (one that sorts keys, for extra files).
+        fix: what to store instead, added to a TypeError's message.
+        own: where bytes or a model go instead ("a state value of its own").
+
+    Raises:
+        ValueError: a NaN or infinity, or a lone surrogate inside it (its path named).
+        TypeError: it would not load back equal (the path and the fix are named).
+    """
     try:
-        data = _ENCODER.encode(value)
+        data = encoder.encode(value)
     except (TypeError, msgspec.EncodeError, OverflowError, RecursionError, UnicodeError):
         data = None
     if data is not None:
@@ -102,15 +117,15 @@ def encode_value(key: str, value: Any) -> EncodedValue:
             # Equal is not enough: an IntEnum, a str Enum, a defaultdict... compare equal
             # to the plain value they load back as. Their types tell.
             if _DECODER.decode(data) == value and _exact(value):
-                return EncodedValue("json", data)
+                return data
         except (msgspec.DecodeError, RecursionError):
             pass
     try:
-        found = _problem(value, where)
+        found = _problem(value, where, own)
     except RecursionError:
         found = (TypeError, f"{where} is nested too deep for JSON; flatten it")
     exc_type, problem = found or (TypeError, f"{where} would not load back equal from JSON")
-    raise exc_type(f"{problem}; {_JSON_FIX}" if exc_type is TypeError else problem)
+    raise exc_type(f"{problem}; {fix}" if exc_type is TypeError else problem)
 
 
 def _encode_model(where: str, value: Any) -> EncodedValue:
@@ -207,40 +222,22 @@ def _exact_walk(value: Any) -> bool:
     return True
 
 
-_SUBCLASS_FIX = {dict: "dict(value)", list: "list(value)", str: "str(value)",
-                 int: "int(value)", float: "float(value)"}
-
-
-def _subclass(value: Any, path: str) -> str | None:
-    """What is wrong with a value of a subclass of a JSON type, or None."""
-    t = type(value)
-    if isinstance(value, enum.Enum):
-        return (f"{path} is {t.__name__}.{value.name} (an enum): it would load back as "
-                f"its plain value {value.value!r}; store {t.__name__}.{value.name}.value "
-                f"and rebuild it with {t.__name__}(value) after loading")
-    for base, fix in _SUBCLASS_FIX.items():
-        if isinstance(value, base) and t is not base and t is not bool:
-            return (f"{path} is {_a(t.__name__)} (a subclass of {base.__name__}): it would "
-                    f"load back as a plain {base.__name__}; convert it with {fix}")
-    return None
-
-
-def _bad_text(text: str, path: str) -> str | None:
+def _bad_text(text: str, path: str, own: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         return (f"{path} holds {text[exc.start:exc.end]!r} at index {exc.start}, a lone "
                 "surrogate, which UTF-8 JSON cannot hold: fix the text (for example "
-                "text.encode('utf-8', 'replace').decode()), or store bytes as a state "
-                "value of its own")
+                "text.encode('utf-8', 'replace').decode()), or store bytes as "
+                f"{own}")
     return None
 
 
-def _problem(value: Any, path: str) -> tuple[type[Exception], str] | None:
+def _problem(value: Any, path: str, own: str) -> tuple[type[Exception], str] | None:
     """The first thing inside ``value`` that JSON would not give back equal, or None."""
     t = type(value)
     if t is str:
-        bad = _bad_text(value, path)
+        bad = _bad_text(value, path, own)
         return None if bad is None else (ValueError, bad)
     if t in (int, bool, type(None)):
         return None
@@ -249,7 +246,7 @@ def _problem(value: Any, path: str) -> tuple[type[Exception], str] | None:
                                                   f"{path} is {value!r}: {NONFINITE_FIX}")
     if t is list:
         for i, item in enumerate(value):
-            if (found := _problem(item, f"{path}[{i}]")) is not None:
+            if (found := _problem(item, f"{path}[{i}]", own)) is not None:
                 return found
         return None
     if t is dict:
@@ -258,26 +255,26 @@ def _problem(value: Any, path: str) -> tuple[type[Exception], str] | None:
                 return (TypeError, f"{path} has the key {k!r} ({type(k).__name__}): JSON keys "
                                    f"are strings, it would load back as {str(k)!r}; convert "
                                    "keys with str(key)")
-            if (bad := _bad_text(k, f"{path} key {k!r}")) is not None:
+            if (bad := _bad_text(k, f"{path} key {k!r}", own)) is not None:
                 return ValueError, bad
-            if (found := _problem(item, f"{path}[{k!r}]")) is not None:
+            if (found := _problem(item, f"{path}[{k!r}]", own)) is not None:
                 return found
         return None
     if t is tuple:
         return TypeError, f"{path} is a tuple: it would load back as a list; pass a list"
     if t in (set, frozenset):
-        return TypeError, (f"{path} is {_a(t.__name__)}: it would load back as a list; pass a "
+        return TypeError, (f"{path} is {a_noun(t.__name__)}: it would load back as a list; pass a "
                            "sorted list")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return TypeError, (f"{path} is bytes inside JSON data: JSON has no bytes; store "
-                           "bytes as a state value of its own")
-    if (sub := _subclass(value, path)) is not None:
+                           f"bytes as {own}")
+    if (sub := subclass_problem(value, path)) is not None:
         return TypeError, sub
     if _is_model(value):
-        return TypeError, (f"{path} is {_a(t.__name__)} inside JSON data: it would load back "
-                           "as a dict; store it as a state value of its own, or convert it "
+        return TypeError, (f"{path} is {a_noun(t.__name__)} inside JSON data: it would load back "
+                           f"as a dict; store it as {own}, or convert it "
                            "(model_dump(), msgspec.to_builtins())")
-    return TypeError, (f"{path} is {_a(t.__name__)}, which would not load back equal from "
+    return TypeError, (f"{path} is {a_noun(t.__name__)}, which would not load back equal from "
                        "JSON")
 
 

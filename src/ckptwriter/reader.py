@@ -53,6 +53,7 @@ from .integrity import (
     Gone,
     LoadedCheckpoint,
     Seen,
+    current_marker,
     file_error,
     is_whole,
     loaded,
@@ -61,8 +62,8 @@ from .integrity import (
     scan_with_markers,
     verified,
 )
-from .manifest import LatestPointer, RuntimeManifest, check_plain_name
-from .storage.base import ReadStore
+from .manifest import MAX_DOCUMENT_BYTES, LatestPointer, RuntimeManifest, check_plain_name
+from .storage.base import FileTooLargeError, ReadStore
 
 __all__ = [
     "CheckpointFallbackWarning",
@@ -117,9 +118,11 @@ def _pointer(store: ReadStore, root: str, link: str = layout.LATEST_LINK
         return target, ""
     jpath = store.join(root, _POINTERS[link])
     try:
-        data = store.read(jpath)
+        data = store.read(jpath, limit=MAX_DOCUMENT_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         return None, f"{link} is missing"
+    except FileTooLargeError:
+        return None, f"{_POINTERS[link]} is invalid (too large)"
     except OSError as exc:
         raise file_error(store, jpath, shown, _POINTERS[link], exc) from None
     try:
@@ -141,11 +144,7 @@ def _moved(store: ReadStore, root: str, target: str, seen: Seen, link: str) -> b
         return False
     if now != target:
         return True
-    try:
-        marker: bytes | None = store.read(store.join(root, target, layout.RUNTIME_JSON))
-    except OSError:
-        marker = None
-    return marker != seen.marker
+    return current_marker(store, store.join(root, target)) != seen.marker
 
 
 OpenOne = Callable[[str, Seen], _T]
@@ -226,10 +225,7 @@ def _open_named(store: ReadStore, path: str, open_one: OpenOne[_T]) -> _T:
         try:
             return open_one(path, seen)
         except CheckpointCorruptError:
-            try:
-                now: bytes | None = store.read(store.join(path, layout.RUNTIME_JSON))
-            except OSError:
-                now = None
+            now = current_marker(store, path)
             if attempt == _ATTEMPTS - 1 or seen.marker is None or now == seen.marker:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
@@ -241,7 +237,7 @@ def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> 
     ``outputs/<run_name>`` (its newest run)."""
     name = name_of(path)
     if name in (*_POINTERS, *_POINTERS.values()):
-        parent = store.parent(path)
+        parent = followed(store, store.parent(path))  # the user's link to the directory
         children = store.listdir(parent)
         if children is not None and (name in children or holds_checkpoints(children)):
             return _through_latest(store, parent, shown, open_one, name.removesuffix(".json"))
@@ -317,11 +313,12 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
 
     def verify() -> RuntimeManifest:
         ckpt = followed(store, where)
-        if store.readlink(ckpt) is not None:
-            # `latest` named: the checkpoint it names by the pointer rules, never read
-            # through the link (and no fallback: verify reports what latest names).
+        pointer = name_of(ckpt).removesuffix(".json")
+        if store.readlink(ckpt) is not None and pointer in _POINTERS:
+            # `latest` or `best` named: the checkpoint it names by the pointer rules, never
+            # read through the link (and no fallback: verify reports what it names).
             root = store.parent(ckpt)
-            target, why = _pointer(store, root)
+            target, why = _pointer(store, root, pointer)
             if target is None:
                 raise CheckpointNotFoundError(store.url(ckpt), nearby(store, root), hint=why)
             ckpt = store.join(root, target)
@@ -398,7 +395,7 @@ class LatestStatus:
 def _json_problem(store: ReadStore, root: str, link: str) -> str | None:
     try:
         ptr = LatestPointer.model_validate_json(
-            store.read(store.join(root, layout.LATEST_JSON)))
+            store.read(store.join(root, layout.LATEST_JSON), limit=MAX_DOCUMENT_BYTES))
     except FileNotFoundError:
         return "missing (readers use the latest symlink; the next checkpoint writes it)"
     except (OSError, ValidationError):

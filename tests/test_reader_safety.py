@@ -24,6 +24,7 @@ import pytest
 
 from _fault_util import build_checkpoints, memory_until, snapshot
 from _runtime_util import cli
+from _s3_util import REMOTE_BACKENDS, make_backend, s3_endpoint  # noqa: F401 -- fixture
 from ckptwriter import (
     Action,
     AgentState,
@@ -365,3 +366,28 @@ def test_an_object_larger_than_its_manifest_is_never_fetched_whole(
             (0, expected + 1)]
     finally:
         fs.rm("/reader-safety-huge", recursive=True)
+
+
+@pytest.fixture(params=REMOTE_BACKENDS)
+def remote_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh checkpoints location on memory:// and S3 (moto)."""
+    return make_backend(str(request.param), tmp_path, request).url
+
+
+def test_remote_reads_with_a_limit_handle_empty_and_oversized_objects(remote_url: str) -> None:
+    """An empty file loads (no unsatisfiable range); an object grown past its record is a
+    size mismatch, read as a range of the recorded size + 1."""
+    async def write() -> None:
+        async with CheckpointWriter(remote_url, executor="thread") as w:
+            await w.submit(snapshot(1, memory_until(1), extra_files={"empty.bin": b""}))
+            await w.flush()
+
+    anyio.run(write)
+    ckpt = f"{remote_url}/ep_000001"
+    assert load_checkpoint(ckpt).extra_files["empty.bin"] == b""
+    fs, path = fsspec.core.url_to_fs(ckpt)
+    fs.pipe_file(f"{path}/empty.bin", b"x" * 1000)
+    fs.invalidate_cache()
+    with pytest.raises(CheckpointCorruptError, match=(
+            r"empty\.bin: size 1000 bytes, expected 0 \(appended to\?\)")):
+        verify_checkpoint(ckpt)

@@ -231,6 +231,19 @@ class Reads:
         self.remote: Counter[str] = Counter()
         for name in ("cat", "cat_many", "read_chunks", "read_tagged"):
             self._count(monkeypatch, name)
+        # The "open" audit event carries no dir_fd: opens relative to a directory
+        # descriptor (how a checkpoint's files are read) are counted here, by full path.
+        real_open = os.open
+
+        def open_at(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+                    ) -> int:
+            if dir_fd is not None and _WATCH:
+                full = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), os.fsdecode(path))
+                if full.startswith(_WATCH[0] + os.sep) and not os.path.isdir(full):
+                    _OPENED.append(full)
+            return real_open(path, flags, mode, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "open", open_at)
 
     def _count(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         original = getattr(ObjectStore, name)

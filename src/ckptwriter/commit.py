@@ -38,7 +38,7 @@ from .discovery import guarded
 from .errors import CheckpointError, StorageError
 from .integrity import CheckpointInfo
 from .layout import FORMAT_VERSION
-from .manifest import LatestPointer, dump_json, format_timestamp
+from .manifest import MAX_DOCUMENT_BYTES, LatestPointer, dump_json, format_timestamp
 from .memory import MemoryCapture
 from .reader import is_whole, scan
 from .retention import (
@@ -350,7 +350,7 @@ class CommitPipeline:
         if link != (None if store.marker_commits else want):
             return False
         try:
-            doc = store.read(store.join(root, layout.BEST_JSON))
+            doc = store.read(store.join(root, layout.BEST_JSON), limit=MAX_DOCUMENT_BYTES)
         except FileNotFoundError:
             return best is None
         except OSError:

@@ -21,13 +21,14 @@ from typing import TypeVar
 import yaml
 
 from . import layout
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, UnsafePathError
 from .manifest import check_plain_name
 from .storage.base import ReadStore
 from .storage.location import open_store
 from .storage.urlpath import URLPath
 
 __all__ = [
+    "POINTER_NAMES",
     "checkpoints_dirs",
     "followed",
     "guarded",
@@ -41,7 +42,11 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+# The pointers of a checkpoints directory (the symlinks and their JSON twins).
+POINTER_NAMES = (layout.LATEST_LINK, layout.LATEST_JSON, layout.BEST_LINK, layout.BEST_JSON)
 CONFIG_YAML = "config.yaml"
+# What the config loader itself reads at most (config_yaml.MAX_FILE_BYTES).
+_CONFIG_BYTES = 2**20
 DEFAULT_CHECKPOINT_DIR = "checkpoints"
 # A user's chain of symlinks to the path they named, never a loop.
 _MAX_LINKS = 8
@@ -96,14 +101,25 @@ def name_of(path: str) -> str:
 def followed(store: ReadStore, path: str) -> str:
     """The path a user named, through their own symlinks to it (nothing below is followed).
 
-    A ``latest`` is not followed here: it is a pointer, with its own rules.
+    A pointer (``latest``, ``best`` and their ``.json``) is not followed here: it has its
+    own rules. Nor is a checkpoint name: inside a checkpoints directory an ``ep_*`` that
+    is a symlink is not a checkpoint (listings say "not a directory").
+
+    Raises:
+        UnsafePathError: the path (or a link of the user's chain) ends at an ``ep_*``
+            symlink.
     """
     for _ in range(_MAX_LINKS):
-        if name_of(path) in (layout.LATEST_LINK, layout.LATEST_JSON):
+        name = name_of(path)
+        if name in POINTER_NAMES:
             break
         target = store.readlink(path)
         if target is None:
             break
+        if layout.parse_checkpoint_name(name) is not None:
+            raise UnsafePathError(
+                store.url(store.parent(path)), name, f"is a symlink to {target}; refusing to "
+                "follow it (a checkpoint is a real directory of its checkpoints directory)")
         path = store.join(store.parent(path), target)
     return path
 
@@ -121,7 +137,7 @@ def _configured_dir(store: ReadStore, run: str) -> str:
     # A run may use another checkpoint_dir name; its config.yaml says which. Only a
     # relative path of plain names is taken: config.yaml must not lead a reader elsewhere.
     try:
-        cfg = yaml.safe_load(store.read(store.join(run, CONFIG_YAML)))
+        cfg = yaml.safe_load(store.read(store.join(run, CONFIG_YAML), limit=_CONFIG_BYTES))
         value = cfg["runtime"]["checkpoint_dir"]
     except (OSError, yaml.YAMLError, UnicodeDecodeError, TypeError, KeyError):
         return DEFAULT_CHECKPOINT_DIR
@@ -188,8 +204,8 @@ def checkpoints_dirs(store: ReadStore, path: str, shown: str) -> list[tuple[str,
         CheckpointNotFoundError: ``path`` holds no checkpoints directory.
     """
     path = followed(store, path)
-    if name_of(path) in (layout.LATEST_LINK, layout.LATEST_JSON):
-        path = store.parent(path)  # latest means its checkpoints directory
+    if name_of(path) in POINTER_NAMES:
+        path = store.parent(path)  # a pointer means its checkpoints directory
     children = store.listdir(path)
     if children is None:
         raise not_found(store, path, shown, "The path does not exist or is not a directory.")

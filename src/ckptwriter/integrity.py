@@ -13,15 +13,26 @@ top of it. Nothing a manifest names is reached through a symlink or outside its 
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from . import layout
 from .agent_state import AgentState
+from .checkpoint_files import (
+    Gone,
+    current_marker,
+    file_error,
+    marker_commits,
+    opened,
+    opened_with_marker,
+    read_files,
+    read_marker,
+    size_problem,
+)
 from .checkpoint_sections import load_log, restore_sections
 from .discovery import name_of
 from .errors import (
@@ -30,7 +41,7 @@ from .errors import (
     MemoryTypeMismatchError,
     UnsafePathError,
 )
-from .manifest import AgentManifest, FileDigest, RuntimeManifest
+from .manifest import AgentManifest, RuntimeManifest
 from .memory import MemoryLog
 from .retention import CheckpointRecord
 from .storage.base import ReadStore
@@ -41,6 +52,7 @@ __all__ = [
     "Gone",
     "LoadedCheckpoint",
     "Seen",
+    "current_marker",
     "file_error",
     "is_whole",
     "loaded",
@@ -52,14 +64,6 @@ __all__ = [
 
 # runtime.json markers read at once when listing (object stores: one request each).
 _MARKER_THREADS = 8
-# Files of one checkpoint read at once: a checkpoint has a few (memory, agent.json,
-# runtime extras), so this is rarely the limit.
-_READ_THREADS = 8
-# Errors that make one file unusable (not the store): reported as that file's problem.
-_FILE_ERRNOS = frozenset({
-    errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EIO,
-})
-_NOT_COMMITTED = "No committed checkpoint (runtime.json) under this prefix."
 # Checks of a checkpoint that looked damaged in a listing: another only when its
 # runtime.json changed during the last (a re-commit), so this only stops one lapped forever.
 _RECHECKS = 1000
@@ -98,94 +102,11 @@ class LoadedCheckpoint:
     state: AgentState = field(default_factory=AgentState)
 
 
-class Gone(Exception):
-    """No checkpoint at a path (nothing there, or on object storage no commit marker)."""
-
-    def __init__(self, hint: str = "") -> None:
-        super().__init__(hint)
-        self.hint = hint
-
-
 @dataclass
 class Seen:
     """The runtime.json bytes one read of a checkpoint started from (or will start from)."""
 
     marker: bytes | None = None
-
-
-def marker_commits(store: ReadStore) -> bool:
-    # Object stores have no rename: a checkpoint appears when runtime.json is written, so
-    # a prefix without it is a commit in progress or a dead writer's, not a damaged one.
-    return store.marker_commits
-
-
-# -- one checkpoint: each file read once, checked on the bytes read -------------------
-
-
-def file_error(store: ReadStore, path: str, shown: str, name: str, exc: OSError) -> Exception:
-    """The error a failed read of one file of a checkpoint means (the store's own if none)."""
-    if isinstance(exc, FileNotFoundError):
-        return CheckpointCorruptError(shown, name, "missing")
-    if isinstance(exc, IsADirectoryError):
-        entry = store.stat(path)
-        if entry is not None and entry.kind == "link":
-            return UnsafePathError(shown, name, "is a symlink; refusing to follow it")
-        return CheckpointCorruptError(shown, name, "is not a regular file")
-    if exc.errno in _FILE_ERRNOS:
-        return CheckpointCorruptError(shown, name, f"unreadable ({exc.strerror})")
-    return exc
-
-
-def _read_file(store: ReadStore, ckpt: str, name: str, shown: str) -> bytes:
-    path = store.join(ckpt, name)
-    try:
-        return store.read(path)
-    except OSError as exc:
-        raise file_error(store, path, shown, name, exc) from None
-
-
-def _read_files(
-    store: ReadStore, ckpt: str, names: list[str], shown: str
-) -> list[tuple[str, bytes]]:
-    """Every file of a checkpoint, read at once; the first failure (in ``names`` order) raised.
-
-    A live writer's retention may retire the checkpoint while it is read: the window a
-    reader must win is the time to fetch all of its files, so they are fetched together
-    (on object storage one round trip instead of one per file; on disk a file once
-    opened is read whole even if it is deleted meanwhile).
-    """
-    def one(name: str) -> bytes | Exception:
-        try:
-            return _read_file(store, ckpt, name, shown)
-        except (CheckpointError, OSError) as exc:
-            return exc
-
-    if len(names) <= 1:
-        got = [one(n) for n in names]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(
-            min(len(names), _READ_THREADS), "ckptwriter-read"
-        ) as pool:
-            got = list(pool.map(one, names))
-    out: list[tuple[str, bytes]] = []
-    for name, data in zip(names, got, strict=True):
-        if isinstance(data, Exception):
-            raise data
-        out.append((name, data))
-    return out
-
-
-def _read_marker(store: ReadStore, ckpt: str, shown: str) -> bytes:
-    path = store.join(ckpt, layout.RUNTIME_JSON)
-    try:
-        return store.read(path)
-    except OSError as exc:
-        entry = store.stat(ckpt)
-        if entry is None or entry.kind != "dir":
-            raise Gone() from None
-        if isinstance(exc, FileNotFoundError) and marker_commits(store):
-            raise Gone(_NOT_COMMITTED) from None
-        raise file_error(store, path, shown, layout.RUNTIME_JSON, exc) from None
 
 
 def _runtime(shown: str, dir_name: str, data: bytes) -> RuntimeManifest:
@@ -216,11 +137,6 @@ def _runtime(shown: str, dir_name: str, data: bytes) -> RuntimeManifest:
     return rt
 
 
-def _size_problem(size: int, digest: FileDigest) -> str:
-    what = "truncated?" if size < digest.bytes else "appended to?"
-    return f"size {size} bytes, expected {digest.bytes} ({what})"
-
-
 @dataclass(frozen=True)
 class Contents:
     """What one full check read: the manifest and (when kept) each file's bytes."""
@@ -237,14 +153,14 @@ def read_checkpoint(store: ReadStore, ckpt: str, seen: Seen, *, keep: bool) -> C
         CheckpointCorruptError: a file is missing, damaged or unsafe.
     """
     shown = store.url(ckpt)
-    if seen.marker is None:
-        seen.marker = _read_marker(store, ckpt, shown)
-    rt = _runtime(shown, name_of(ckpt), seen.marker)
+    with opened_with_marker(store, ckpt, shown, seen.marker) as (d, seen.marker):
+        rt = _runtime(shown, name_of(ckpt), seen.marker)
+        got = read_files(store, d, ckpt, rt.files, shown)
     kept: dict[str, bytes] = {}
-    for name, data in _read_files(store, ckpt, list(rt.files), shown):
+    for name, data in got:
         digest = rt.files[name]
         if len(data) != digest.bytes:
-            raise CheckpointCorruptError(shown, name, _size_problem(len(data), digest))
+            raise CheckpointCorruptError(shown, name, size_problem(len(data), digest))
         if hashlib.sha256(data).hexdigest() != digest.sha256:
             raise CheckpointCorruptError(shown, name, "sha256 does not match runtime.json")
         if keep:
@@ -319,7 +235,8 @@ def _quick_check(
     for fname, digest in rt.files.items():
         size = sizes.get(f"{name}/{fname}")
         if size is None:
-            entry = store.stat(store.join(ckpt, fname))
+            with opened(store, ckpt) as d:  # never stat'ed through a swapped-in symlink
+                entry = d.stat(fname)
             if entry is None:
                 raise CheckpointCorruptError(shown, fname, "missing")
             if entry.kind == "link":
@@ -328,7 +245,7 @@ def _quick_check(
                 raise CheckpointCorruptError(shown, fname, "is not a regular file")
             size = entry.size
         if size != digest.bytes:
-            raise CheckpointCorruptError(shown, fname, _size_problem(size, digest))
+            raise CheckpointCorruptError(shown, fname, size_problem(size, digest))
         total += size
     return rt, total
 
@@ -344,24 +261,23 @@ def _rechecked(store: ReadStore, ckpt: str, exc: CheckpointCorruptError
     """
     shown, name = store.url(ckpt), name_of(ckpt)
     for _ in range(_RECHECKS):
-        marker = _read_marker(store, ckpt, shown)
+        with opened(store, ckpt) as d:
+            marker = read_marker(store, d, ckpt, shown)
         sizes = {f"{name}/{f}": n for f, n in store.sizes(ckpt).items()}
-        if _read_marker(store, ckpt, shown) == marker:
+        with opened(store, ckpt) as d:
+            again = read_marker(store, d, ckpt, shown)
+        if again == marker:
             return (*_quick_check(store, ckpt, marker, sizes), marker)
     raise exc
 
 
 def _read_markers(store: ReadStore, ckpts: list[str]) -> dict[str, bytes | None]:
-    def one(ckpt: str) -> bytes | None:
-        try:
-            return store.read(store.join(ckpt, layout.RUNTIME_JSON))
-        except OSError:
-            return None  # read again, for the exact problem, by _read_marker
-
+    # None: read again, for the exact problem, by read_marker.
     if len(ckpts) <= 2:
-        return {c: one(c) for c in ckpts}
+        return {c: current_marker(store, c) for c in ckpts}
     with concurrent.futures.ThreadPoolExecutor(_MARKER_THREADS, "ckptwriter-scan") as pool:
-        return dict(zip(ckpts, pool.map(one, ckpts), strict=True))
+        got = pool.map(partial(current_marker, store), ckpts)
+        return dict(zip(ckpts, got, strict=True))
 
 
 def scan_with_markers(store: ReadStore, root: str) -> list[tuple[CheckpointInfo, bytes | None]]:
@@ -392,7 +308,8 @@ def scan_with_markers(store: ReadStore, root: str) -> list[tuple[CheckpointInfo,
                 continue
         try:
             if marker is None:
-                marker = _read_marker(store, ckpt, store.url(ckpt))
+                with opened(store, ckpt) as d:
+                    marker = read_marker(store, d, ckpt, store.url(ckpt))
             try:
                 rt, size = _quick_check(store, ckpt, marker, sizes)
             except CheckpointCorruptError as first:

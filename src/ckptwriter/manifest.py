@@ -16,9 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validat
 from .layout import FORMAT_VERSION
 
 __all__ = [
-    "AgentManifest", "EntryTypeRecord", "FileDigest", "LatestPointer", "LogRecord",
-    "RuntimeManifest", "StateRecord", "dump_json",
+    "MAX_DOCUMENT_BYTES", "AgentManifest", "EntryTypeRecord", "FileDigest", "LatestPointer",
+    "LogRecord", "RuntimeManifest", "StateRecord", "dump_json",
 ]
+
+# The most a reader takes of a document it reads before knowing any size (runtime.json,
+# latest.json, best.json): ckptwriter writes them in kilobytes (a runtime.json lists
+# about 130 bytes per file); a planted multi-terabyte sparse file must not be read whole.
+MAX_DOCUMENT_BYTES = 8 * 2**20
 
 _ENCODER = msgspec.json.Encoder()
 

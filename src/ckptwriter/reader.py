@@ -52,6 +52,7 @@ from .integrity import (
     Gone,
     LoadedCheckpoint,
     Seen,
+    current_marker,
     file_error,
     is_whole,
     loaded,
@@ -60,8 +61,8 @@ from .integrity import (
     scan_with_markers,
     verified,
 )
-from .manifest import LatestPointer, RuntimeManifest, check_plain_name
-from .storage.base import ReadStore
+from .manifest import MAX_DOCUMENT_BYTES, LatestPointer, RuntimeManifest, check_plain_name
+from .storage.base import FileTooLargeError, ReadStore
 
 __all__ = [
     "CheckpointFallbackWarning",
@@ -114,9 +115,11 @@ def _pointer(store: ReadStore, root: str, link: str = layout.LATEST_LINK
         return target, ""
     jpath = store.join(root, _POINTERS[link])
     try:
-        data = store.read(jpath)
+        data = store.read(jpath, limit=MAX_DOCUMENT_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         return None, f"{link} is missing"
+    except FileTooLargeError:
+        return None, f"{_POINTERS[link]} is invalid (too large)"
     except OSError as exc:
         raise file_error(store, jpath, shown, _POINTERS[link], exc) from None
     try:
@@ -138,11 +141,7 @@ def _moved(store: ReadStore, root: str, target: str, seen: Seen, link: str) -> b
         return False
     if now != target:
         return True
-    try:
-        marker: bytes | None = store.read(store.join(root, target, layout.RUNTIME_JSON))
-    except OSError:
-        marker = None
-    return marker != seen.marker
+    return current_marker(store, store.join(root, target)) != seen.marker
 
 
 OpenOne = Callable[[str, Seen], _T]
@@ -228,10 +227,7 @@ def _open_named(store: ReadStore, path: str, open_one: OpenOne[_T]) -> _T:
         try:
             return open_one(path, seen)
         except CheckpointCorruptError:
-            try:
-                now: bytes | None = store.read(store.join(path, layout.RUNTIME_JSON))
-            except OSError:
-                now = None
+            now = current_marker(store, path)
             if attempt == _ATTEMPTS - 1 or seen.marker is None or now == seen.marker:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
@@ -243,7 +239,7 @@ def _named_pointer(store: ReadStore, path: str) -> tuple[str, str] | None:
     every backend (object stores have only the JSON twin; the name still means it)."""
     name = name_of(path)
     if name in (*_POINTERS, *_POINTERS.values()):
-        parent = store.parent(path)
+        parent = followed(store, store.parent(path))  # the user's link to the directory
         children = store.listdir(parent)
         if children is not None and (name in children or holds_checkpoints(children)):
             return parent, name.removesuffix(".json")

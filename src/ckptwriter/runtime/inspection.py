@@ -19,10 +19,11 @@ from pydantic import ValidationError
 
 from .. import layout
 from ..discovery import checkpoints_dirs, followed, guarded, name_of, open_location
-from ..errors import CheckpointCorruptError
-from ..manifest import LatestPointer
+from ..errors import CheckpointCorruptError, UnsafePathError
+from ..manifest import MAX_DOCUMENT_BYTES, LatestPointer
 from ..reader import CheckpointInfo, _named_pointer, _pointer, list_checkpoints
 from ..storage.base import ReadStore
+from ..storage.dirfd import identity, open_dir
 from ..storage.urlpath import URLPath
 
 __all__ = [
@@ -64,7 +65,7 @@ class LatestStatus:
 def _json_problem(store: ReadStore, root: str, link: str) -> str | None:
     try:
         ptr = LatestPointer.model_validate_json(
-            store.read(store.join(root, layout.LATEST_JSON)))
+            store.read(store.join(root, layout.LATEST_JSON), limit=MAX_DOCUMENT_BYTES))
     except FileNotFoundError:
         return "missing (readers use the latest symlink; the next checkpoint writes it)"
     except (OSError, ValidationError):
@@ -152,13 +153,21 @@ def find_checkpoint_dirs(path: str | os.PathLike[str]) -> list[CheckpointsDir]:
 
 def checkpoint_at(path: str | os.PathLike[str]) -> Path | None:
     """``path`` as a Path if it names one checkpoint (a directory, or ``latest``,
-    ``latest.json``, ``best``, ``best.json``), not a directory of them."""
+    ``latest.json``, ``best``, ``best.json``), not a directory of them.
+
+    A pointer names the one checkpoint it points at (by the readers' pointer rules:
+    nothing is looked at through it here); an ``ep_*`` symlink is returned as named, for
+    :func:`~ckptwriter.verify_checkpoint` to refuse.
+    """
     store, where = open_location(path)
 
     def find() -> Path | None:
         if _named_pointer(store, where) is not None:
             return store.as_path(where)  # latest or best: what it names, when verified
-        ckpt = followed(store, where)
+        try:
+            ckpt = followed(store, where)
+        except UnsafePathError:
+            return store.as_path(where)
         if layout.parse_checkpoint_name(name_of(ckpt)) is None:
             marker = store.stat(store.join(ckpt, layout.RUNTIME_JSON))
             if marker is None or marker.kind != "file":
@@ -247,33 +256,63 @@ def _blocks(stats: Iterable[os.stat_result], seen: set[tuple[int, int]]) -> Iter
 def shared_with(ckpt: str | os.PathLike[str], file: str) -> list[str]:
     """The other checkpoints of ``ckpt``'s directory holding ``file`` itself (the same
     inode: a file linked from checkpoint to checkpoint), oldest first; [] on object
-    storage (a copy there is an object of its own) or when ``file`` is not there."""
-    if isinstance(ckpt, URLPath):
+    storage (a copy there is an object of its own) or when ``file`` is not there.
+
+    Each checkpoint is opened relative to the checkpoints directory, ``O_NOFOLLOW``: a
+    planted ``ep_*`` symlink is never entered, so no directory outside is listed.
+    """
+    if isinstance(ckpt, URLPath) or file in ("", ".", "..") or "/" in file:
         return []
     top = Path(ckpt)
     try:
-        st = os.lstat(top / file)
+        root = os.open(top.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return []
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
-        return []
-    found = []
-    names = sorted((ep, n) for n in os.listdir(top.parent)
-                   if (ep := layout.parse_checkpoint_name(n)) is not None and n != top.name)
-    for _, name in names:
-        try:
-            entries = list(os.scandir(top.parent / name))
-        except OSError:
-            continue
-        for entry in entries:
+    try:
+        st = _stat_in(root, top.name, file)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return []
+        names = sorted((ep, n) for n in os.listdir(root)
+                       if (ep := layout.parse_checkpoint_name(n)) is not None
+                       and n != top.name)
+        return [name for _, name in names if _holds(root, name, identity(st))]
+    finally:
+        os.close(root)
+
+
+def _stat_in(root: int, ckpt: str, file: str) -> os.stat_result | None:
+    try:
+        fd = open_dir(ckpt, root)
+    except OSError:
+        return None
+    try:
+        return os.stat(file, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _holds(root: int, ckpt: str, inode: tuple[int, int]) -> bool:
+    """True if checkpoint ``ckpt`` of ``root`` (a real directory) has an entry ``inode``."""
+    try:
+        fd = open_dir(ckpt, root)
+    except OSError:
+        return False  # gone, or not a directory (a planted symlink is never entered)
+    try:
+        with os.scandir(fd) as it:
+            names = [e.name for e in it]
+        for name in names:
             try:
-                other = entry.stat(follow_symlinks=False)
+                if identity(os.stat(name, dir_fd=fd, follow_symlinks=False)) == inode:
+                    return True
             except OSError:
                 continue
-            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                found.append(name)
-                break
-    return found
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def format_size(n: int) -> str:

@@ -20,14 +20,18 @@ Every method is synchronous and blocking: the pipeline runs them in one worker t
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 __all__ = [
     "Backend",
+    "DirReader",
     "FileSpec",
+    "FileTooLargeError",
     "PendingCheckpoint",
     "ReadStore",
     "ReuseToken",
@@ -35,6 +39,19 @@ __all__ = [
 ]
 
 EntryKind = Literal["file", "dir", "link", "other"]
+
+
+class FileTooLargeError(OSError):
+    """A file is larger than a read allowed: nothing (or only ``limit`` bytes) was read.
+
+    ``size`` is its size when the store knows it (``None``: larger than ``limit``).
+    """
+
+    def __init__(self, path: str, size: int | None, limit: int) -> None:
+        found = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+        super().__init__(errno.EFBIG, f"{found}, more than the {limit} expected", path)
+        self.size = size
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +131,23 @@ class PendingCheckpoint(Protocol):
         ...
 
 
+class DirReader(Protocol):
+    """One directory opened once: its files are read from that very directory, even if
+    its path is renamed or swapped for a symlink meanwhile (locally a descriptor)."""
+
+    def read(self, name: str, *, limit: int | None = None) -> bytes:
+        """The bytes of regular file ``name`` in it (as :meth:`ReadStore.read`)."""
+        ...
+
+    def stat(self, name: str) -> StoreEntry | None:
+        """What ``name`` is in it (as :meth:`ReadStore.stat`)."""
+        ...
+
+    def moved(self) -> bool:
+        """True if its path no longer leads to it (a re-commit swapped another copy in)."""
+        ...
+
+
 class ReadStore(Protocol):
     """Read primitives over one filesystem or bucket."""
 
@@ -150,13 +184,31 @@ class ReadStore(Protocol):
         """Names directly under ``path`` (``None``: not a directory or prefix)."""
         ...
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, *, limit: int | None = None) -> bytes:
         """The bytes of a regular file, never reached through a final symlink.
+
+        ``limit``: the most bytes the caller accepts (a manifest's size, a document's
+        cap); a larger file is refused before it is read whole.
 
         Raises:
             FileNotFoundError: nothing there.
-            IsADirectoryError: a symlink, directory or other non-regular file.
+            IsADirectoryError: a symlink (``errno.ELOOP``), directory or other non-regular
+                file.
+            FileTooLargeError: more than ``limit`` bytes.
             OSError: it cannot be read.
+        """
+        ...
+
+    def open_dir(self, path: str) -> AbstractContextManager[DirReader]:
+        """Directory ``path``, opened once to read its files (a checkpoint).
+
+        The directory that holds it is the caller's (reached as its path says); ``path``
+        itself is never reached through a symlink, nor is anything read in it.
+
+        Raises:
+            FileNotFoundError: nothing there.
+            NotADirectoryError: not a directory (``errno.ELOOP``: a symlink).
+            OSError: it cannot be opened.
         """
         ...
 

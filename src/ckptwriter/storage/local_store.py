@@ -1,17 +1,107 @@
-"""The local read primitives of storage/base.py: what readers use on a local disk."""
+"""The local read primitives of storage/base.py: what readers use on a local disk.
+
+A checkpoint is opened once (:meth:`LocalStore.open_dir`: ``O_NOFOLLOW | O_DIRECTORY``
+below the directory that holds it) and its files are opened relative to that descriptor,
+``O_NOFOLLOW``: an ``ep_*`` swapped for a symlink after a reader checked it cannot make
+the reader read another tree (what the writer does, storage/dirfd.py).
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import StorageError
-from .base import StoreEntry
+from .base import FileTooLargeError, StoreEntry
+from .dirfd import DIR_FLAGS, identity, open_dir
 from .posix_io import COPY_CHUNK, os_error
 
 __all__ = ["LocalStore"]
+
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _entry(st: os.stat_result) -> StoreEntry:
+    if stat.S_ISLNK(st.st_mode):
+        return StoreEntry("link")
+    if stat.S_ISDIR(st.st_mode):
+        return StoreEntry("dir")
+    if stat.S_ISREG(st.st_mode):
+        return StoreEntry("file", st.st_size)
+    return StoreEntry("other")
+
+
+def _opened(name: str, path: str, dir_fd: int | None = None) -> int:
+    """A regular file opened for reading, never through a final symlink."""
+    try:
+        return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IsADirectoryError(errno.ELOOP, "is a symlink", path) from None
+        raise
+
+
+def _read_fd(fd: int, path: str, limit: int | None) -> bytes:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is not a regular file", path)
+    if limit is not None and st.st_size > limit:
+        # Checked before reading: a planted sparse file of terabytes costs nothing.
+        raise FileTooLargeError(path, st.st_size, limit)
+    chunks: list[bytes] = []
+    left, total = st.st_size, 0
+    while True:
+        # One read of the recorded size, then until EOF: a file that grows while read is
+        # read whole (up to ``limit``), and its checksum decides whether it is usable.
+        want = max(left, COPY_CHUNK)
+        if limit is not None:
+            want = min(want, limit + 1 - total)
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        left = 0
+        if limit is not None and total > limit:
+            raise FileTooLargeError(path, os.fstat(fd).st_size, limit)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Dir:
+    """A directory opened once (see :class:`~ckptwriter.storage.base.DirReader`)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = fd
+        self._path = path
+
+    def read(self, name: str, *, limit: int | None = None) -> bytes:
+        path = os.path.join(self._path, name)
+        if name in ("", ".", "..") or "/" in name:
+            raise OSError(errno.EINVAL, "not a plain file name", path)
+        fd = _opened(name, path, self._fd)
+        try:
+            return _read_fd(fd, path, limit)
+        finally:
+            os.close(fd)
+
+    def moved(self) -> bool:
+        try:
+            now = os.lstat(self._path)
+        except OSError:
+            return True
+        return identity(now) != identity(os.fstat(self._fd))
+
+    def stat(self, name: str) -> StoreEntry | None:
+        if name in ("", ".", "..") or "/" in name:
+            return None
+        try:
+            return _entry(os.stat(name, dir_fd=self._fd, follow_symlinks=False))
+        except OSError:
+            return None
 
 
 class LocalStore:
@@ -46,18 +136,11 @@ class LocalStore:
         """What is at ``path``, a symlink reported as ``link``."""
         try:
             st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
         except OSError:
-            # ENAMETOOLONG, ELOOP...: a name from a hostile pointer is simply not there.
+            # ENOENT, ENOTDIR, ENAMETOOLONG, ELOOP...: a name from a hostile pointer is
+            # simply not there.
             return None
-        if stat.S_ISLNK(st.st_mode):
-            return StoreEntry("link")
-        if stat.S_ISDIR(st.st_mode):
-            return StoreEntry("dir")
-        if stat.S_ISREG(st.st_mode):
-            return StoreEntry("file", st.st_size)
-        return StoreEntry("other")
+        return _entry(st)
 
     def listdir(self, path: str) -> list[str] | None:
         """Names in a directory (not through a final symlink); None if not a directory."""
@@ -72,31 +155,47 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def read(self, path: str) -> bytes:
+    def read(self, path: str, *, limit: int | None = None) -> bytes:
         """A regular file's bytes, opened without following a final symlink."""
+        fd = _opened(path, path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise IsADirectoryError(errno.ELOOP, "is a symlink", path) from None
-            raise
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is not a regular file", path)
-            chunks: list[bytes] = []
-            left = st.st_size
-            while True:
-                # One read of the recorded size, then until EOF: a file that grows while
-                # read is read whole, and its checksum decides whether it is usable.
-                chunk = os.read(fd, max(left, COPY_CHUNK))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left = 0
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return _read_fd(fd, path, limit)
         finally:
             os.close(fd)
+
+    @contextmanager
+    def open_dir(self, path: str) -> Iterator[_Dir]:
+        """Directory ``path`` opened once, ``O_NOFOLLOW`` below the directory holding it."""
+        parent, _, name = path.rstrip("/").rpartition("/")
+        if name in ("", ".", ".."):
+            # Nothing to swap in at "." (the writer checks a directory it holds open as
+            # /proc/self/fd/N/.): it is the very directory its parent path leads to.
+            fd = os.open(path, DIR_FLAGS)
+        else:
+            # The holding directory is the user's (their symlinks to it are theirs to
+            # follow); the checkpoint in it must be a real directory.
+            holder = parent or ("/" if path.startswith("/") else ".")
+            pfd = os.open(holder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = self._open_below(pfd, name, path)
+            finally:
+                os.close(pfd)
+        try:
+            yield _Dir(fd, path)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _open_below(pfd: int, name: str, path: str) -> int:
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=pfd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise NotADirectoryError(errno.ELOOP, "is a symlink", path) from None
+            raise
 
     def readlink(self, path: str) -> str | None:
         """A symlink's target, or None."""
@@ -108,23 +207,42 @@ class LocalStore:
     def sizes(self, path: str) -> dict[str, int]:
         """Regular files below ``path`` (symlinks neither followed nor counted)."""
         out: dict[str, int] = {}
-        base = path.rstrip("/") or "/"
-        top = self.stat(base)
-        if top is None or top.kind != "dir":
-            # os.walk lists a symlinked top directory's target: a planted ep_* link must
-            # not make `du` (or a listing) count or read a tree outside (issue 10).
+        try:
+            # A symlinked top (a planted ep_* link, issue 10) lists nothing.
+            top = os.open(path.rstrip("/") or "/", DIR_FLAGS)
+        except OSError:
             return out
-        for dirpath, _dirs, files in os.walk(base, followlinks=False):
-            rel = os.path.relpath(dirpath, base)
-            for f in files:
-                full = os.path.join(dirpath, f)
+        # Each directory is opened relative to its parent's descriptor, O_NOFOLLOW: an
+        # entry swapped for a symlink mid-walk never makes it list a tree outside.
+        stack: list[tuple[int, str]] = [(top, "")]
+        try:
+            while stack:
+                fd, rel = stack.pop()
                 try:
-                    st = os.lstat(full)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    out[f if rel == "." else f"{rel}/{f}"] = st.st_size
+                    self._sizes_in(fd, rel, out, stack)
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, _ in stack:
+                os.close(fd)
         return out
+
+    @staticmethod
+    def _sizes_in(fd: int, rel: str, out: dict[str, int], below: list[tuple[int, str]]) -> None:
+        try:
+            with os.scandir(fd) as it:
+                names = [e.name for e in it]
+        except OSError:
+            return
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    out[rel + name] = st.st_size
+                elif stat.S_ISDIR(st.st_mode):
+                    below.append((open_dir(name, fd), f"{rel}{name}/"))
+            except OSError:
+                continue  # vanished (retention deleting it), or swapped for a symlink
 
     def error(self, exc: BaseException, action: str, path: str) -> Exception:
         """An OSError as a StorageError with the fix."""

@@ -17,13 +17,14 @@ import hashlib
 import posixpath
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import StorageError
-from .base import StoreEntry
+from .base import FileTooLargeError, StoreEntry
 
 __all__ = ["CopySource", "ObjectStore", "PutItem", "slices", "store_error"]
 
@@ -33,6 +34,23 @@ _READ_CHUNK = 4 * 2**20
 # Stores without conditional writes get check-then-write under this lock: atomic for
 # writers in this process (all that memory:// has), best effort across machines.
 _CREATE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class _Prefix:
+    """A prefix read as a directory (:class:`~ckptwriter.storage.base.DirReader`)."""
+
+    store: ObjectStore
+    path: str
+
+    def read(self, name: str, *, limit: int | None = None) -> bytes:
+        return self.store.read(self.store.join(self.path, name), limit=limit)
+
+    def stat(self, name: str) -> StoreEntry | None:
+        return self.store.stat(self.store.join(self.path, name))
+
+    def moved(self) -> bool:
+        return False  # a prefix is not a thing that can be swapped
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +183,24 @@ class ObjectStore:
             return None
         return int(info.get("size") or 0)
 
-    def cat(self, path: str) -> bytes:
-        """The bytes of one object (FileNotFoundError if missing)."""
-        data = self.fs.cat_file(path)
-        return bytes(data)
+    def cat(self, path: str, *, limit: int | None = None) -> bytes:
+        """The bytes of one object (FileNotFoundError if missing), at most ``limit``.
+
+        With a limit, one ranged request for ``limit + 1`` bytes: a huge object is never
+        downloaded whole to learn that it is too large (FileTooLargeError).
+        """
+        if limit is None:
+            return bytes(self.fs.cat_file(path))
+        try:
+            data = bytes(self.fs.cat_file(path, start=0, end=limit + 1))
+        except OSError as exc:
+            # A range of an empty object is unsatisfiable (416): ask its size instead.
+            if exc.errno != errno.EINVAL or self.size(path) != 0:
+                raise
+            return b""
+        if len(data) > limit:
+            raise FileTooLargeError(path, self.size(path), limit)
+        return data
 
     def cat_many(self, paths: Sequence[str]) -> dict[str, bytes]:
         """Several objects at once (async filesystems fetch them concurrently)."""
@@ -235,9 +267,14 @@ class ObjectStore:
         """Children of a prefix; None when nothing is under it."""
         return self.ls_names(path) or None
 
-    def read(self, path: str) -> bytes:
-        """One object's bytes (FileNotFoundError if missing)."""
-        return self.cat(path)
+    def read(self, path: str, *, limit: int | None = None) -> bytes:
+        """One object's bytes (FileNotFoundError if missing), at most ``limit`` of them."""
+        return self.cat(path, limit=limit)
+
+    @contextmanager
+    def open_dir(self, path: str) -> Iterator[_Prefix]:
+        """A prefix: there is nothing to open, nor any symlink to swap in."""
+        yield _Prefix(self, path)
 
     def readlink(self, path: str) -> str | None:
         """Object stores have no symlinks."""

@@ -206,7 +206,7 @@ class CommitPipeline:
         store, root = self.backend.store, self.backend.root
         try:
             pointer = LatestPointer.model_validate_json(
-                store.read(store.join(root, layout.LATEST_JSON)))
+                store.read(store.join(root, layout.LATEST_JSON), limit=MAX_DOCUMENT_BYTES))
         except (OSError, ValidationError):
             return  # none yet, or one the readers already fall back from
         named = next((i for i in whole if i.name == pointer.checkpoint), None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import functools
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
@@ -301,3 +302,49 @@ def test_memory_type_json_cannot_hold_is_refused(kw: dict[str, Any], message: st
     args: dict[str, Any] = {"memory": MemoryLog(), **kw}
     with pytest.raises(CheckpointError, match=message):
         Snapshot(1, 1, "A", **args).capture()
+
+
+class _Counted(BaseModel):
+    """A frozen entry with a cached property: its cache lives in __dict__, not a field."""
+
+    model_config = ConfigDict(frozen=True)
+    type: Literal["Counted"] = "Counted"
+    text: str
+
+    @functools.cached_property
+    def words(self) -> int:
+        return len(self.text.split())
+
+
+def test_a_read_cached_property_is_not_a_change(tmp_path: Path) -> None:
+    """A cached_property read before append (its value in __dict__, ignored by ==) is
+    no difference: appended, set as state and loaded back (found by review: KeyError)."""
+    entry = _Counted(text="a b c")
+    assert entry.words == 3
+    memory = MemoryLog(entry_types=[_Counted])
+    memory.append(entry)
+    state = AgentState()
+    state["note"] = entry
+    with SyncCheckpointWriter(tmp_path / "c") as w:
+        w.submit(snapshot(memory, 1, state=state)).wait()
+    loaded = load_checkpoint(tmp_path / "c", entry_types=[_Counted], state_types=[_Counted])
+    assert list(loaded.memory) == [entry]
+
+
+@pytest.mark.parametrize("score", [
+    pytest.param(lambda: __import__("numpy").array(0.5), id="numpy-0d-array"),
+    pytest.param(lambda: __import__("numpy").float32(0.5), id="numpy-float32"),
+    pytest.param(lambda: 1, id="int"),
+])
+def test_a_score_float_takes_is_a_score(score: Any) -> None:
+    """val_score: anything float() takes as one number (a 0-d array or tensor too)."""
+    pytest.importorskip("numpy")
+    snap = snapshot(MemoryLog(), 1, val_score=score()).capture()
+    assert snap.meta.val_score == float(score())
+
+
+def test_a_score_of_many_numbers_is_refused() -> None:
+    """An array of several numbers is no score: refused at capture, naming the field."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(CheckpointError, match=r"^Snapshot\.val_score must be a single number"):
+        snapshot(MemoryLog(), 1, val_score=np.array([0.5, 0.6])).capture()

@@ -363,10 +363,10 @@ def _verify(path: str, out: Console) -> int:
             if listed_in is None:
                 raise
             problem = listed_in.problem_of(ckpt.name)
-            if problem is None:  # listed, then deleted: a live writer's retention
+            if problem is None:  # listed, then deleted (a live writer's retention, as a rule)
                 retired += 1
-                out.print(f"RETIRED {ckpt}: deleted by the live writer's retention while "
-                          "verify ran (not a problem)", markup=False)
+                out.print(f"RETIRED {ckpt}: no longer there (deleted while verify ran, by a "
+                          "live writer's retention or by hand; nothing to check)", markup=False)
                 continue
             broken += 1
             out.print(f"BROKEN  {ckpt}: {problem}", markup=False)

@@ -213,15 +213,24 @@ class CommitPipeline:
         if named is None or named.runtime is None:
             return
         stamp, ep = named.runtime.timestamp, named.episode_index
+        # Strictly later by the capture times runtime.json records: wall clock, so a
+        # history written while the clock ran ahead of the one that later went back
+        # (replace=True) would look later; the CLI's resume has always used this rule.
         later = [i for i in whole if i.runtime is not None and i.episode_index > ep
-                 and i.runtime.timestamp >= stamp]
+                 and i.runtime.timestamp > stamp]
         if not later:
             return
         newest = max(later, key=lambda i: i.episode_index)
+        try:
+            self.backend.replace_pointer(newest.name, self._docs[newest.name])
+        except CheckpointError as exc:
+            # No reason to refuse the directory: the next commit moves latest anyway.
+            log.warning("latest names %s, but %s was committed after it; moving latest "
+                        "failed (%s)", named.name, newest.name, exc)
+            return
         log.warning("latest named %s, but %s was committed after it and is whole (a run "
                     "stopped between committing it and moving latest): latest now names %s",
                     named.name, newest.name, newest.name)
-        self.backend.replace_pointer(newest.name, self._docs[newest.name])
 
     def close(self) -> None:
         """Release the directory lock (logging removal failures no commit reported)."""

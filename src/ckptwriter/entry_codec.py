@@ -60,12 +60,18 @@ def _bypass_hint(cls: type, entry: Any) -> str:
 def _fields(obj: object) -> Any:
     # msgspec calls this for a nested pydantic model (Feedback's content): its fields.
     if type(obj) is FeedbackContent or isinstance(obj, BaseModel):
-        return obj.__dict__
+        d = obj.__dict__
+        fields = type(obj).__pydantic_fields__
+        if len(d) == len(fields):
+            return d
+        # More than the fields: what a functools.cached_property cached once read.
+        return {name: d[name] for name in fields}
     raise NotImplementedError(f"cannot encode {type(obj).__name__} in a memory entry")
 
 
-# A pydantic model's __dict__ holds exactly its field values, in declaration order
-# ("type" first), so encoding it gives the guide's bytes without building a dict.
+# A pydantic model's __dict__ holds its field values, in declaration order ("type"
+# first), so encoding it gives the guide's bytes without building a dict (and only the
+# fields when a cached_property has added to it).
 FIELDS_ENCODER = msgspec.json.Encoder(enc_hook=_fields)
 _PLAIN = msgspec.json.Decoder()
 
@@ -225,7 +231,7 @@ def _difference(name: str, entry: Any, back: Any) -> str:
 
 def _items(entry: Any) -> Iterable[tuple[str, Any]]:
     if isinstance(entry, BaseModel):
-        return entry.__dict__.items()
+        return ((f, getattr(entry, f)) for f in type(entry).__pydantic_fields__)
     if isinstance(entry, msgspec.Struct):
         return ((f, getattr(entry, f)) for f in entry.__struct_fields__)
     return ((f.name, getattr(entry, f.name)) for f in dataclasses.fields(entry))

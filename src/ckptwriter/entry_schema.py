@@ -211,6 +211,17 @@ def _validate_many(cls: type[BaseModel], mirror: Any) -> Callable[[list[Any]], l
 
 
 def _fields_dict(entry: Any) -> Any:
+    d = entry.__dict__
+    fields = type(entry).__pydantic_fields__
+    if len(d) == len(fields):
+        return d
+    # More than the fields: what a functools.cached_property cached once it was read
+    # (== ignores it; written, it would load back as a field the class does not have).
+    return {name: d[name] for name in fields}
+
+
+def _own_dict(entry: Any) -> Any:
+    # A built-in entry: its __dict__ is exactly its fields (no cached properties).
     return entry.__dict__
 
 
@@ -295,7 +306,7 @@ def codec_for(cls: Any) -> Codec:
     """
     if cls in BUILTIN_MIRRORS:
         mirror, build = BUILTIN_MIRRORS[cls]
-        return Codec(cls.__name__, cls, mirror, build, _fields_dict, None)
+        return Codec(cls.__name__, cls, mirror, build, _own_dict, None)
     if not isinstance(cls, type):
         raise TypeError(f"entry_types holds {cls!r}, not a class; pass classes, e.g. "
                         "entry_types=[ChatMessage]")

@@ -106,7 +106,7 @@ class CheckpointExistsError(CheckpointError):
         # loaded a pointer a killed run left behind (the writer's open moves it on).
         lagged = (f" If this run resumed from a checkpoint below episode {newest_episode}, "
                   f"load the directory again now: latest names the newest committed one "
-                  f"once a writer has opened it." if reason != "pending" else "")
+                  f"once a writer has opened it." if reason == "exists" else "")
         super().__init__(
             f"Not saved: {what}. Write to a new checkpoint directory, continue from an "
             f"episode above {newest_episode}, or pass replace=True to submit() to write "

@@ -70,6 +70,10 @@ def find_change(given: Any, back: Any, path: str) -> str | None:
         found = _diff(given, back)
     except RecursionError:
         return None  # deeper than the encoder goes: the encoder has refused it already
+    except (KeyError, AttributeError, TypeError, ValueError):
+        # A shape the walk does not know (the two compared equal): a value the
+        # encoder and == accept is not refused for a gap in this second look.
+        return None
     if found is None:
         return None
     g, b, steps = found
@@ -117,8 +121,11 @@ def _diff(given: Any, back: Any) -> _Found | None:
     if kind == _DICT:
         return _dict_diff(given, back)
     if kind == _MODEL:
+        # The fields only: __dict__ also holds what a functools.cached_property cached,
+        # which == ignores and the loaded copy has not computed.
+        names = list(t.model_fields)
         d, bd = given.__dict__, back.__dict__
-        return _zip_diff(".{}", d, d.values(), map(bd.__getitem__, d))
+        return _zip_diff(".{}", names, map(d.__getitem__, names), map(bd.__getitem__, names))
     if kind == _SEQ:
         return _zip_diff("[{}]", range(len(given)), given, back)
     if kind == _SET:
@@ -174,7 +181,8 @@ def _dict_diff(given: dict[Any, Any], back: dict[Any, Any]) -> _Found | None:
 
 def _fields(value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, BaseModel):
-        return list(value.__dict__.items())
+        d = value.__dict__
+        return [(f, d[f]) for f in type(value).model_fields]
     if isinstance(value, msgspec.Struct):
         return [(f, getattr(value, f)) for f in value.__struct_fields__]
     return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]

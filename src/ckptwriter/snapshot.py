@@ -10,7 +10,6 @@ encoded when it was set), and the small JSON parts are encoded to bytes on the s
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import time
 from collections.abc import Mapping
@@ -232,12 +231,17 @@ def _check_score(value: object) -> float | None:
     """``val_score`` as the finite float it is: a str or a bool is not a score."""
     if value is None:
         return None
-    # numbers.Real: a numpy or torch float is a score too; True is not.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # Anything float() takes as a number is a score (a numpy float, a 0-d array or
+    # tensor); text is not (float("0.5") parses it), and neither is True.
+    if isinstance(value, (str, bytes, bytearray, bool)) \
+            or not hasattr(type(value), "__float__"):
         raise CheckpointError(f"Snapshot.val_score must be a float (or None), got {value!r} "
                               f"({type(value).__name__}); pass float(...) of the score")
     try:
-        score = float(value)
+        score = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"Snapshot.val_score must be a single number, got "
+                              f"{type(value).__name__}: {exc}") from None
     except OverflowError:
         kind = a_noun(type(value).__name__)
         raise CheckpointError(f"Snapshot.val_score is {kind} too large for a float; pass a "

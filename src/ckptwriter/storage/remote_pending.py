@@ -99,8 +99,8 @@ class RemotePending:
             except PutConflict as exc:
                 raise StorageError(
                     f"{self.name} in {b.location} is being written by someone else: "
-                    f"{exc.paths[0]} reappeared after it was removed. Check that only one "
-                    "run writes to this location."
+                    f"{b.store.url(exc.paths[0])} reappeared after it was removed. Check "
+                    "that only one run writes to this location."
                 ) from exc
             return tags
 

@@ -34,6 +34,22 @@ class _Taken(FileExistsError):
     """An exclusive upload found an object there (a 412 on its condition)."""
 
 
+def _taken(exc: OSError, item: PutItem) -> bool:
+    """The 412 of an exclusive upload's If-None-Match: an object is there. Not one of a
+    copy source that changed (CopySourceIfMatch), which is no conflict to resolve."""
+    if isinstance(exc, FileExistsError):
+        return True  # s3fs's own reading of that very condition
+    reply = getattr(exc.__cause__, "response", None)
+    if not isinstance(reply, dict):
+        return False
+    err = reply.get("Error", {})
+    if err.get("Code") not in {"PreconditionFailed", "412"}:
+        return False
+    condition = err.get("Condition")
+    # A store that names no condition: only a plain upload has no other one.
+    return condition == "If-None-Match" if condition else item.copy_from is None
+
+
 def _precondition_failed(exc: OSError) -> bool:
     """A 412 on a conditional write (s3fs maps it to EINVAL, as it does other errors)."""
     reply = getattr(exc.__cause__, "response", None)
@@ -175,7 +191,7 @@ class S3ObjectStore(ObjectStore):
         try:
             return await self._aput_one(item, sem, call)
         except OSError as exc:
-            if item.exclusive and _precondition_failed(exc):
+            if item.exclusive and _taken(exc, item):
                 raise _Taken(errno.EEXIST, "object exists", item.path) from exc
             raise
 
@@ -220,7 +236,13 @@ class S3ObjectStore(ObjectStore):
             for group in slices(item.parts, PART_BYTES):
                 jobs.append(self._aupload_part(sem, call, bucket, key, upload_id, number, group))
                 number += 1
-            etags = await asyncio.gather(*jobs)
+            # Every part runs to its end before an abort: a part still in flight when
+            # the upload is aborted may leave storage behind.
+            done = await asyncio.gather(*jobs, return_exceptions=True)
+            for e in done:
+                if isinstance(e, BaseException):
+                    raise e
+            etags = [str(e) for e in done]
             resp = await call(
                 "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
                 MultipartUpload={"Parts": [

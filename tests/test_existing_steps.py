@@ -34,9 +34,10 @@ from ckptwriter.storage import LocalStorage
 from ckptwriter.storage.base import PendingCheckpoint
 
 FIX = (r"Write to a new checkpoint directory, continue from an episode above {n}, or pass "
-       r"replace=True to submit\(\) to write {name} anyway \(latest then names it\)\. "
-       r"If this run resumed from a checkpoint below episode {n}, load the directory "
-       r"again now: latest names the newest committed one once a writer has opened it\.$")
+       r"replace=True to submit\(\) to write {name} anyway \(latest then names it\)\.")
+# Only for an episode that exists: a resume may have loaded a latest a kill left behind.
+RELOAD = (r" If this run resumed from a checkpoint below episode {n}, load the directory "
+          r"again now: latest names the newest committed one once a writer has opened it\.")
 
 
 def _history(root: Path, episodes: tuple[int, ...] = (10, 15, 20), keep: int = 3) -> None:
@@ -68,6 +69,7 @@ def test_restart_at_an_existing_or_lower_episode_is_refused_and_changes_nothing(
     with SyncCheckpointWriter(root, keep_last=3, executor=executor) as w:
         with pytest.raises(CheckpointExistsError, match=(
             rf"^Not saved: {why}\. " + FIX.format(n=20, name=f"ep_{first:06d}")
+            + (RELOAD.format(n=20) if first in (10, 20) else "") + "$"
         )) as info:
             w.submit(snapshot(first, memory_until(first)))
         assert isinstance(info.value, CheckpointError)

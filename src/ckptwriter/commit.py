@@ -197,11 +197,9 @@ class CommitPipeline:
     def _catch_latest_up(self, whole: list[CheckpointInfo]) -> None:
         """Move ``latest`` to a checkpoint committed after the one it names, if any.
 
-        A run killed between committing ``ep_M`` and moving ``latest`` leaves ``latest``
-        on an older ``ep_N``, though ``ep_M`` is whole and durable: the newest state of
-        this history. A higher episode committed *before* ``ep_N`` (``replace=True``
-        going back) is another history and is left alone (the CLI's resume uses the
-        same rule for runs it resumes before any writer opened them).
+        A run killed between committing ``ep_M`` and moving ``latest`` leaves it on an
+        older ``ep_N``, though ``ep_M`` is whole and durable. A higher episode committed
+        *before* ``ep_N`` (``replace=True`` going back) is another history: left alone.
         """
         store, root = self.backend.store, self.backend.root
         try:
@@ -213,9 +211,9 @@ class CommitPipeline:
         if named is None or named.runtime is None:
             return
         stamp, ep = named.runtime.timestamp, named.episode_index
-        # Strictly later by the capture times runtime.json records: wall clock, so a
-        # history written while the clock ran ahead of the one that later went back
-        # (replace=True) would look later; the CLI's resume has always used this rule.
+        # Strictly later by the capture times runtime.json records (the CLI resume's
+        # rule): wall clock, so a history written while the clock ran ahead of the one
+        # that later went back would look later.
         later = [i for i in whole if i.runtime is not None and i.episode_index > ep
                  and i.runtime.timestamp > stamp]
         if not later:

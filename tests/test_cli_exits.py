@@ -292,3 +292,17 @@ def test_set_value_that_is_not_utf8_is_refused_naming_it(latin1_dir: Path) -> No
     assert err.startswith(f"error: --set runtime.checkpoint_dir={latin1_dir.parent}/caf\\xe9/ck: "
                           "the value is not valid UTF-8 text"), err
     assert not (latin1_dir.parent / "outputs").exists()
+
+
+def test_failure_under_resume_auto_says_to_run_the_same_command(tmp_path: Path) -> None:
+    """Under resume_from: auto the note says to run the command again (naming the
+    checkpoint would start a new run directory and break auto's chain), and that works."""
+    (tmp_path / "agent.py").write_text(_AGENT.replace("BREAK", "raise ValueError('boom')"))
+    config = ("agent:\n  type: agent:Breaks\nruntime:\n  resume_from: auto\n"
+              "  checkpoint_every_episodes: 10\n  max_envs_to_visit: 100000\n")
+    proc = _train(tmp_path, config, "-q")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert re.search(r"the last durable checkpoint is \S+; to continue from it, run the "
+                     r"same command again \(resume_from: auto continues in place\)\n\Z", err), err
+    assert _NOTE.search(err) is None

@@ -456,3 +456,43 @@ def test_latest_moved_back_by_a_recommit_is_left_alone(tmp_path: Path) -> None:
 
     anyio.run(main)
     assert load_checkpoint(root).runtime.episode_index == 1
+
+
+@pytest.mark.parametrize("planted", ["outside", "dangling"])
+def test_a_writer_opening_points_an_unusable_latest_at_a_checkpoint(
+    tmp_path: Path, planted: str
+) -> None:
+    """latest replaced by a symlink that leads outside (planted) or to nothing (its
+    checkpoint removed by hand): readers refuse it, saying how to get past it, and read
+    nothing through it; the next writer's open points it at what latest.json names
+    (found by a new-user trial: the README's resume then failed on the same error)."""
+    from ckptwriter import UnsafePathError
+
+    root = tmp_path / "ckpts"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "runtime.json").write_text("{}")
+
+    async def write(episodes: tuple[int, ...]) -> None:
+        log = MemoryLog()
+        async with CheckpointWriter(root) as w:
+            for ep in episodes:
+                log.extend(episode_entries(ep))
+                await (await w.submit(snapshot(ep, log))).wait()
+
+    anyio.run(write, (1, 2))
+    os.unlink(root / "latest")
+    os.symlink(outside if planted == "outside" else "ep_000009", root / "latest")
+    if planted == "outside":
+        with pytest.raises(UnsafePathError, match=r"Nothing was read through it\. Load a "
+                           r"checkpoint by its name .* or remove latest: a writer opening"):
+            load_checkpoint(root)
+
+    async def reopen() -> None:
+        async with CheckpointWriter(root):
+            pass
+
+    anyio.run(reopen)
+    assert os.readlink(root / "latest") == "ep_000002"
+    assert load_checkpoint(root).runtime.episode_index == 2
+    assert sorted(p.name for p in outside.iterdir()) == ["runtime.json"]

@@ -219,7 +219,7 @@ def _train(config: str, overrides: list[str], *, quiet: bool) -> int:
     if bar is not None and bar.terminal_lost:
         _terminal_gone()
     try:
-        _summary(result)
+        _summary(result, auto=cfg.runtime.resume_from == "auto")
     except OSError as exc:
         if not is_terminal_error(exc):
             raise
@@ -227,7 +227,7 @@ def _train(config: str, overrides: list[str], *, quiet: bool) -> int:
     return result.exit_code
 
 
-def _summary(result: TrainResult) -> None:
+def _summary(result: TrainResult, *, auto: bool = False) -> None:
     from .runtime.loop import failure_summary, resume_hint
     from .runtime.progress import display_path
 
@@ -249,7 +249,7 @@ def _summary(result: TrainResult) -> None:
     if failed:
         out.print(failed, markup=False)
     if result.stopped_by:
-        out.print(resume_hint(result.durable_checkpoint), markup=False)
+        out.print(resume_hint(result.durable_checkpoint, auto=auto), markup=False)
     out.file.flush()
 
 

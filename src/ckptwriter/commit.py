@@ -36,7 +36,7 @@ from . import layout
 from .commit_files import Carries, Plan, WholeFile
 from .discovery import guarded
 from .errors import CheckpointError, StorageError
-from .integrity import CheckpointInfo
+from .latest_repair import repair_latest
 from .layout import FORMAT_VERSION
 from .manifest import MAX_DOCUMENT_BYTES, LatestPointer, dump_json, format_timestamp
 from .memory import MemoryCapture
@@ -188,47 +188,11 @@ class CommitPipeline:
             self._best_named = {self.best.name} if self.best is not None else set()
             if not guarded(b.store, b.root, "opening", self._best_is_current):
                 self._move_best()
-            self._catch_latest_up(whole)
+            repair_latest(b, whole, self._docs)
         except BaseException:
             b.close()
             raise
         return records
-
-    def _catch_latest_up(self, whole: list[CheckpointInfo]) -> None:
-        """Move ``latest`` to a checkpoint committed after the one it names, if any.
-
-        A run killed between committing ``ep_M`` and moving ``latest`` leaves it on an
-        older ``ep_N``, though ``ep_M`` is whole and durable. A higher episode committed
-        *before* ``ep_N`` (``replace=True`` going back) is another history: left alone.
-        """
-        store, root = self.backend.store, self.backend.root
-        try:
-            pointer = LatestPointer.model_validate_json(
-                store.read(store.join(root, layout.LATEST_JSON), limit=MAX_DOCUMENT_BYTES))
-        except (OSError, ValidationError):
-            return  # none yet, or one the readers already fall back from
-        named = next((i for i in whole if i.name == pointer.checkpoint), None)
-        if named is None or named.runtime is None:
-            return
-        stamp, ep = named.runtime.timestamp, named.episode_index
-        # Strictly later by the capture times runtime.json records (the CLI resume's
-        # rule): wall clock, so a history written while the clock ran ahead of the one
-        # that later went back would look later.
-        later = [i for i in whole if i.runtime is not None and i.episode_index > ep
-                 and i.runtime.timestamp > stamp]
-        if not later:
-            return
-        newest = max(later, key=lambda i: i.episode_index)
-        try:
-            self.backend.replace_pointer(newest.name, self._docs[newest.name])
-        except CheckpointError as exc:
-            # No reason to refuse the directory: the next commit moves latest anyway.
-            log.warning("latest names %s, but %s was committed after it; moving latest "
-                        "failed (%s)", named.name, newest.name, exc)
-            return
-        log.warning("latest named %s, but %s was committed after it and is whole (a run "
-                    "stopped between committing it and moving latest): latest now names %s",
-                    named.name, newest.name, newest.name)
 
     def close(self) -> None:
         """Release the directory lock (logging removal failures no commit reported)."""

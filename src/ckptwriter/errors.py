@@ -141,6 +141,19 @@ def all_broken(shown: str, where: str, why: str,
 class UnsafePathError(CheckpointCorruptError):
     """A manifest or pointer names a path outside its checkpoint directory."""
 
+    def __init__(self, checkpoint: str | Path, file: str, problem: str) -> None:
+        super().__init__(checkpoint, file, problem)
+        # Not followed, so nothing to fall back from: say how to get past it.
+        pointer = file.removesuffix(".json")
+        fix = (f"or remove {file}: a writer opening the directory points {pointer} at "
+               f"the right checkpoint again" if pointer in ("latest", "best")
+               else f"or remove {file}")
+        self.args = (
+            f"Checkpoint {self.checkpoint} is broken: {file}: {problem}. Nothing was read "
+            f"through it. Load a checkpoint by its name (`ckptwriter ls` lists them), "
+            f"{fix}.",
+        )
+
 
 class MemoryTypeMismatchError(CheckpointError):
     """The memory stored in a checkpoint is not the type the agent uses."""

@@ -248,6 +248,10 @@ def main() -> int:
     sys.stdout = sys.stderr
     try:
         return serve(sys.stdin.buffer, out)
+    except BrokenPipeError:
+        # The parent closed its end (it was killed, or is gone): nobody to answer, and
+        # nothing to report; a writer thread would have died with it without a word.
+        return 0
     except Exception:
         # A bug or a broken pipe: the traceback goes to stderr, and the exit code tells
         # the parent there is one to point at.

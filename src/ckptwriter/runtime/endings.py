@@ -73,10 +73,16 @@ def interval_warning(cfg: Config) -> str | None:
             "checkpoint during the run")
 
 
-def resume_hint(checkpoint: Path | None) -> str:
-    """The line that says where a run that ended early can continue from."""
+def resume_hint(checkpoint: Path | None, *, auto: bool = False) -> str:
+    """The line that says where a run that ended early can continue from (under
+    ``resume_from: auto``: the same command, which continues in place)."""
     if checkpoint is None:
         return "no checkpoint was written: there is nothing to resume from"
+    if auto:
+        # Naming the checkpoint would start a new run directory: the chain auto keeps
+        # (one run, its retention) would break.
+        return (f"the last durable checkpoint is {checkpoint}; to continue from it, run "
+                "the same command again (resume_from: auto continues in place)")
     return (f"the last durable checkpoint is {checkpoint}; to continue from it, set "
             f"runtime.resume_from: {checkpoint}")
 

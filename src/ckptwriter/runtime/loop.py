@@ -155,11 +155,11 @@ async def run_training(
             failure = unwrap(exc)
             if ckpt_dir is not None and trainer.writer is None and record is None:
                 # Refused before the writer opened (DirectoryLockedError: another run
-                # writes there): no run directory with a config.yaml of a run that
-                # never ran is left behind.
+                # writes there): no run directory of a run that never ran is left.
                 shutil.rmtree(run_dir, ignore_errors=True)
             elif ckpt_dir is not None:
-                add_note(failure, resume_hint(trainer.durable()))
+                add_note(failure, resume_hint(trainer.durable(),
+                                              auto=cfg.runtime.resume_from == "auto"))
         finally:
             tg.cancel_scope.cancel()
     if failure is not None:

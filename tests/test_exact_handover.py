@@ -348,3 +348,26 @@ def test_a_score_of_many_numbers_is_refused() -> None:
     np = pytest.importorskip("numpy")
     with pytest.raises(CheckpointError, match=r"^Snapshot\.val_score must be a single number"):
         snapshot(MemoryLog(), 1, val_score=np.array([0.5, 0.6])).capture()
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["Event"] = "Event"
+    data: dict[str, Any]
+
+
+class _Color(enum.Enum):
+    RED = "red"
+
+
+@pytest.mark.parametrize(("data", "where"), [
+    pytest.param({"c": _Color.RED}, r"_Event\.data\['c'\] = <_Color\.RED: 'red'>", id="enum"),
+    pytest.param({"a": {"b": [1, (2, 3)]}}, r"_Event\.data\['a'\]\['b'\]\[1\] = \(2, 3\)",
+                 id="nested-tuple"),
+])
+def test_a_refused_entry_names_the_innermost_path(data: dict[str, Any], where: str) -> None:
+    """The refusal names the key path down to the value, not just the field."""
+    memory = MemoryLog(entry_types=[_Event])
+    with pytest.raises(ValueError, match=rf"cannot append _Event entry: {where} would load back"):
+        memory.append(_Event(data=data))
+    assert len(memory) == 0

@@ -224,9 +224,24 @@ def _difference(name: str, entry: Any, back: Any) -> str:
     for field, value in _items(entry):
         again = getattr(back, field, None)
         if again != value:
-            return (f"{name}.{field} = {value!r} would load back as {again!r}; store a "
-                    "value that JSON keeps as it is")
+            where, value, again = _innermost(f"{name}.{field}", value, again)
+            return (f"{where} = {value!r} would load back as {again!r}; store a value "
+                    "that JSON keeps as it is")
     return f"it would load back as {back!r}, not equal to {entry!r}"
+
+
+def _innermost(where: str, value: Any, again: Any, depth: int = 0) -> tuple[str, Any, Any]:
+    """The deepest key or index at which ``value`` and ``again`` (unequal) differ."""
+    if depth < 100 and isinstance(value, dict) and isinstance(again, dict):
+        for k, v in value.items():
+            if k in again and again[k] != v:
+                return _innermost(f"{where}[{k!r}]", v, again[k], depth + 1)
+    if depth < 100 and isinstance(value, (list, tuple)) and isinstance(again, list) \
+            and len(value) == len(again):
+        for i, (v, a) in enumerate(zip(value, again, strict=True)):
+            if v != a:
+                return _innermost(f"{where}[{i}]", v, a, depth + 1)
+    return where, value, again
 
 
 def _items(entry: Any) -> Iterable[tuple[str, Any]]:

@@ -187,3 +187,37 @@ def test_cli_verify_reports_a_listed_non_directory_as_broken(
     out = capsys.readouterr().out
     assert f"BROKEN  {root / 'ep_000009'}: not a directory\n" in out
     assert out.endswith("2/3 checkpoints OK, 1 problem(s)\n")
+
+
+def test_a_listing_lapped_by_retention_is_taken_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every checkpoint a listing named is retired while it is read, and a newer one
+    committed (a slow reader, a writer retiring one per commit): list_checkpoints lists
+    again instead of answering that there are none (found by the suite on a busy
+    machine: an empty list)."""
+    from ckptwriter.storage.local_store import LocalStore
+
+    root, elsewhere = tmp_path / "c", tmp_path / "elsewhere"
+    memory = MemoryLog()
+    with SyncCheckpointWriter(root, fsync=False, executor="thread") as w:
+        for ep in (1, 2):
+            add_episode(memory, ep)
+            w.submit(snapshot(memory, ep)).wait()
+    with SyncCheckpointWriter(elsewhere, fsync=False, executor="thread") as w:
+        add_episode(memory, 3)
+        w.submit(snapshot(memory, 3)).wait()
+    sizes = LocalStore.sizes
+    lapped: list[bool] = []
+
+    def lapping(self: LocalStore, path: str) -> dict[str, int]:
+        if not lapped:  # between this listing's names and its sizes: two commits go by
+            lapped.append(True)
+            for name in ("ep_000001", "ep_000002"):
+                (root / name).rename(tmp_path / f"retired-{name}")
+            (elsewhere / "ep_000003").rename(root / "ep_000003")
+        return sizes(self, path)
+
+    monkeypatch.setattr(LocalStore, "sizes", lapping)
+    assert [(i.name, i.complete) for i in list_checkpoints(root)] == [("ep_000003", True)]
+    assert lapped == [True]

@@ -282,17 +282,32 @@ def _read_markers(store: ReadStore, ckpts: list[str]) -> dict[str, bytes | None]
 
 def scan_with_markers(store: ReadStore, root: str) -> list[tuple[CheckpointInfo, bytes | None]]:
     """:func:`scan`, each complete checkpoint with the runtime.json bytes it was read from
-    (so a reader that goes on to load one does not read its runtime.json again)."""
+    (so a reader that goes on to load one does not read its runtime.json again).
+
+    A listing of a live run that every checkpoint it named left while it was read (a
+    slow reader, a writer retiring one per commit) is taken again: a directory with
+    checkpoints is never listed as having none.
+    """
+    for _ in range(_RECHECKS):
+        out, vanished = _scan_once(store, root)
+        if not vanished or any(info.complete for info, _ in out):
+            break
+    return out
+
+
+def _scan_once(store: ReadStore, root: str
+               ) -> tuple[list[tuple[CheckpointInfo, bytes | None]], bool]:
     eps = sorted(
         (ep, name) for name in store.listdir(root) or []
         if (ep := layout.parse_checkpoint_name(name)) is not None
     )
     if not eps:
-        return []
+        return [], False
     sizes = store.sizes(root)
     listed = [store.join(root, n) for _, n in eps if f"{n}/{layout.RUNTIME_JSON}" in sizes]
     markers = _read_markers(store, listed)
     out: list[tuple[CheckpointInfo, bytes | None]] = []
+    vanished = False
     for ep, name in eps:
         ckpt = store.join(root, name)
         path = store.as_path(ckpt)
@@ -302,7 +317,8 @@ def scan_with_markers(store: ReadStore, root: str) -> list[tuple[CheckpointInfo,
                 continue  # uncommitted: not a checkpoint yet (or any more)
             entry = store.stat(ckpt)
             if entry is None:
-                continue  # deleted since the listing
+                vanished = True  # deleted since the listing
+                continue
             if entry.kind != "dir":
                 out.append((CheckpointInfo(name, path, ep, False, problem="not a directory"), None))
                 continue
@@ -315,13 +331,14 @@ def scan_with_markers(store: ReadStore, root: str) -> list[tuple[CheckpointInfo,
             except CheckpointCorruptError as first:
                 rt, size, marker = _rechecked(store, ckpt, first)
         except Gone:
+            vanished = True
             continue
         except CheckpointCorruptError as exc:
             problem = f"{exc.file}: {exc.problem}"
             out.append((CheckpointInfo(name, path, ep, False, problem=problem), None))
             continue
         out.append((CheckpointInfo(name, path, ep, True, runtime=rt, size_bytes=size), marker))
-    return out
+    return out, vanished
 
 
 def scan(store: ReadStore, root: str) -> list[CheckpointInfo]:

@@ -281,6 +281,36 @@ _FROZEN_CHILD = textwrap.dedent("""
 """)
 
 
+def _start_frozen(child: str, url: str) -> subprocess.Popen[str]:
+    """Start writer A (``child``) and return once it has stopped itself (SIGSTOP)."""
+    a = subprocess.Popen([sys.executable, "-c", child, url],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert a.stdout is not None
+        lines = []
+        while (line := a.stdout.readline()) and line != "frozen\n":
+            lines.append(line)
+        assert line == "frozen\n", (lines, a.stderr.read() if a.stderr else "")
+        _wait_stopped(a.pid)
+    except BaseException:
+        a.kill()
+        a.wait()
+        raise
+    return a
+
+
+def _open_once_expired(pipeline: CommitPipeline, whose: str = "A's") -> None:
+    """Open ``pipeline`` as soon as the lock another writer left has expired."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        try:
+            pipeline.open()
+            return
+        except DirectoryLockedError:
+            assert time.monotonic() < deadline, f"{whose} lock never expired"
+            time.sleep(0.1)
+
+
 def _wait_stopped(pid: int) -> None:
     deadline = time.monotonic() + WAIT_SECONDS
     while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
@@ -290,24 +320,10 @@ def _wait_stopped(pid: int) -> None:
 
 def test_writer_frozen_past_its_lease_cannot_change_anything(s3: Backend) -> None:
     """A frozen (SIGSTOP) past its lease and replaced by B fails every write once continued."""
-    a = subprocess.Popen([sys.executable, "-c", _FROZEN_CHILD, s3.url],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = _start_frozen(_FROZEN_CHILD, s3.url)
     try:
-        assert a.stdout is not None
-        lines = []
-        while (line := a.stdout.readline()) and line != "frozen\n":
-            lines.append(line)
-        assert line == "frozen\n", (lines, a.stderr.read() if a.stderr else "")
-        _wait_stopped(a.pid)
         b = CommitPipeline(RemoteStorage(s3.url), KeepAll())
-        deadline = time.monotonic() + WAIT_SECONDS
-        while True:
-            try:
-                b.open()
-                break
-            except DirectoryLockedError:
-                assert time.monotonic() < deadline, "A's lock never expired"
-                time.sleep(0.1)
+        _open_once_expired(b)
         memory = MemoryLog()
         try:
             for ep in (10, 11):
@@ -382,24 +398,10 @@ def test_frozen_writers_request_already_past_its_lease_check_cannot_overwrite(
 ) -> None:
     """A stopped after its lease check, before its upload left; B takes over and commits
     the same episode with other files; A's upload, once continued, is refused (412)."""
-    a = subprocess.Popen([sys.executable, "-c", _FROZEN_MID_BATCH_CHILD, s3.url],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = _start_frozen(_FROZEN_MID_BATCH_CHILD, s3.url)
     try:
-        assert a.stdout is not None
-        lines = []
-        while (line := a.stdout.readline()) and line != "frozen\n":
-            lines.append(line)
-        assert line == "frozen\n", (lines, a.stderr.read() if a.stderr else "")
-        _wait_stopped(a.pid)
         b = CommitPipeline(RemoteStorage(s3.url), KeepAll())
-        deadline = time.monotonic() + WAIT_SECONDS
-        while True:
-            try:
-                b.open()
-                break
-            except DirectoryLockedError:
-                assert time.monotonic() < deadline, "A's lock never expired"
-                time.sleep(0.1)
+        _open_once_expired(b)
         try:
             resumed = load_checkpoint(s3.url)
             memory = resumed.memory
@@ -472,14 +474,7 @@ def test_a_writer_opening_after_a_kill_moves_a_lagging_latest_json_on(s3: Backen
     assert p.returncode == 3, p.stderr
     assert latest_name(s3) == "ep_000002"
     b = CommitPipeline(RemoteStorage(s3.url), KeepAll())
-    deadline = time.monotonic() + WAIT_SECONDS
-    while True:
-        try:
-            b.open()  # once the dead writer's lock has expired
-            break
-        except DirectoryLockedError:
-            assert time.monotonic() < deadline, "the dead writer's lock never expired"
-            time.sleep(0.1)
+    _open_once_expired(b, "the dead writer's")
     b.close()
     assert latest_name(s3) == "ep_000003"
     assert load_checkpoint(s3.url).runtime.episode_index == 3

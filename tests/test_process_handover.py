@@ -1,7 +1,9 @@
 """The writer process's large hand-over: written by the child while the loop still fills it.
 
-A delta larger than the pipe crosses in a memfd the loop fills a slice at a time; the
+Where the writer process cannot read the loop's memory (``test_memory_pull.py``), a
+delta larger than the pipe crosses in a memfd the loop fills a slice at a time; the
 child writes (and hashes) each slice as the lengths that follow the frame say it landed.
+Every test here runs that way.
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ from ckptwriter import (
     Observation,
     Snapshot,
     load_checkpoint,
+    memory_pull,
 )
 from ckptwriter import process_executor as pe
 from ckptwriter.memory import MemoryCapture
 from ckptwriter.options import WriterOptions
 from conftest import add_episode, snapshot
+
+
+@pytest.fixture(autouse=True)
+def _memfd_hand_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a machine where process_vm_readv is missing: no probe, so no reading.
+    monkeypatch.setattr(memory_pull, "available", lambda: False)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

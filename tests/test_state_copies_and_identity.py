@@ -305,8 +305,15 @@ async def test_unchanged_key_stays_linked_across_retention(tmp_path: Path,
     verify_checkpoint(tmp_path / "ep_000005")
 
 
-async def test_big_frame_and_big_payload_go_through_the_process(tmp_path: Path) -> None:
-    """A frame bigger than the pipe with a payload bigger than it too (the memfd path)."""
+@pytest.mark.parametrize("hand_over", ["read from the loop", "memfd"])
+async def test_big_frame_and_big_payload_go_through_the_process(
+    tmp_path: Path, hand_over: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame bigger than the pipe with a payload bigger than it too: read from the
+    loop's memory by the writer process, or (where it cannot) the memfd path."""
+    if hand_over == "memfd":
+        from ckptwriter import memory_pull
+        monkeypatch.setattr(memory_pull, "available", lambda: False)
     mem = MemoryLog([Observation(content="x" * 3_000_000)])
     async with CheckpointWriter(tmp_path, executor="process", fsync=False) as w:
         await (await w.submit(_snap(1, mem, extra_files={"opt.bin": b"\x01" * (2 << 20)}))

@@ -252,7 +252,7 @@ class CommitPipeline:
         return CommitReport(
             name=name, path=path, episode_index=meta.episode_index, val_score=meta.val_score,
             bytes_written=plan.bytes_written + len(runtime),
-            bytes_serialized=sum(len(v) for s in plan.streams for v in s.views),
+            bytes_serialized=sum(s.new_bytes for s in plan.streams),
             entries_serialized=sum(s.cap.entries - (s.carry.entries if s.carry else 0)
                                    for s in plan.streams),
             incremental=carried[0] is not None, serialize_seconds=serialize_s,
@@ -276,8 +276,10 @@ class CommitPipeline:
                 tokens = pending.write([plan.first])
                 b._step("memory_written")
                 tokens.update(pending.write(plan.rest))
-            finally:
-                plan.finish_hashing()
+            except BaseException:
+                plan.abandon_hashing()
+                raise
+            plan.finish_hashing()
             b._step("files_written")
             s0 = time.perf_counter()
             runtime, latest_json = commit_documents(meta, name, mem_name, snap.memory.entries,

@@ -104,8 +104,18 @@ class Plan:
         return self.streams[0]
 
     def start_hashing(self) -> None:
-        """Extend each stream's sha256 over its new bytes: in a thread when large."""
-        jobs = [(s.sha, s.views) for s in self.streams]
+        """Extend each stream's sha256 over its new bytes: in a thread when large.
+
+        Bytes the writer process reads from the training process are hashed as the
+        write reads them (``hash_along``), not read a second time.
+        """
+        jobs = []
+        for s in self.streams:
+            along = getattr(s.views, "hash_along", None)
+            if along is not None:
+                along(s.sha)
+            else:
+                jobs.append((s.sha, s.views))
         if sum(s.new_bytes for s in self.streams) >= _PARALLEL_HASH_BYTES:
             self._hasher = threading.Thread(target=_hash_all, args=(jobs,),
                                             name="ckptwriter-hash")
@@ -115,11 +125,22 @@ class Plan:
 
     def finish_hashing(self) -> None:
         """Wait for the hashing thread; every stream's digest is then in :attr:`digests`."""
+        self._join(abandon=False)
+        for s in self.streams:
+            self.digests[s.name] = (s.cap.nbytes, s.sha.hexdigest())
+
+    def abandon_hashing(self) -> None:
+        """Stop hashing: the write failed, no digest is wanted."""
+        self._join(abandon=True)
+
+    def _join(self, *, abandon: bool) -> None:
         if self._hasher is not None:
             self._hasher.join()
             self._hasher = None
         for s in self.streams:
-            self.digests[s.name] = (s.cap.nbytes, s.sha.hexdigest())
+            end = getattr(s.views, "abandon_hash" if abandon else "finish_hash", None)
+            if end is not None:
+                end()
 
 
     def listing(self) -> dict[str, dict[str, object]]:

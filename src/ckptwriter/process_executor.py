@@ -12,20 +12,16 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import uuid
 import weakref
-from pathlib import Path
 from typing import TypeVar
 
 import anyio
 import anyio.lowlevel
 import msgspec
 
-from . import wire
+from . import memory_pull, wire
 from .commit import CommitReport
 from .errors import StorageError
 from .options import WriterOptions
@@ -33,6 +29,7 @@ from .pipe_send import send_in_pieces
 from .retention import CheckpointRecord
 from .snapshot import CapturedSnapshot
 from .storage.posix_io import write_all
+from .writer_child import Child, describe_exit, spawn
 
 __all__ = ["ProcessExecutor"]
 
@@ -45,32 +42,17 @@ log = logging.getLogger("ckptwriter")
 _PIPE_BYTES = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-# The child runs this, with its own package directory first on sys.path: `-m` would put
-# the user's working directory there, where a local `secrets.py` could shadow stdlib. A
-# child that cannot even import says so with its own exit code, after its traceback.
-_CHILD_CODE = (
-    "import sys\nsys.path[0] = sys.argv[1]\n"
-    "try:\n    from ckptwriter.writer_process import run\n"
-    "except Exception:\n    import traceback; traceback.print_exc()\n"
-    f"    sys.exit({wire.EXIT_CRASHED})\n"
-    "run()"
-)
-# Signals a terminal or a process manager sends to the whole process group. The child
-# is started with them blocked (the mask survives fork and exec) and ignores them before
-# it unblocks them: no moment of its life can be killed by the stop the parent handles.
-_GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-# A delta that does not fit the pipe goes to the writer process in memory shared through
-# a file (a memfd: RAM, never written back to disk), and the child maps it and writes each
-# slice as it lands. The loop copies it in itself, a slice per iteration: a memcpy never
-# blocks, and a worker thread would need the GIL, which a CPU-bound loop can starve it of
-# for seconds.
+# A delta that does not fit the pipe is read by the writer process from our memory (see
+# ``memory_pull``): the loop only sends where it is. Where that cannot be, it goes in
+# memory shared through a file (a memfd: RAM, never written back to disk), and the child
+# maps it and writes each slice as it lands. The loop copies it in itself, a slice per
+# iteration: a memcpy never blocks, and a worker thread would need the GIL, which a
+# CPU-bound loop can starve it of for seconds.
 _HANDOFF_SLICE_BYTES = wire.HANDOFF_SLICE_BYTES
 # Room for the frame in the pipe beside the delta.
 _HEADER_ROOM = 64 * 1024
 # How long a closing writer process may take to finish before it is killed.
 _CLOSE_TIMEOUT = 30.0
-# Where the ckptwriter package lives, so the child imports this very copy of it.
-_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
 
 _OPEN_REPLY = wire.decoder(wire.OpenReply)
 _COMMIT_REPLY = wire.decoder(wire.CommitReply)
@@ -81,7 +63,7 @@ _PIPE_ERRORS = (OSError, anyio.EndOfStream, anyio.IncompleteRead,
 _LIVE: weakref.WeakSet[ProcessExecutor] = weakref.WeakSet()
 # In a forked child: the parent's writer processes, kept referenced so that collecting
 # them never warns about (or tries to reap) a process that is not this one's child.
-_INHERITED: list[_Child] = []
+_INHERITED: list[Child] = []
 
 
 def _forget_in_forked_child() -> None:
@@ -94,84 +76,6 @@ def _forget_in_forked_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_forked_child)
-
-
-def _describe_exit(code: int | None) -> str:
-    """How a writer process ended, as a message says it: never an error that is not there."""
-    if code is None:
-        return "was not started"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    if code == wire.EXIT_CRASHED:
-        return f"failed (exit code {code}; its traceback is printed above, on stderr)"
-    return f"exited with code {code}"
-
-
-def _spawn(stdin: int, stdout: int) -> subprocess.Popen[bytes]:
-    """Start the child with the group signals blocked (run in a worker thread)."""
-    # Only this worker thread's mask changes: a signal arriving meanwhile goes to the
-    # main thread, whose handlers the parent's stop relies on.
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
-    try:
-        return subprocess.Popen([sys.executable, "-c", _CHILD_CODE, _PKG_ROOT],
-                                stdin=stdin, stdout=stdout, stderr=None)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-class _Child:
-    """A running writer process: its replies pipe and its exit, awaited without a thread."""
-
-    def __init__(self, popen: subprocess.Popen[bytes], out: int) -> None:
-        self._popen = popen
-        self.pid = popen.pid
-        self.out: int | None = out
-        os.set_blocking(out, False)
-        try:
-            self.pidfd: int | None = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):
-            self.pidfd = None  # not Linux: poll for the exit
-
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.returncode
-
-    async def receive_exactly(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            if self.out is None:
-                raise anyio.ClosedResourceError
-            try:
-                chunk = os.read(self.out, n - len(buf))
-            except BlockingIOError:
-                await anyio.wait_readable(self.out)
-                continue
-            if not chunk:
-                raise anyio.IncompleteRead
-            buf += chunk
-        return bytes(buf)
-
-    async def wait(self) -> int:
-        while (code := self._popen.poll()) is None:
-            if self.pidfd is not None:
-                await anyio.wait_readable(self.pidfd)
-            else:
-                await anyio.sleep(0.02)
-        return code
-
-    def kill(self) -> None:
-        if self._popen.returncode is None:
-            self._popen.kill()
-
-    def close(self) -> None:
-        """Close our fds (the process itself is left alone)."""
-        for fd in (self.out, self.pidfd):
-            if fd is not None:
-                os.close(fd)
-        self.out = self.pidfd = None
 
 
 def _new_delta_fd() -> int:
@@ -198,12 +102,19 @@ class ProcessExecutor:
     kind = "process"
 
     def __init__(self, location: str, options: WriterOptions) -> None:
+        # Bytes the writer process reads back from our memory if it can (the probe).
+        self._probe = os.urandom(32) if memory_pull.available() else b""
+        probe_at = memory_pull.addresses([self._probe])[0][0] if self._probe else 0
         self._open_msg = wire.encode(
             wire.OpenRequest(os.fsencode(location), options.to_wire(), os.getpid(),
-                             uuid.uuid4().hex)
+                             uuid.uuid4().hex, probe_at, self._probe)
         )
+        self._can_pull = False
+        # The bytes a writer process is reading from our memory: alive until it answered
+        # or exited, whatever happens to the call that lent them.
+        self._lent: list[memoryview] | None = None
         self._shown = location
-        self._proc: _Child | None = None
+        self._proc: Child | None = None
         self._wfd: int | None = None
         self._forked = False
         self._pipe_bytes = 65536
@@ -212,7 +123,7 @@ class ProcessExecutor:
         self._known: dict[str, CheckpointRecord] = {}
         # What the process holds of the logs (name -> (log_id, nbytes)) and of the state
         # (key -> version), as its last report said; valid for that process only.
-        self._hints_for: _Child | None = None
+        self._hints_for: Child | None = None
         self._log_bases: dict[str, tuple[str, int]] = {}
         self._state_kept: dict[str, str] = {}
 
@@ -245,7 +156,7 @@ class ProcessExecutor:
             # threads must not delay the writer's start.
             with anyio.CancelScope(shield=True):
                 popen = await anyio.to_thread.run_sync(
-                    _spawn, rfd, out_w, limiter=anyio.CapacityLimiter(1))
+                    spawn, rfd, out_w, limiter=anyio.CapacityLimiter(1))
         except BaseException:
             os.close(wfd)
             os.close(out_r)
@@ -254,10 +165,13 @@ class ProcessExecutor:
             os.close(rfd)
             os.close(out_w)
         self._wfd = wfd
-        self._proc = _Child(popen, out_r)
+        self._proc = Child(popen, out_r)
         _LIVE.add(self)
         self._base = None
+        self._can_pull = False
         try:
+            if self._probe:
+                memory_pull.allow_reader(popen.pid)
             write_all(wfd, [memoryview(self._open_msg)])
             reply = await self._receive(_OPEN_REPLY)
         except BaseException as exc:
@@ -265,7 +179,7 @@ class ProcessExecutor:
                 code = await self._stop()
             if isinstance(exc, Exception):
                 raise StorageError(
-                    f"the checkpoint writer process {_describe_exit(code)} at start-up, "
+                    f"the checkpoint writer process {describe_exit(code)} at start-up, "
                     f"before it opened {self._shown}"
                 ) from exc
             raise
@@ -276,6 +190,7 @@ class ProcessExecutor:
         # The child's pipeline keeps the set; this is its image in the training process,
         # taken again whenever a process starts and moved by each commit's report.
         self._known = {n: CheckpointRecord(n, e, s) for n, e, s in reply.records}
+        self._can_pull = reply.can_pull
         return reply
 
     async def persist(self, snap: CapturedSnapshot) -> CommitReport:
@@ -286,12 +201,17 @@ class ProcessExecutor:
             self._hints_for, self._log_bases, self._state_kept = self._proc, {}, {}
         try:
             reply = await self._exchange(snap, full=False)
+            if reply.cannot_pull:
+                log.info("the checkpoint writer process may not read this process's memory "
+                         "(ptrace restrictions): large checkpoints go through shared memory")
+                self._can_pull = False
+                reply = await self._exchange(snap, full=False)
             if reply.resend_full:
                 reply = await self._exchange(snap, full=True)
         except _PIPE_ERRORS as exc:
             code = await self._stop()
             raise StorageError(
-                f"the checkpoint writer process exited unexpectedly (it {_describe_exit(code)}) "
+                f"the checkpoint writer process exited unexpectedly (it {describe_exit(code)}) "
                 f"while writing episode {snap.episode_index}; a new one starts with the "
                 f"next checkpoint"
             ) from exc
@@ -357,6 +277,16 @@ class ProcessExecutor:
             # empty one, which the child could not map.
             await send_in_pieces(self._wfd, [memoryview(frame), *views])
             return await self._receive(_COMMIT_REPLY)
+        if self._can_pull:
+            frame = wire.encode(msgspec.structs.replace(
+                req, pull=memory_pull.addresses(views), delta_bytes=delta))
+            # Shielded up to the reply: the child reads the views' bytes until then.
+            with anyio.CancelScope(shield=True):
+                self._lent = views
+                await send_in_pieces(self._wfd, [memoryview(frame)])
+                reply = await self._receive(_COMMIT_REPLY)
+                self._lent = None
+                return reply
         fd = _new_delta_fd()
         try:
             # Its full size first: the child maps it at once and writes each slice as
@@ -410,6 +340,7 @@ class ProcessExecutor:
                 await proc.wait()
         finally:
             proc.close()
+        self._lent = None  # it is gone: it reads nothing more
         return proc.returncode
 
     def _forget(self) -> None:

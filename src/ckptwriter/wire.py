@@ -6,8 +6,10 @@ of each state value the writer process does not hold yet (``StateRef.sent``, in
 ``state`` order: first, since the child needs them whole before it writes), then the
 memory appended since the writer process's previous commit, then each named log's
 appended bytes (in ``logs`` order). All of it together too large for
-the pipe is handed over in a memfd instead, named by ``delta_file``: the frame goes
-first, then the parent fills the memfd a slice at a time and after each slice sends
+the pipe is read by the writer process from the training process's memory where the
+open's probe showed it can (``pull``: where those bytes are, in order; nothing follows
+the frame). Elsewhere it is handed over in a memfd, named by ``delta_file``: the frame
+goes first, then the parent fills the memfd a slice at a time and after each slice sends
 its new length (:data:`ARRIVED`) on the pipe, the last one equal to ``delta_bytes``; the
 child writes each slice as it lands and always reads every length before it answers.
 
@@ -83,6 +85,10 @@ class OpenRequest(msgspec.Struct, frozen=True):
     owner_pid: int
     # Kept by the training process across writer-process restarts (object-storage lock).
     lock_token: str
+    # Bytes at this address of the training process: the writer process tries to read
+    # them there (``memory_pull``) and says whether it could.
+    probe_address: int = 0
+    probe: bytes = b""
 
 
 class OpenReply(msgspec.Struct, frozen=True):
@@ -90,6 +96,8 @@ class OpenReply(msgspec.Struct, frozen=True):
 
     records: list[tuple[str, int, float | None]] = []
     error: WireError | None = None
+    # The probe read back: large hand-overs may be read from the training process.
+    can_pull: bool = False
 
 
 class LogDelta(msgspec.Struct, frozen=True):
@@ -121,6 +129,8 @@ class CommitRequest(msgspec.Struct, frozen=True):
     payload: int
     delta_file: str | None = None
     delta_bytes: int = 0
+    # Or where the payload's bytes are in the training process, to be read from there.
+    pull: list[tuple[int, int]] | None = None
     logs: dict[str, LogDelta] = {}
     state: dict[str, StateRef] = {}
 
@@ -131,6 +141,8 @@ class CommitReply(msgspec.Struct, frozen=True):
     report: CommitReport | None = None
     error: WireError | None = None
     resend_full: bool = False
+    # The training process's memory could not be read after all: send it another way.
+    cannot_pull: bool = False
     # The report's path when it is not valid UTF-8 (the report then carries "").
     path: bytes | None = None
 

@@ -1,8 +1,9 @@
 """The writer process (child side): started by ProcessExecutor, it runs :func:`main`.
 
 It reads frames on stdin (``wire.OpenRequest``, then one ``wire.CommitRequest`` per
-checkpoint followed by that checkpoint's memory, log and state bytes) and answers each on stdout. It
-exits when stdin closes. Nothing but frames is ever written to stdout.
+checkpoint followed by that checkpoint's memory, log and state bytes, or naming where in
+the parent they are) and answers each on stdout. It exits when stdin closes. Nothing but
+frames is ever written to stdout.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import msgspec
 
-from . import wire
+from . import memory_pull, wire
 from .agent_state import StateItem
 from .commit import CommitPipeline
 from .memory import MemoryCapture, NeedFullMemory
+from .memory_pull import PeerMemory
 from .options import WriterOptions
 from .snapshot import CapturedSnapshot
 from .state_codec import EncodedValue
@@ -122,7 +125,15 @@ _PIECE_BYTES = wire.HANDOFF_SLICE_BYTES
 
 
 def _capture(log_id: str, entries: int, nbytes: int, base: int, delta: memoryview,
-             arrival: _Arrival | None = None, at: int = 0) -> MemoryCapture:
+             arrival: _Arrival | None = None, at: int = 0,
+             peer: PeerMemory | None = None) -> MemoryCapture:
+    if peer is not None:
+        # Nothing here yet: each reader reads the bytes from the parent as it goes.
+        def pulled(start: int) -> Sequence[memoryview]:
+            return peer.views(at + start - base, nbytes - start)
+
+        return MemoryCapture(log_id=log_id, entries=entries, nbytes=nbytes, chunks=[],
+                             chunk_ends=[], n_chunks=0, base=base, pulled=pulled)
     # Views into the payload, not copies (iter_bytes only takes memoryviews of chunks).
     if arrival is None:
         chunks: Any = [delta] if len(delta) else []
@@ -140,9 +151,11 @@ def _capture(log_id: str, entries: int, nbytes: int, base: int, delta: memoryvie
 
 
 def _snapshot(req: wire.CommitRequest, payload: bytes | mmap.mmap,
-              arrival: _Arrival | None = None) -> CapturedSnapshot:
+              arrival: _Arrival | None = None,
+              peer: PeerMemory | None = None) -> CapturedSnapshot:
     """The snapshot a request and its payload describe: the state values that were
-    sent, the memory's delta (from ``base``), then each log's, back to back."""
+    sent, the memory's delta (from ``base``), then each log's, back to back (in the
+    parent's memory, when ``peer`` reads it from there)."""
     view = memoryview(payload)
     at = 0
     state = {}
@@ -150,23 +163,27 @@ def _snapshot(req: wire.CommitRequest, payload: bytes | mmap.mmap,
         data = b""
         if ref.sent:
             # First in the payload: waiting for them is waiting for their bytes only.
-            if arrival is not None:
-                arrival.wait(at + ref.nbytes)
-            data = bytes(view[at:at + ref.nbytes])
+            if peer is not None:
+                data = peer.read(at, ref.nbytes)
+            else:
+                if arrival is not None:
+                    arrival.wait(at + ref.nbytes)
+                data = bytes(view[at:at + ref.nbytes])
             at += ref.nbytes
         state[key] = StateItem(ref.file, ref.version, EncodedValue("bytes", data), ref.sent)
     n = req.nbytes - req.base
     memory = _capture(req.log_id, req.entries, req.nbytes, req.base, view[at:at + n],
-                      arrival, at)
+                      arrival, at, peer)
     at += n
     logs = {}
     for name, d in req.logs.items():
         n = d.nbytes - d.base
         logs[name] = _capture(d.log_id, d.entries, d.nbytes, d.base, view[at:at + n],
-                              arrival, at)
+                              arrival, at, peer)
         at += n
-    if at != len(view):
-        raise ValueError(f"commit payload holds {len(view)} bytes, the request {at}")
+    held = len(view) if peer is None else peer.total
+    if at != held:
+        raise ValueError(f"commit payload holds {held} bytes, the request {at}")
     return CapturedSnapshot(req.meta, memory, 0.0, logs, state)
 
 
@@ -181,6 +198,26 @@ def _open(req: wire.OpenRequest) -> CommitPipeline:
     return CommitPipeline(backend, options.policy, options.protect, mode=options.mode)
 
 
+def _can_pull(req: wire.OpenRequest) -> bool:
+    """Whether the parent's probe reads back from its memory (see ``memory_pull``)."""
+    if not req.probe or not memory_pull.available():
+        return False
+    try:
+        peer = PeerMemory(req.owner_pid, [(req.probe_address, len(req.probe))])
+        return peer.read(0, len(req.probe)) == req.probe
+    except (OSError, ValueError):
+        return False
+
+
+def _refused(exc: BaseException | None) -> bool:
+    """Whether reading the parent's memory was refused, however the error was wrapped."""
+    while exc is not None:
+        if isinstance(exc, memory_pull.PullRefused):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def serve(inp: BinaryIO, out: BinaryIO) -> int:
     """Serve one writer until stdin closes; the exit code for the process."""
     opening = _read_frame(inp, _OPEN)
@@ -192,7 +229,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
     except Exception as exc:
         _reply(out, wire.OpenReply(error=wire.WireError.of(exc)))
         return 0
-    _reply(out, wire.OpenReply([(r.name, r.episode_index, r.val_score) for r in records]))
+    can_pull = _can_pull(opening)
+    _reply(out, wire.OpenReply([(r.name, r.episode_index, r.val_score) for r in records],
+                               can_pull=can_pull))
     try:
         while True:
             req = _read_frame(inp, _COMMIT)
@@ -201,18 +240,22 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
             delta: bytes | mmap.mmap | None = _read_exactly(inp, req.payload)
             if delta is None:
                 return 0
-            # A large delta is handed over in a file the parent is still filling: map
-            # it and write what has arrived (the parent closes it after our reply).
+            # A large delta is read from the parent's memory, or handed over in a file
+            # the parent is still filling: map it and write what has arrived (the
+            # parent closes it after our reply).
             arrival = _Arrival(inp, req.delta_bytes) if req.delta_file is not None else None
             try:
                 try:
-                    if req.delta_file is not None:
+                    peer = None
+                    if req.pull is not None:
+                        peer = PeerMemory(opening.owner_pid, req.pull)
+                    elif req.delta_file is not None:
                         with open(req.delta_file, "rb") as f:
                             delta = mmap.mmap(f.fileno(), req.delta_bytes,
                                               access=mmap.ACCESS_READ)
                         if arrival is not None:
                             arrival.mapped = delta
-                    report = pipeline.persist(_snapshot(req, delta, arrival))
+                    report = pipeline.persist(_snapshot(req, delta, arrival, peer))
                 finally:
                     if arrival is not None:
                         # Every length the parent sends is read, whatever happened: the
@@ -224,7 +267,10 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 _reply(out, wire.CommitReply(resend_full=True))
                 continue
             except Exception as exc:
-                _reply(out, wire.CommitReply(error=wire.WireError.of(exc)))
+                if _refused(exc):
+                    _reply(out, wire.CommitReply(cannot_pull=True))
+                else:
+                    _reply(out, wire.CommitReply(error=wire.WireError.of(exc)))
                 continue
             _reply(out, wire.reply_for(report))
     finally:

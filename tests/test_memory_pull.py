@@ -1,0 +1,339 @@
+"""The writer process reading a large hand-over from the training process's memory.
+
+Where ``process_vm_readv`` works (the open's probe says so), a delta larger than the
+pipe is never copied by the loop: the frame says where its bytes are, and the writer
+process reads, writes and hashes them a piece at a time. Elsewhere the memfd hand-over
+(``test_process_handover.py``) is used, and so it is when the probe fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+
+from ckptwriter import (
+    AgentState,
+    CheckpointWriter,
+    MemoryLog,
+    Observation,
+    load_checkpoint,
+    memory_pull,
+    verify_checkpoint,
+)
+from ckptwriter import process_executor as pe
+from ckptwriter.options import WriterOptions
+from conftest import add_episode, snapshot
+
+pytestmark = pytest.mark.skipif(
+    not memory_pull.available(), reason="process_vm_readv is Linux's (the memfd hand-over "
+    "is used elsewhere, and tested in test_process_handover.py)")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _memory(mib: int, tag: str = "m") -> MemoryLog:
+    mem = MemoryLog()
+    while mem.nbytes < mib << 20:
+        mem.append(Observation(content=f"{tag}{mem.nbytes}" * 700))
+    return mem
+
+
+def _files_match_their_digests(path: Path) -> dict[str, bytes]:
+    listed = json.loads((path / "runtime.json").read_text())["files"]
+    out = {}
+    for name, entry in listed.items():
+        data = (path / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == \
+            (entry["bytes"], entry["sha256"]), name
+        out[name] = data
+    return out
+
+
+@pytest.fixture
+def memfds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the memfd hand-overs the loop makes."""
+    made: list[int] = []
+    real = pe._new_delta_fd
+
+    def counting() -> int:
+        made.append(1)
+        return real()
+
+    monkeypatch.setattr(pe, "_new_delta_fd", counting)
+    return made
+
+
+@pytest.mark.anyio
+async def test_large_hand_over_is_read_from_the_loop_and_byte_identical(
+    tmp_path: Path, memfds: list[int]
+) -> None:
+    """Memory, a log and state values over many pieces, full then incremental: every
+    file equals its bytes and the sha256 runtime.json gives, and the loop made no memfd."""
+    mem, tool_log = _memory(9), _memory(5, "t")
+    state = AgentState()
+    state["blob"] = os.urandom(3 * 1024 * 1024 + 7)
+    state["small"] = {"a": 1}
+    async with CheckpointWriter(tmp_path, executor="process", fsync=False) as w:
+        r1 = await (await w.submit(snapshot(mem, 1, logs={"tools": tool_log},
+                                            state=state))).wait()
+        for ep in range(2, 400):
+            add_episode(mem, ep)
+        tool_log.append(Observation(content="x" * 3_000_000))
+        state["blob"] = os.urandom(2 * 1024 * 1024)
+        r2 = await (await w.submit(snapshot(mem, 2, logs={"tools": tool_log},
+                                            state=state))).wait()
+    assert (r1.incremental, r2.incremental) == (False, True)
+    assert memfds == []
+    for r in (r1, r2):
+        _files_match_their_digests(Path(r.path))
+        verify_checkpoint(r.path)
+    ck = load_checkpoint(tmp_path / "latest")
+    assert ck.memory.to_jsonl() == mem.to_jsonl()
+    assert ck.logs["tools"].to_jsonl() == tool_log.to_jsonl()
+    assert ck.state["blob"] == state["blob"]
+
+
+@pytest.mark.anyio
+async def test_a_failed_probe_falls_back_to_the_memfd(
+    tmp_path: Path, memfds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer process that cannot read the probe where the loop says it is (a seccomp
+    filter, Yama's ptrace_scope 2) gets every large hand-over in a memfd instead."""
+    real = memory_pull.addresses
+    monkeypatch.setattr(pe.memory_pull, "addresses",
+                        lambda views: [(4096, len(v)) for v in views] if len(views) == 1
+                        else real(views))
+    mem = _memory(4)
+    async with CheckpointWriter(tmp_path, executor="process", fsync=False) as w:
+        r = await (await w.submit(snapshot(mem, 1))).wait()
+    assert memfds == [1]
+    _files_match_their_digests(Path(r.path))
+    assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()
+
+
+@pytest.mark.anyio
+async def test_cancelled_while_the_writer_process_reads_keeps_the_pipe_in_step(
+    tmp_path: Path,
+) -> None:
+    """A persist cancelled while the writer process reads the loop's bytes still gets its
+    reply (the bytes stay alive until then), and the next commit gets its own."""
+    mem = _memory(12)
+    ex = pe.ProcessExecutor(str(tmp_path), WriterOptions(fsync=False))
+    await ex.open()
+    try:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            first = await ex.persist(snapshot(mem, 1).capture())
+        assert not scope.cancelled_caught  # its report came back, uncut
+        add_episode(mem, 2)
+        second = await ex.persist(snapshot(mem, 2).capture())
+    finally:
+        await ex.aclose()
+    assert (first.episode_index, second.episode_index) == (1, 2)
+    assert second.incremental
+    _files_match_their_digests(Path(second.path))
+    assert load_checkpoint(tmp_path / "ep_000002").memory.to_jsonl() == mem.to_jsonl()
+
+
+_PEER_READER = textwrap.dedent("""
+    import hashlib, json, sys, threading
+    from ckptwriter import memory_pull as mp
+    pid, ranges, what = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+    peer = mp.PeerMemory(pid, ranges)
+    views = peer.views(3, peer.total - 3)
+    out = {}
+    if what == "write-and-hash":
+        sha = hashlib.sha256()
+        views.hash_along(sha)
+        out["written"] = hashlib.sha256(b"".join(bytes(v) for v in views)).hexdigest()
+        views.finish_hash()
+        out["hashed"] = sha.hexdigest()
+    elif what == "keep-every-view":
+        kept = list(views)  # more views than buffers, all alive at once
+        out["kept"] = hashlib.sha256(b"".join(kept)).hexdigest()
+        out["second"] = hashlib.sha256(b"".join(views)).hexdigest()
+    elif what == "abandon":
+        sha = hashlib.sha256()
+        views.hash_along(sha)
+        for i, v in enumerate(views):
+            if i == 2:
+                break
+        views.finish_hash()
+        out["hashed"] = sha.hexdigest()
+        out["last"] = hashlib.sha256(views[-1]).hexdigest()
+        out["pieces"] = len(views)
+    elif what == "gone":
+        try:
+            for v in views:
+                pass
+        except OSError as exc:
+            out["error"] = str(exc)
+    print(json.dumps(out))
+""")
+
+
+def _read_from_this_process(chunks: list[bytes], what: str) -> dict[str, object]:
+    ranges = memory_pull.addresses(chunks)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEER_READER, str(os.getpid()), json.dumps(ranges), what],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def _chunks() -> list[bytes]:
+    # Many chunks of odd sizes: pieces span chunk boundaries.
+    return [os.urandom(n) for n in (1, 5_000_001, 17, 3 * 1024 * 1024, 9_999_999, 2)] * 3
+
+
+def test_pieces_are_written_and_hashed_from_one_read() -> None:
+    chunks = _chunks()
+    want = hashlib.sha256(b"".join(chunks)[3:]).hexdigest()
+    out = _read_from_this_process(chunks, "write-and-hash")
+    assert out == {"written": want, "hashed": want}
+
+
+def test_a_reader_keeping_every_view_keeps_their_bytes() -> None:
+    """More views alive at once than the buffers kept: none is overwritten."""
+    chunks = _chunks()
+    want = hashlib.sha256(b"".join(chunks)[3:]).hexdigest()
+    assert _read_from_this_process(chunks, "keep-every-view") == {"kept": want, "second": want}
+
+
+def test_an_abandoned_iteration_still_gives_the_whole_digest() -> None:
+    chunks = _chunks()
+    data = b"".join(chunks)[3:]
+    out = _read_from_this_process(chunks, "abandon")
+    assert out["hashed"] == hashlib.sha256(data).hexdigest()
+    last = (len(data) - 1) // memory_pull.PIECE_BYTES * memory_pull.PIECE_BYTES
+    assert out["last"] == hashlib.sha256(data[last:]).hexdigest()
+    assert out["pieces"] == -(-len(data) // memory_pull.PIECE_BYTES)
+
+
+def test_a_gone_process_is_an_error_never_bytes() -> None:
+    """Reading a process that has exited raises: nothing is written from it."""
+    code = "import os, sys; b = os.urandom(9 << 20); print(id(b)); sys.stdout.flush()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    pid = 2**22 + 12345  # beyond any pid Linux hands out by default: no such process
+    peer = memory_pull.PeerMemory(pid, [(int(proc.stdout), 9 << 20)])
+    with pytest.raises(OSError, match="No such process"):
+        peer.read(0, 10)
+    with pytest.raises(OSError, match="No such process"):
+        for _ in peer.views(0, 9 << 20):
+            pass
+
+
+def test_a_parent_killed_mid_read_leaves_no_checkpoint_of_its_bytes(tmp_path: Path) -> None:
+    """kill -9 of the training process while the writer process reads a large hand-over
+    from it: what is committed verifies; what was not is not a checkpoint."""
+    script = textwrap.dedent(f"""
+        import anyio, sys
+        from ckptwriter import CheckpointWriter, MemoryLog, Observation, Snapshot
+        mem = MemoryLog()
+        while mem.nbytes < 300 << 20:
+            mem.append(Observation(content="x" * 60_000))
+        async def main():
+            async with CheckpointWriter({str(tmp_path)!r}, executor="process") as w:
+                print("writing", flush=True)
+                await (await w.submit(Snapshot(1, 1, "A", mem))).wait()
+                print("done", flush=True)
+        anyio.run(main)
+    """)
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "writing"
+        # Wait for the writer process's temp directory: it is reading and writing now.
+        for _ in range(200_000):
+            if any(p.name.startswith(".tmp-") for p in tmp_path.iterdir()):
+                break
+            if proc.poll() is not None:
+                break
+            anyio.run(anyio.sleep, 0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    # The writer process dies with it; a new writer opens the directory and cleans up.
+    for _ in range(600):
+        try:
+            anyio.run(_open_and_close, tmp_path)
+            break
+        except Exception:  # the old writer process may still hold the lock a moment
+            anyio.run(anyio.sleep, 0.1)
+    for ck in tmp_path.glob("ep_*"):
+        verify_checkpoint(ck)
+        assert load_checkpoint(ck).memory.nbytes >= 300 << 20
+
+
+async def _open_and_close(path: Path) -> None:
+    async with CheckpointWriter(path, executor="process"):
+        pass
+
+
+def test_a_read_refused_mid_run_asks_for_the_bytes_another_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Yama lets a process name one reader: a second writer in the same training process
+    takes that from the first one's writer process. Its next large commit is refused
+    the read: it answers ``cannot_pull`` (no error, no commit), and the pipe stays in
+    step for the same commit handed over another way."""
+    import msgspec
+
+    from ckptwriter import wire, writer_process
+
+    def refuse(*args: object) -> None:
+        raise memory_pull.PullRefused(1, "Operation not permitted")
+
+    monkeypatch.setattr(memory_pull.PeerMemory, "read_into", refuse)
+    mem = _memory(3)
+    ex = pe.ProcessExecutor(str(tmp_path), WriterOptions(fsync=False))
+    req, views = ex._request(snapshot(mem, 1).capture(), full=True)
+    size = sum(len(v) for v in views)
+    pulled = wire.encode(msgspec.structs.replace(
+        req, pull=memory_pull.addresses(views), delta_bytes=size))
+    inline = wire.encode(msgspec.structs.replace(req, payload=size))
+    opening = wire.encode(wire.OpenRequest(os.fsencode(str(tmp_path)),
+                                           WriterOptions(fsync=False).to_wire(),
+                                           os.getpid(), "token"))
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    with open(in_r, "rb") as inp, open(out_w, "wb") as out, \
+            open(in_w, "wb") as send, open(out_r, "rb") as answers:
+        import threading
+        server = threading.Thread(target=writer_process.serve, args=(inp, out))
+        server.start()
+
+        def reply(kind: type) -> object:
+            (n,) = wire.FRAME.unpack(answers.read(wire.FRAME.size))
+            return wire.decode(wire.decoder(kind), answers.read(n))
+
+        send.write(opening)
+        send.flush()
+        assert reply(wire.OpenReply).error is None  # type: ignore[attr-defined]
+        send.write(pulled)
+        send.flush()
+        refused = reply(wire.CommitReply)
+        assert refused == wire.CommitReply(cannot_pull=True)
+        assert not list(tmp_path.glob("ep_*"))
+        send.write(inline)
+        for v in views:
+            send.write(v)
+        send.flush()
+        done = reply(wire.CommitReply)
+        assert done.report is not None  # type: ignore[attr-defined]
+        send.close()
+        server.join(timeout=120)
+    _files_match_their_digests(tmp_path / "ep_000001")
+    assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()

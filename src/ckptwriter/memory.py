@@ -92,31 +92,26 @@ class MemoryCapture:
     # Set in the writer process while the parent is still handing the bytes over: blocks
     # until every byte before the given offset has arrived.
     arrived: Callable[[int], None] | None = None
-    # Set in the writer process that reads the bytes from the parent's memory instead of
-    # holding chunks: the bytes from an offset on, read as they are wanted.
+    # Or, reading them from the parent's memory (no chunks): the bytes from an offset on.
     pulled: Callable[[int], Sequence[memoryview]] | None = None
 
     def views(self, start: int = 0) -> Sequence[memoryview]:
         """The bytes from ``start`` on, as :meth:`iter_bytes` yields them; while they
         are still arriving, a sequence that waits for each view as it is read."""
         if self.pulled is not None:
-            return self._pulled_from(start, self.pulled)
+            if start < self.base:
+                raise NeedFullMemory(f"capture holds bytes from {self.base} on, not {start}")
+            return self.pulled(min(start, self.nbytes))
         views = list(self.iter_bytes(start))
         if self.arrived is None:
             return views
         first = bisect.bisect_right(self.chunk_ends, start, 0, self.n_chunks)
         return _Arriving(views, self.chunk_ends[first:self.n_chunks], self.arrived)
 
-    def _pulled_from(self, start: int, pulled: Callable[[int], Sequence[memoryview]]
-                     ) -> Sequence[memoryview]:
-        if start < self.base:
-            raise NeedFullMemory(f"capture holds bytes from {self.base} on, not from {start}")
-        return pulled(min(start, self.nbytes))
-
     def iter_bytes(self, start: int = 0) -> Iterator[memoryview]:
         """Yield the encoded bytes of the capture from byte offset ``start`` on."""
         if self.pulled is not None:
-            yield from self._pulled_from(start, self.pulled)
+            yield from self.views(start)
             return
         if start >= self.nbytes:
             return

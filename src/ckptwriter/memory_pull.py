@@ -41,7 +41,7 @@ _IOV_MAX = 1024
 # How long the read-ahead waits for a buffer once the reader has had every piece read so
 # far (it keeps their views: a join) before it reads the next into one of its own; and
 # how often it looks again (letting go of a view notifies no one).
-_PATIENCE = 0.25
+_PATIENCE = 0.02
 _POLL = 0.002
 _PR_SET_PTRACER = 0x59616D61
 

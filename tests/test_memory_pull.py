@@ -1,8 +1,9 @@
 """The writer process reading a large hand-over from the training process's memory.
 
-Where ``process_vm_readv`` works (the open's probe says so), a delta larger than the
-pipe is never copied by the loop: the frame says where its bytes are, and the writer
-process reads, writes and hashes them a piece at a time. Elsewhere the memfd hand-over
+Where the training process's ``/proc/self/mem`` can be handed to the writer process and
+read (the open's probe says so), a delta larger than the pipe is never copied by the
+loop: the frame says where its bytes are, and the writer process reads, writes and
+hashes them a piece at a time. Elsewhere the memfd hand-over
 (``test_process_handover.py``) is used, and so it is when the probe fails.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from _s3_util import BUCKET, s3_endpoint  # noqa: F401
 from ckptwriter import (
     AgentState,
     CheckpointWriter,
@@ -33,9 +35,18 @@ from ckptwriter import process_executor as pe
 from ckptwriter.options import WriterOptions
 from conftest import add_episode, snapshot
 
+
+def _own_memory_readable() -> bool:
+    fd = memory_pull.open_own_memory()
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 pytestmark = pytest.mark.skipif(
-    not memory_pull.available(), reason="process_vm_readv is Linux's (the memfd hand-over "
-    "is used elsewhere, and tested in test_process_handover.py)")
+    not _own_memory_readable(), reason="no /proc/self/mem here (not Linux, or a sandbox): "
+    "the memfd hand-over is used, and tested in test_process_handover.py")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,10 +156,10 @@ async def test_cancelled_while_the_writer_process_reads_keeps_the_pipe_in_step(
 
 
 _PEER_READER = textwrap.dedent("""
-    import hashlib, json, sys, threading
+    import hashlib, json, os, sys, threading
     from ckptwriter import memory_pull as mp
-    pid, ranges, what = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-    peer = mp.PeerMemory(pid, ranges)
+    fd, ranges, what, how = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+    peer = mp.PeerMemory(ranges, **({"fd": fd} if how == "fd" else {"parent": os.getppid()}))
     views = peer.views(3, peer.total - 3)
     out = {}
     if what == "write-and-hash":
@@ -181,12 +192,37 @@ _PEER_READER = textwrap.dedent("""
 """)
 
 
-def _read_from_this_process(chunks: list[bytes], what: str) -> dict[str, object]:
+def _yama_lets_a_child_read_its_parent() -> bool:
+    try:
+        scope = Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip()
+    except OSError:
+        return True  # no Yama
+    return scope == "0" or (os.geteuid() == 0 and scope == "1")
+
+
+_NO_PARENT_READ = pytest.mark.skipif(
+    not _yama_lets_a_child_read_its_parent(),
+    reason="Yama's ptrace_scope forbids a child to read its parent here (the writer "
+    "process then reads through /proc/self/mem, the 'fd' cases)")
+
+
+@pytest.fixture(params=["fd", pytest.param("parent", marks=_NO_PARENT_READ)])
+def how(request: pytest.FixtureRequest) -> str:
+    """Through the training process's /proc/self/mem, or process_vm_readv of the parent."""
+    return str(request.param)
+
+
+def _read_from_this_process(chunks: list[bytes], what: str, how: str) -> dict[str, object]:
     ranges = memory_pull.addresses(chunks)
-    proc = subprocess.run(
-        [sys.executable, "-c", _PEER_READER, str(os.getpid()), json.dumps(ranges), what],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    fd = memory_pull.open_own_memory()
+    assert fd is not None
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEER_READER, str(fd), json.dumps(ranges), what, how],
+            capture_output=True, text=True, timeout=300, cwd=ROOT, pass_fds=(fd,),
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    finally:
+        os.close(fd)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout)
     return result
@@ -197,24 +233,25 @@ def _chunks() -> list[bytes]:
     return [os.urandom(n) for n in (1, 5_000_001, 17, 3 * 1024 * 1024, 9_999_999, 2)] * 3
 
 
-def test_pieces_are_written_and_hashed_from_one_read() -> None:
+def test_pieces_are_written_and_hashed_from_one_read(how: str) -> None:
     chunks = _chunks()
     want = hashlib.sha256(b"".join(chunks)[3:]).hexdigest()
-    out = _read_from_this_process(chunks, "write-and-hash")
+    out = _read_from_this_process(chunks, "write-and-hash", how)
     assert out == {"written": want, "hashed": want}
 
 
-def test_a_reader_keeping_every_view_keeps_their_bytes() -> None:
+def test_a_reader_keeping_every_view_keeps_their_bytes(how: str) -> None:
     """More views alive at once than the buffers kept: none is overwritten."""
     chunks = _chunks()
     want = hashlib.sha256(b"".join(chunks)[3:]).hexdigest()
-    assert _read_from_this_process(chunks, "keep-every-view") == {"kept": want, "second": want}
+    out = _read_from_this_process(chunks, "keep-every-view", how)
+    assert out == {"kept": want, "second": want}
 
 
-def test_an_abandoned_iteration_still_gives_the_whole_digest() -> None:
+def test_an_abandoned_iteration_still_gives_the_whole_digest(how: str) -> None:
     chunks = _chunks()
     data = b"".join(chunks)[3:]
-    out = _read_from_this_process(chunks, "abandon")
+    out = _read_from_this_process(chunks, "abandon", how)
     assert out["hashed"] == hashlib.sha256(data).hexdigest()
     last = (len(data) - 1) // memory_pull.PIECE_BYTES * memory_pull.PIECE_BYTES
     assert out["last"] == hashlib.sha256(data[last:]).hexdigest()
@@ -223,16 +260,69 @@ def test_an_abandoned_iteration_still_gives_the_whole_digest() -> None:
 
 def test_a_gone_process_is_an_error_never_bytes() -> None:
     """Reading a process that has exited raises: nothing is written from it."""
-    code = "import os, sys; b = os.urandom(9 << 20); print(id(b)); sys.stdout.flush()"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
-    pid = 2**22 + 12345  # beyond any pid Linux hands out by default: no such process
-    peer = memory_pull.PeerMemory(pid, [(int(proc.stdout), 9 << 20)])
-    with pytest.raises(OSError, match="No such process"):
-        peer.read(0, 10)
-    with pytest.raises(OSError, match="No such process"):
-        for _ in peer.views(0, 9 << 20):
-            pass
+    code = ("import os, sys; b = os.urandom(9 << 20); print(id(b)); sys.stdout.flush(); "
+            "sys.stdin.read()")
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        addr = int(proc.stdout.readline())
+        fd = os.open(f"/proc/{proc.pid}/mem", os.O_RDONLY)
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    try:
+        peer = memory_pull.PeerMemory([(addr, 9 << 20)], fd=fd)
+        with pytest.raises(OSError, match="exited"):
+            peer.read(0, 10)
+        with pytest.raises(OSError, match="exited"):
+            for _ in peer.views(0, 9 << 20):
+                pass
+    finally:
+        os.close(fd)
+
+
+@_NO_PARENT_READ
+def test_a_re_parented_reader_reads_nothing_more(tmp_path: Path) -> None:
+    """Reading the parent directly: once the parent has exited (its pid free for another
+    process), the next read is an error, never another process's bytes."""
+    out = tmp_path / "out.json"
+    grandchild = textwrap.dedent(f"""
+        import json, os, sys, time
+        from ckptwriter import memory_pull as mp
+        parent, addr = os.getppid(), int(sys.argv[1])
+        peer = mp.PeerMemory([(addr, 4096)], parent=parent)
+        first = len(peer.read(0, 4096))
+        print("read", flush=True)
+        for _ in range(100_000):
+            if os.getppid() != parent:
+                break
+            time.sleep(0.001)
+        try:
+            peer.read(0, 4096)
+            result = "read again"
+        except OSError as exc:
+            result = str(exc)
+        open({str(out)!r}, "w").write(json.dumps([first, result]))
+    """)
+    child = textwrap.dedent(f"""
+        import os, subprocess, sys
+        data = os.urandom(1 << 20)
+        from ckptwriter import memory_pull as mp
+        addr = mp.addresses([data])[0][0]
+        g = subprocess.Popen([sys.executable, "-c", {grandchild!r}, str(addr)],
+                             stdout=subprocess.PIPE, text=True)
+        assert g.stdout.readline().strip() == "read"
+        os._exit(0)  # the grandchild is re-parented
+    """)
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=120, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    for _ in range(100_000):
+        if out.exists() and out.read_text():
+            break
+        anyio.run(anyio.sleep, 0.001)
+    first, result = json.loads(out.read_text())
+    assert first == 4096
+    assert "exited" in result
 
 
 def test_a_parent_killed_mid_read_leaves_no_checkpoint_of_its_bytes(tmp_path: Path) -> None:
@@ -336,4 +426,94 @@ def test_a_read_refused_mid_run_asks_for_the_bytes_another_way(
         send.close()
         server.join(timeout=120)
     _files_match_their_digests(tmp_path / "ep_000001")
+    assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("s3_endpoint")
+async def test_a_large_hand_over_to_object_storage_is_read_from_the_loop(
+    memfds: list[int],
+) -> None:
+    """Uploads keep their parts (a join, multipart groups): the pieces they keep get
+    buffers of their own, and every byte arrives as the loop had it."""
+    import uuid
+
+    url = f"s3://{BUCKET}/pull-{uuid.uuid4().hex}"
+    mem, state = _memory(24), AgentState()
+    state["blob"] = os.urandom(5 * 1024 * 1024)
+    async with CheckpointWriter(url, executor="process") as w:
+        r1 = await (await w.submit(snapshot(mem, 1, state=state))).wait()
+        for ep in range(2, 2000):
+            add_episode(mem, ep)
+        r2 = await (await w.submit(snapshot(mem, 2, state=state))).wait()
+    assert (r1.incremental, memfds) == (False, [])
+    assert r2.episode_index == 2
+    verify_checkpoint(f"{url}/ep_000002")
+    ck = load_checkpoint(url)
+    assert ck.memory.to_jsonl() == mem.to_jsonl()
+    assert ck.state["blob"] == state["blob"]
+
+
+def test_a_writer_made_before_a_fork_reads_the_fork_that_opens_it(tmp_path: Path) -> None:
+    """A writer built in one process and opened in a fork of it: its writer process
+    reads the fork's memory (the handle and the probe are taken when it starts), not
+    the same addresses in the process that forked."""
+    script = textwrap.dedent(f"""
+        import anyio, os, sys
+        from ckptwriter import CheckpointWriter, MemoryLog, Observation, Snapshot
+        w = CheckpointWriter({str(tmp_path / "ck")!r}, executor="process", fsync=False)
+        pid = os.fork()
+        if pid == 0:
+            mem = MemoryLog()
+            while mem.nbytes < 6 << 20:
+                mem.append(Observation(content="child" * 4000))
+            async def main():
+                async with w:
+                    await (await w.submit(Snapshot(1, 1, "A", mem))).wait()
+            anyio.run(main)
+            os._exit(0)
+        junk = [os.urandom(1 << 20) for _ in range(64)]  # other bytes here meanwhile
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr
+    want = MemoryLog()
+    while want.nbytes < 6 << 20:
+        want.append(Observation(content="child" * 4000))
+    verify_checkpoint(tmp_path / "ck" / "ep_000001")
+    assert load_checkpoint(tmp_path / "ck").memory.to_jsonl() == want.to_jsonl()
+
+
+@pytest.mark.anyio
+async def test_a_full_resend_that_is_refused_goes_through_the_memfd(
+    tmp_path: Path, memfds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer process asks for the whole memory, and then cannot read it from the
+    loop: both are honoured, once each, and the commit lands (no "no report")."""
+    from ckptwriter import wire
+
+    ex = pe.ProcessExecutor(str(tmp_path), WriterOptions(fsync=False))
+    await ex.open()
+    real = ex._exchange
+    asked: list[tuple[bool, bool]] = []
+    answers = [wire.CommitReply(resend_full=True), wire.CommitReply(cannot_pull=True)]
+
+    async def exchange(snap: object, *, full: bool) -> wire.CommitReply:
+        asked.append((full, ex._can_pull))
+        if answers:
+            return answers.pop(0)
+        return await real(snap, full=full)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ex, "_exchange", exchange)
+    mem = _memory(4)
+    try:
+        report = await ex.persist(snapshot(mem, 1).capture())
+    finally:
+        await ex.aclose()
+    assert asked == [(False, True), (True, True), (True, False)]
+    assert memfds == [1]
+    assert report.episode_index == 1
     assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()

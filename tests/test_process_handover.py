@@ -35,8 +35,8 @@ from conftest import add_episode, snapshot
 
 @pytest.fixture(autouse=True)
 def _memfd_hand_over(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As on a machine where process_vm_readv is missing: no probe, so no reading.
-    monkeypatch.setattr(memory_pull, "available", lambda: False)
+    # As where /proc/self/mem cannot be opened: no probe, so no reading.
+    monkeypatch.setattr(memory_pull, "open_own_memory", lambda: None)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

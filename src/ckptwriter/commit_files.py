@@ -109,14 +109,15 @@ class Plan:
         Bytes the writer process reads from the training process are hashed as the
         write reads them (``hash_along``), not read a second time.
         """
-        jobs = []
+        own = []
         for s in self.streams:
             along = getattr(s.views, "hash_along", None)
             if along is not None:
                 along(s.sha)
             else:
-                jobs.append((s.sha, s.views))
-        if sum(s.new_bytes for s in self.streams) >= _PARALLEL_HASH_BYTES:
+                own.append(s)
+        jobs = [(s.sha, s.views) for s in own]
+        if sum(s.new_bytes for s in own) >= _PARALLEL_HASH_BYTES:
             self._hasher = threading.Thread(target=_hash_all, args=(jobs,),
                                             name="ckptwriter-hash")
             self._hasher.start()

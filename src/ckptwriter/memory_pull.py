@@ -3,16 +3,26 @@
 A large delta used to cross in a memfd the loop filled: the loop paid a copy of every
 byte and the first touch of as much fresh shared memory (on a VM, seconds per GiB), and
 the writer process read it all again. Instead the loop only names where its (immutable)
-bytes are, and the writer process copies them out of the loop's memory with
-``process_vm_readv`` into a few small buffers it reuses, writes and hashes each piece
-while it is still in the CPU's cache, and answers when it is done. The loop's part is
-a frame; its bytes stay alive, unchanged, until that answer (the loop holds them).
+bytes are, and the writer process reads them out of the loop's memory into a few small
+buffers it reuses, ahead of the write, writes each piece and hashes it from the same
+buffer, and answers when it is done. The loop's part is a frame; its bytes stay alive,
+unchanged, until that answer (the loop holds them).
 
-The parent side: :func:`addresses` of its views and :func:`allow_reader` (Yama's
-``ptrace_scope = 1`` lets only an ancestor read a process unless it names its reader).
-The child side: :class:`PeerMemory`. Where the call is missing or refused (not Linux,
-a seccomp filter, ``ptrace_scope`` 2 or 3), the probe at open fails and the memfd
+The writer process reads with ``process_vm_readv`` where the kernel lets it read its
+parent (Yama off or ``ptrace_scope = 0``, same user): the fastest, one copy. It checks
+after each read that its parent is still the training process (a child is re-parented
+before its parent's pid can be reused), so it never reads another process. Elsewhere
+(Yama's default on Ubuntu) it reads through ``/proc/self/mem``, opened by the training
+process itself and handed over at start: a process may always open its own, so no
+ptrace permission is asked for (this never calls ``PR_SET_PTRACER``), and the handle
+stays tied to that process (a fork, a reused pid) and reads nothing once it has exited;
+the kernel copies through a bounce page, which costs more CPU than the direct read.
+Where neither works (not Linux, a sandbox: the probe at open tells), the memfd
 hand-over is used.
+
+The parent side: :func:`open_own_memory` and :func:`addresses` of its views. The child
+side: :class:`PeerMemory`. CPython only: a buffer is known to be free when no view of it
+holds a reference (``sys.getrefcount``).
 """
 
 from __future__ import annotations
@@ -25,35 +35,28 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
-__all__ = ["PeerMemory", "PullRefused", "addresses", "allow_reader"]
+__all__ = ["PeerMemory", "PullRefused", "addresses", "is_refused", "open_own_memory"]
 
 # The pieces a hand-over is read, written and hashed in: small enough that a few of
 # them stay in the CPU's last-level cache between the writer thread and the hasher.
 PIECE_BYTES = 2 * 1024 * 1024
-# Buffers kept in the writer process between hand-overs (a new one costs its first
-# touch): the read-ahead waits for one to be let go of by the writer and the hasher.
+# Buffers kept in the writer process between hand-overs (16 MiB; a new one costs its
+# first touch): the read-ahead waits for one to be let go of by the writer and hasher.
 _RING_SLOTS = 8
-# Linux caps the iovecs of one process_vm_readv (IOV_MAX).
-_IOV_MAX = 1024
-# How long the read-ahead waits for a buffer once the reader has had every piece read so
-# far (it keeps their views: a join) before it reads the next into one of its own; and
-# how often it looks again (letting go of a view notifies no one).
+# How long the read-ahead waits for a buffer once the reader has had every piece read
+# so far (it keeps their views: a join, an upload) before it reads the next into one of
+# its own, and from then on for that reader it does not wait; and how often it looks
+# again (letting go of a view notifies no one).
 _PATIENCE = 0.02
 _POLL = 0.002
-_PR_SET_PTRACER = 0x59616D61
 
 
 class PullRefused(PermissionError):
-    """The kernel refuses this process a read of the other one's memory (Yama's
-    ``ptrace_scope``: another writer in the same training process named its own
-    writer process as the only reader). The bytes are handed over another way."""
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    """The training process's memory could not be read where it was named (a sandbox,
+    a security module): its bytes are handed over another way."""
 
 
 class _PyBuffer(ctypes.Structure):
@@ -65,30 +68,38 @@ class _PyBuffer(ctypes.Structure):
                 ("internal", ctypes.c_void_p)]
 
 
-def _libc() -> Any | None:
-    if sys.platform != "linux":
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-_READV: Any = getattr(_LIBC, "process_vm_readv", None)
-if _READV is not None:
-    _READV.restype = ctypes.c_ssize_t
-    _READV.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
-                       ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
 _GET_BUFFER = ctypes.pythonapi.PyObject_GetBuffer
 _GET_BUFFER.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
 _RELEASE_BUFFER = ctypes.pythonapi.PyBuffer_Release
 _RELEASE_BUFFER.argtypes = [ctypes.POINTER(_PyBuffer)]
 
 
-def available() -> bool:
-    """Whether this platform has the call at all (a probe still decides if it works)."""
-    return _READV is not None
+def open_own_memory() -> int | None:
+    """A read-only handle on this process's memory, or None where there is none."""
+    if sys.platform != "linux" or sys.implementation.name != "cpython":
+        return None
+    try:
+        return os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _process_vm_readv() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).process_vm_readv
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_ssize_t
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                   ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
+    return fn
+
+
+_READV = _process_vm_readv() if sys.platform == "linux" else None
 
 
 def addresses(views: Sequence[memoryview | bytes]) -> list[tuple[int, int]]:
@@ -114,59 +125,64 @@ def addresses(views: Sequence[memoryview | bytes]) -> list[tuple[int, int]]:
     return out
 
 
-def allow_reader(pid: int) -> None:
-    """Let ``pid`` (our writer process) read this process where Yama would refuse it."""
-    if _LIBC is not None:
-        # EINVAL without Yama: nothing to allow then.
-        _LIBC.prctl(_PR_SET_PTRACER, ctypes.c_ulong(pid), 0, 0, 0)
-
-
 class PeerMemory:
-    """Bytes of another process: ``total`` bytes, ``ranges`` (address, length) of it."""
+    """``total`` bytes of the parent process at ``ranges`` (address, length), read
+    directly when ``parent`` is its pid, else through ``fd`` (its ``/proc/self/mem``)."""
 
-    def __init__(self, pid: int, ranges: Sequence[tuple[int, int]]) -> None:
-        self._pid = pid
+    def __init__(self, ranges: Sequence[tuple[int, int]], *, fd: int = -1,
+                 parent: int = 0) -> None:
+        self._fd, self._parent = fd, parent
         self._ranges = [(int(a), int(n)) for a, n in ranges]
         self._starts = [0]
         for _, n in self._ranges:
             self._starts.append(self._starts[-1] + n)
         self.total = self._starts[-1]
 
-    def _remote(self, at: int, n: int) -> list[tuple[int, int]]:
-        """The remote (address, length) pieces that hold bytes ``[at, at + n)``."""
-        i = bisect.bisect_right(self._starts, at) - 1
-        out = []
-        while n > 0:
-            addr, size = self._ranges[i]
-            off = at - self._starts[i]
-            take = min(size - off, n)
-            out.append((addr + off, take))
-            at, n, i = at + take, n - take, i + 1
-        return out
-
-    def read_into(self, dest: int, at: int, n: int) -> None:
-        """Copy bytes ``[at, at + n)`` to the local address ``dest``.
+    def read_into(self, dest: memoryview, at: int) -> None:
+        """Fill ``dest`` with bytes ``[at, at + len(dest))``.
 
         Raises:
-            OSError: the other process is gone, or refuses us.
+            PullRefused: the memory cannot be read there (the hand-over goes another way).
+            OSError: the other process is gone (nothing more can be read from it).
         """
+        n = len(dest)
         if at < 0 or at + n > self.total:
             raise ValueError(f"bytes {at}..{at + n} of a hand-over of {self.total}")
-        remote = self._remote(at, n)
-        for k in range(0, len(remote), _IOV_MAX):
-            part = remote[k:k + _IOV_MAX]
-            riov = (_Iovec * len(part))(*[_Iovec(a, m) for a, m in part])
-            want = sum(m for _, m in part)
-            local = _Iovec(dest, want)
-            got = _READV(self._pid, ctypes.byref(local), 1, riov, len(part), 0)
-            if got < 0:
-                err = ctypes.get_errno()
-                kind = PullRefused if err in (errno.EPERM, errno.EACCES) else OSError
-                raise kind(err, f"reading the training process's bytes: {os.strerror(err)}")
-            if got != want:
-                # A partial read means a range ended early: its object is gone.
-                raise OSError(f"read {got} of {want} bytes from the training process")
-            dest += want
+        i = bisect.bisect_right(self._starts, at) - 1
+        done = 0
+        while done < n:
+            addr, size = self._ranges[i]
+            off = at + done - self._starts[i]
+            take = min(size - off, n - done)
+            part = dest[done:done + take]
+            while len(part):
+                got = self._read_some(part, addr + off)
+                part, off = part[got:], off + got
+            done += take
+            i += 1
+
+    def _read_some(self, part: memoryview, addr: int) -> int:
+        if self._parent and _READV is not None:
+            local = _Iovec(addresses([part])[0][0], len(part))
+            remote = _Iovec(addr, len(part))
+            got = int(_READV(self._parent, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+            err = ctypes.get_errno() if got < 0 else 0
+            if os.getppid() != self._parent or err == errno.ESRCH:
+                # Re-parented: it exited (its pid may be another process's by now).
+                raise OSError("the training process exited while its bytes were read")
+            if err:
+                raise PullRefused(err, f"reading the training process's bytes: "
+                                  f"{os.strerror(err)}")
+        else:
+            try:
+                got = os.preadv(self._fd, [part], addr)
+            except OSError as exc:
+                raise PullRefused(exc.errno, "reading the training process's bytes: "
+                                  f"{exc.strerror}") from exc
+        if got <= 0:
+            # Its memory is gone with it: a read returns nothing, never others' bytes.
+            raise OSError("the training process exited while its bytes were read")
+        return got
 
     def read(self, at: int, n: int) -> bytes:
         """A copy of bytes ``[at, at + n)``."""
@@ -176,28 +192,19 @@ class PeerMemory:
         """Bytes ``[at, at + n)`` in a buffer of their own."""
         buf = bytearray(n)
         if n:
-            self.read_into(_address_of(buf), at, n)
+            self.read_into(memoryview(buf), at)
         return memoryview(buf)
 
-    def views(self, at: int, n: int) -> Sequence[memoryview]:
+    def views(self, at: int, n: int) -> Pulled:
         """Bytes ``[at, at + n)`` as pieces read when they are wanted (see :class:`Pulled`)."""
         return Pulled(self, at, n)
 
 
-def _address_of(buf: bytearray) -> int:
-    # Taken and let go at once: the bytearray is never resized, so the address holds.
-    c = ctypes.c_char.from_buffer(buf)
-    addr = ctypes.addressof(c)
-    del c
-    return addr
-
-
 class _Slot:
-    __slots__ = ("addr", "buf", "free_refs")
+    __slots__ = ("buf", "free_refs")
 
     def __init__(self) -> None:
         self.buf = bytearray(PIECE_BYTES)
-        self.addr = _address_of(self.buf)
         self.free_refs = sys.getrefcount(self.buf)
 
     def unused(self) -> bool:
@@ -205,20 +212,29 @@ class _Slot:
         return sys.getrefcount(self.buf) <= self.free_refs
 
 
-# Buffers kept for the next hand-over (a new one costs its first touch), and the
-# condition a reader waits on for one to be let go of.
+# Buffers kept for the next hand-over, and the condition a read-ahead waits on for one
+# to be let go of.
 _SLOTS: list[_Slot] = []
 _FREED = threading.Condition()
+
+
+class _Pass:
+    """One iteration's read-ahead: its queue, its stop, whether it went without waiting."""
+
+    def __init__(self) -> None:
+        self.ready: queue.SimpleQueue[memoryview | BaseException] = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.starved = False
 
 
 class Pulled(Sequence[memoryview]):
     """Bytes of a :class:`PeerMemory` in pieces, each read when it is wanted.
 
-    Iterating reads each piece into one of a few reused buffers, and hands it to a
-    hashing thread too when :meth:`hash_along` asked for it: one read, written and hashed
-    while it is in the cache. A buffer is reused only when no view of it is alive, so a
-    reader that keeps views (a join, an upload's retry) keeps their bytes. Indexing
-    reads a piece into a buffer of its own.
+    Iterating reads the pieces ahead, in a thread, into a few reused buffers, and hands
+    each to a hashing thread too when :meth:`hash_along` asked for it: one read, written
+    and hashed while it is in the cache. A buffer is reused only when no view of it is
+    alive, so a reader that keeps views (a join, an upload's retry) keeps their bytes.
+    Indexing reads a piece into a buffer of its own.
     """
 
     def __init__(self, peer: PeerMemory, at: int, n: int) -> None:
@@ -226,6 +242,7 @@ class Pulled(Sequence[memoryview]):
         self._sha: Any = None
         self._hashed = 0  # bytes the hashing thread has had, in order
         self._hasher: threading.Thread | None = None
+        self._feed: queue.SimpleQueue[memoryview | None] | None = None
 
     def __len__(self) -> int:
         return -(-self.nbytes // PIECE_BYTES)
@@ -252,9 +269,7 @@ class Pulled(Sequence[memoryview]):
 
     def finish_hash(self) -> None:
         """Wait for the hashing; hash what no iteration read (an abandoned one's rest)."""
-        if self._hasher is not None:
-            self._hasher.join()
-            self._hasher = None
+        self._end_hasher()
         if self._sha is not None:
             while self._hashed < self.nbytes:
                 n = min(PIECE_BYTES, self.nbytes - self._hashed)
@@ -265,27 +280,34 @@ class Pulled(Sequence[memoryview]):
     def abandon_hash(self) -> None:
         """Stop feeding the hash (the write failed: no digest is wanted)."""
         self._sha = None
+        self._end_hasher()
+
+    def _end_hasher(self) -> None:
+        # The iteration's end sends the hasher its stop; an iterator still held
+        # somewhere (never finished, never collected) must not keep it waiting.
+        if self._feed is not None:
+            self._feed.put(None)
+            self._feed = None
         if self._hasher is not None:
             self._hasher.join()
             self._hasher = None
 
     def __iter__(self) -> Iterator[memoryview]:
-        feed: queue.SimpleQueue[memoryview | None] | None = None
+        feed = None
         if self._sha is not None and self._hasher is None and not self._hashed:
-            feed = queue.SimpleQueue()
+            feed = self._feed = queue.SimpleQueue()
             self._hasher = threading.Thread(target=self._hash, args=(self._sha, feed),
                                             name="ckptwriter-hash-pulled", daemon=True)
             self._hasher.start()
         # A thread reads the pieces ahead, into the buffers this reader and the hasher
         # let go of, so that reading overlaps writing (which waits on the disk).
-        ready: queue.SimpleQueue[memoryview | BaseException] = queue.SimpleQueue()
-        stop = threading.Event()
-        reader = threading.Thread(target=self._read_ahead, args=(ready, stop),
+        run = _Pass()
+        reader = threading.Thread(target=self._read_ahead, args=(run,),
                                   name="ckptwriter-read-ahead", daemon=True)
         reader.start()
         try:
             for _ in range(len(self)):
-                view = ready.get()
+                view = run.ready.get()
                 if isinstance(view, BaseException):
                     raise view
                 if feed is not None:
@@ -293,25 +315,15 @@ class Pulled(Sequence[memoryview]):
                 yield view
                 del view
         finally:
-            stop.set()
-            with _FREED:
-                _FREED.notify_all()
-            # No read of the parent's memory may outlive the iteration.
-            reader.join()
             if feed is not None:
                 feed.put(None)
-
-    def _read_ahead(self, ready: queue.SimpleQueue[memoryview | BaseException],
-                    stop: threading.Event) -> None:
-        try:
-            for k in range(len(self)):
-                view = self._read(*self._span(k), stop, ready.empty)
-                if view is None:
-                    return
-                ready.put(view)
-                del view
-        except BaseException as exc:  # handed to the reader, raised there
-            ready.put(exc)
+            run.stop.set()
+            with _FREED:
+                _FREED.notify_all()
+            # No read of the parent's memory outlives the iteration (unless this runs
+            # on the reader itself: a collection there, nothing to wait for).
+            if threading.current_thread() is not reader:
+                reader.join()
 
     def _hash(self, sha: Any, feed: queue.SimpleQueue[memoryview | None]) -> None:
         while (view := feed.get()) is not None:
@@ -322,13 +334,23 @@ class Pulled(Sequence[memoryview]):
             with _FREED:
                 _FREED.notify_all()
 
-    def _read(self, at: int, n: int, stop: threading.Event,
-              starved: Callable[[], bool]) -> memoryview | None:
+    def _read_ahead(self, run: _Pass) -> None:
+        try:
+            for k in range(len(self)):
+                view = self._read(*self._span(k), run)
+                if view is None:
+                    return
+                run.ready.put(view)
+                del view
+        except BaseException as exc:  # handed to the reader, raised there
+            run.ready.put(exc)
+
+    def _read(self, at: int, n: int, run: _Pass) -> memoryview | None:
         """Bytes ``[at, at + n)`` in a buffer no one else uses now (None: stopped)."""
         since = time.monotonic()
         with _FREED:
             while True:
-                if stop.is_set():
+                if run.stop.is_set():
                     return None
                 slot = next((s for s in _SLOTS if s.unused()), None)
                 if slot is None and len(_SLOTS) < _RING_SLOTS:
@@ -338,12 +360,25 @@ class Pulled(Sequence[memoryview]):
                     # Ours from here: a view of it exists before the lock is let go.
                     view = memoryview(slot.buf)[:n]
                     break
-                # Every buffer is being written or hashed: one is let go of soon (a
-                # view dropped by its writer notifies no one: look again soon). If the
-                # reader has had every piece read so far and still holds every buffer
-                # (it keeps views: a join), this piece gets a buffer of its own.
-                if starved() and time.monotonic() - since >= _PATIENCE:
-                    return self._peer.fresh(at, n)
+                # Every buffer is being written or hashed: one is let go of soon. If the
+                # reader has had every piece read so far and still holds every buffer,
+                # it keeps views: this piece gets a buffer of its own.
+                if run.ready.empty() and (
+                        run.starved or time.monotonic() - since >= _PATIENCE):
+                    run.starved = True
+                    break
                 _FREED.wait(_POLL)
-        self._peer.read_into(slot.addr, at, n)
+        if slot is None:
+            return self._peer.fresh(at, n)
+        self._peer.read_into(view, at)
         return view
+
+
+def is_refused(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it wraps) says the memory cannot be read there."""
+    while exc is not None:
+        if isinstance(exc, PullRefused):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+

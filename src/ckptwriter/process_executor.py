@@ -102,13 +102,12 @@ class ProcessExecutor:
     kind = "process"
 
     def __init__(self, location: str, options: WriterOptions) -> None:
-        # Bytes the writer process reads back from our memory if it can (the probe).
-        self._probe = os.urandom(32) if memory_pull.available() else b""
-        probe_at = memory_pull.addresses([self._probe])[0][0] if self._probe else 0
-        self._open_msg = wire.encode(
-            wire.OpenRequest(os.fsencode(location), options.to_wire(), os.getpid(),
-                             uuid.uuid4().hex, probe_at, self._probe)
-        )
+        # The open message's parts; its pid and probe are taken at each start, in the
+        # process that starts the writer process (a fork of the one that made us).
+        self._location, self._wire_options = os.fsencode(location), options.to_wire()
+        # Kept across writer-process restarts (object-storage lock).
+        self._lock_token = uuid.uuid4().hex
+        self._probe = b""
         self._can_pull = False
         # The bytes a writer process is reading from our memory: alive until it answered
         # or exited, whatever happens to the call that lent them.
@@ -145,6 +144,7 @@ class ProcessExecutor:
         # one its replies are awaited on.
         rfd, wfd = os.pipe()
         out_r, out_w = os.pipe()
+        mem_fd: int | None = None
         try:
             try:
                 fcntl.fcntl(wfd, _F_SETPIPE_SZ, _PIPE_BYTES)
@@ -154,9 +154,10 @@ class ProcessExecutor:
             # Shielded: a cancelled start must still see (and stop) the process it made.
             # Its own limiter: an application that fills anyio's shared default of 40
             # threads must not delay the writer's start.
+            mem_fd = memory_pull.open_own_memory()
             with anyio.CancelScope(shield=True):
                 popen = await anyio.to_thread.run_sync(
-                    spawn, rfd, out_w, limiter=anyio.CapacityLimiter(1))
+                    spawn, rfd, out_w, mem_fd, limiter=anyio.CapacityLimiter(1))
         except BaseException:
             os.close(wfd)
             os.close(out_r)
@@ -164,15 +165,21 @@ class ProcessExecutor:
         finally:
             os.close(rfd)
             os.close(out_w)
+            if mem_fd is not None:
+                os.close(mem_fd)  # the child has its own
         self._wfd = wfd
         self._proc = Child(popen, out_r)
         _LIVE.add(self)
         self._base = None
         self._can_pull = False
+        # Bytes the writer process reads back through the handle if it can (the probe).
+        self._probe = os.urandom(32) if mem_fd is not None else b""
+        probe_at = memory_pull.addresses([self._probe])[0][0] if self._probe else 0
+        opening = wire.OpenRequest(self._location, self._wire_options, os.getpid(),
+                                   self._lock_token, -1 if mem_fd is None else mem_fd,
+                                   probe_at, self._probe)
         try:
-            if self._probe:
-                memory_pull.allow_reader(popen.pid)
-            write_all(wfd, [memoryview(self._open_msg)])
+            write_all(wfd, [memoryview(wire.encode(opening))])
             reply = await self._receive(_OPEN_REPLY)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -200,14 +207,20 @@ class ProcessExecutor:
             # A new process holds nothing of the last one's files.
             self._hints_for, self._log_bases, self._state_kept = self._proc, {}, {}
         try:
-            reply = await self._exchange(snap, full=False)
-            if reply.cannot_pull:
-                log.info("the checkpoint writer process may not read this process's memory "
-                         "(ptrace restrictions): large checkpoints go through shared memory")
-                self._can_pull = False
-                reply = await self._exchange(snap, full=False)
-            if reply.resend_full:
-                reply = await self._exchange(snap, full=True)
+            full = False
+            reply = await self._exchange(snap, full=full)
+            # Each at most once: the whole memory (the previous file cannot be extended),
+            # and another way than reading our memory (it was refused).
+            for _ in range(2):
+                if reply.cannot_pull and self._can_pull:
+                    log.info("the checkpoint writer process cannot read this process's "
+                             "memory: large checkpoints go through shared memory")
+                    self._can_pull = False
+                elif reply.resend_full and not full:
+                    full = True
+                else:
+                    break
+                reply = await self._exchange(snap, full=full)
         except _PIPE_ERRORS as exc:
             code = await self._stop()
             raise StorageError(

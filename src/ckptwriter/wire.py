@@ -85,8 +85,10 @@ class OpenRequest(msgspec.Struct, frozen=True):
     owner_pid: int
     # Kept by the training process across writer-process restarts (object-storage lock).
     lock_token: str
-    # Bytes at this address of the training process: the writer process tries to read
-    # them there (``memory_pull``) and says whether it could.
+    # The training process's /proc/self/mem, inherited at this fd number, and bytes at
+    # an address of it: the writer process tries to read them there (``memory_pull``)
+    # and says whether it could.
+    mem_fd: int = -1
     probe_address: int = 0
     probe: bytes = b""
 
@@ -129,7 +131,7 @@ class CommitRequest(msgspec.Struct, frozen=True):
     payload: int
     delta_file: str | None = None
     delta_bytes: int = 0
-    # Or where the payload's bytes are in the training process, to be read from there.
+    # Or where the ``delta_bytes`` bytes are in the training process, to be read there.
     pull: list[tuple[int, int]] | None = None
     logs: dict[str, LogDelta] = {}
     state: dict[str, StateRef] = {}

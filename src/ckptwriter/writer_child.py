@@ -52,14 +52,16 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def spawn(stdin: int, stdout: int) -> subprocess.Popen[bytes]:
-    """Start the child with the group signals blocked (run in a worker thread)."""
+def spawn(stdin: int, stdout: int, keep: int | None = None) -> subprocess.Popen[bytes]:
+    """Start the child with the group signals blocked (run in a worker thread), with
+    the fd ``keep`` inherited at the same number."""
     # Only this worker thread's mask changes: a signal arriving meanwhile goes to the
     # main thread, whose handlers the parent's stop relies on.
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
     try:
         return subprocess.Popen([sys.executable, "-c", _CHILD_CODE, _PKG_ROOT],
-                                stdin=stdin, stdout=stdout, stderr=None)
+                                stdin=stdin, stdout=stdout, stderr=None,
+                                pass_fds=() if keep is None else (keep,))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 

@@ -198,24 +198,24 @@ def _open(req: wire.OpenRequest) -> CommitPipeline:
     return CommitPipeline(backend, options.policy, options.protect, mode=options.mode)
 
 
-def _can_pull(req: wire.OpenRequest) -> bool:
-    """Whether the parent's probe reads back from its memory (see ``memory_pull``)."""
-    if not req.probe or not memory_pull.available():
-        return False
-    try:
-        peer = PeerMemory(req.owner_pid, [(req.probe_address, len(req.probe))])
-        return peer.read(0, len(req.probe)) == req.probe
-    except (OSError, ValueError):
-        return False
-
-
-def _refused(exc: BaseException | None) -> bool:
-    """Whether reading the parent's memory was refused, however the error was wrapped."""
-    while exc is not None:
-        if isinstance(exc, memory_pull.PullRefused):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+def _puller(req: wire.OpenRequest) -> dict[str, int] | None:
+    """How to read the parent's memory, if its probe reads back (see ``memory_pull``):
+    directly (``parent``), else through the handle it passed (``fd``); None: neither."""
+    if not req.probe:
+        return None
+    ways: list[dict[str, int]] = []
+    if req.owner_pid == os.getppid():
+        ways.append({"parent": req.owner_pid})
+    if req.mem_fd >= 0:
+        ways.append({"fd": req.mem_fd})
+    for way in ways:
+        try:
+            peer = PeerMemory([(req.probe_address, len(req.probe))], **way)
+            if peer.read(0, len(req.probe)) == req.probe:
+                return way
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> int:
@@ -229,9 +229,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
     except Exception as exc:
         _reply(out, wire.OpenReply(error=wire.WireError.of(exc)))
         return 0
-    can_pull = _can_pull(opening)
+    puller = _puller(opening)
     _reply(out, wire.OpenReply([(r.name, r.episode_index, r.val_score) for r in records],
-                               can_pull=can_pull))
+                               can_pull=puller is not None))
     try:
         while True:
             req = _read_frame(inp, _COMMIT)
@@ -248,7 +248,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 try:
                     peer = None
                     if req.pull is not None:
-                        peer = PeerMemory(opening.owner_pid, req.pull)
+                        peer = PeerMemory(req.pull, **(puller or {"fd": -1}))
                     elif req.delta_file is not None:
                         with open(req.delta_file, "rb") as f:
                             delta = mmap.mmap(f.fileno(), req.delta_bytes,
@@ -267,7 +267,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 _reply(out, wire.CommitReply(resend_full=True))
                 continue
             except Exception as exc:
-                if _refused(exc):
+                if memory_pull.is_refused(exc):
                     _reply(out, wire.CommitReply(cannot_pull=True))
                 else:
                     _reply(out, wire.CommitReply(error=wire.WireError.of(exc)))

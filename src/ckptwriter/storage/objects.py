@@ -75,7 +75,10 @@ class PutItem:
     @property
     def nbytes(self) -> int:
         """Bytes uploaded from this process (the copied prefix is not counted)."""
-        return sum(len(p) for p in self.parts)
+        # Parts still arriving, or read from the training process, know their size
+        # without being read.
+        size = getattr(self.parts, "nbytes", None)
+        return size if isinstance(size, int) else sum(len(p) for p in self.parts)
 
 
 class PutConflict(FileExistsError):

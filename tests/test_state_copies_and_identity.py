@@ -313,7 +313,7 @@ async def test_big_frame_and_big_payload_go_through_the_process(
     loop's memory by the writer process, or (where it cannot) the memfd path."""
     if hand_over == "memfd":
         from ckptwriter import memory_pull
-        monkeypatch.setattr(memory_pull, "open_own_memory", lambda: None)
+        monkeypatch.setattr(memory_pull, "supported", lambda: False)
     mem = MemoryLog([Observation(content="x" * 3_000_000)])
     async with CheckpointWriter(tmp_path, executor="process", fsync=False) as w:
         await (await w.submit(_snap(1, mem, extra_files={"opt.bin": b"\x01" * (2 << 20)}))

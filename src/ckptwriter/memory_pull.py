@@ -38,14 +38,20 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
-__all__ = ["PeerMemory", "PullRefused", "addresses", "is_refused", "open_own_memory"]
+__all__ = ["PeerMemory", "PullRefused", "addresses", "is_refused", "open_own_memory",
+           "supported"]
 
 # The pieces a hand-over is read, written and hashed in: small enough that a few of
 # them stay in the CPU's last-level cache between the writer thread and the hasher.
 PIECE_BYTES = 2 * 1024 * 1024
-# Buffers kept in the writer process between hand-overs (16 MiB; a new one costs its
+# Buffers kept in the writer process between hand-overs (24 MiB; a new one costs its
 # first touch): the read-ahead waits for one to be let go of by the writer and hasher.
-_RING_SLOTS = 8
+# Room for a writer's batch (8 MiB), the pieces waiting for the hasher and the one it
+# hashes, and the one being read.
+_RING_SLOTS = 12
+# Pieces that may wait for the hasher: the writer waits for it beyond, so a hasher
+# slower than the disk paces the write instead of holding ever more buffers.
+_HASH_BACKLOG = 3
 # How long the read-ahead waits for a buffer once the reader has had every piece read
 # so far (it keeps their views: a join, an upload) before it reads the next into one of
 # its own, and from then on for that reader it does not wait; and how often it looks
@@ -74,9 +80,15 @@ _RELEASE_BUFFER = ctypes.pythonapi.PyBuffer_Release
 _RELEASE_BUFFER.argtypes = [ctypes.POINTER(_PyBuffer)]
 
 
+def supported() -> bool:
+    """Whether a writer process may read this one's memory here at all (Linux, CPython);
+    the probe at its open still decides whether it can."""
+    return sys.platform == "linux" and sys.implementation.name == "cpython"
+
+
 def open_own_memory() -> int | None:
     """A read-only handle on this process's memory, or None where there is none."""
-    if sys.platform != "linux" or sys.implementation.name != "cpython":
+    if not supported():
         return None
     try:
         return os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
@@ -100,6 +112,8 @@ def _process_vm_readv() -> Any:
 
 
 _READV = _process_vm_readv() if sys.platform == "linux" else None
+# Linux caps the iovecs of one process_vm_readv (IOV_MAX).
+_IOV_MAX = 1024
 
 
 def addresses(views: Sequence[memoryview | bytes]) -> list[tuple[int, int]]:
@@ -125,18 +139,34 @@ def addresses(views: Sequence[memoryview | bytes]) -> list[tuple[int, int]]:
     return out
 
 
+def _gone() -> OSError:
+    return OSError("the training process exited while its bytes were read")
+
+
 class PeerMemory:
     """``total`` bytes of the parent process at ``ranges`` (address, length), read
     directly when ``parent`` is its pid, else through ``fd`` (its ``/proc/self/mem``)."""
 
     def __init__(self, ranges: Sequence[tuple[int, int]], *, fd: int = -1,
-                 parent: int = 0) -> None:
-        self._fd, self._parent = fd, parent
+                 parent: int = 0, check: tuple[int, bytes] | None = None) -> None:
+        self._fd, self._parent, self._check = fd, parent, check
         self._ranges = [(int(a), int(n)) for a, n in ranges]
         self._starts = [0]
         for _, n in self._ranges:
             self._starts.append(self._starts[-1] + n)
         self.total = self._starts[-1]
+
+    def _segments(self, at: int, n: int) -> list[tuple[int, int]]:
+        """(address, length) in the other process of bytes ``[at, at + n)``."""
+        i = bisect.bisect_right(self._starts, at) - 1
+        out = []
+        while n > 0:
+            addr, size = self._ranges[i]
+            off = at - self._starts[i]
+            take = min(size - off, n)
+            out.append((addr + off, take))
+            at, n, i = at + take, n - take, i + 1
+        return out
 
     def read_into(self, dest: memoryview, at: int) -> None:
         """Fill ``dest`` with bytes ``[at, at + len(dest))``.
@@ -148,41 +178,52 @@ class PeerMemory:
         n = len(dest)
         if at < 0 or at + n > self.total:
             raise ValueError(f"bytes {at}..{at + n} of a hand-over of {self.total}")
-        i = bisect.bisect_right(self._starts, at) - 1
-        done = 0
-        while done < n:
-            addr, size = self._ranges[i]
-            off = at + done - self._starts[i]
-            take = min(size - off, n - done)
-            part = dest[done:done + take]
-            while len(part):
-                got = self._read_some(part, addr + off)
-                part, off = part[got:], off + got
-            done += take
-            i += 1
-
-    def _read_some(self, part: memoryview, addr: int) -> int:
+        segments = self._segments(at, n)
         if self._parent and _READV is not None:
-            local = _Iovec(addresses([part])[0][0], len(part))
-            remote = _Iovec(addr, len(part))
-            got = int(_READV(self._parent, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
-            err = ctypes.get_errno() if got < 0 else 0
-            if os.getppid() != self._parent or err == errno.ESRCH:
-                # Re-parented: it exited (its pid may be another process's by now).
-                raise OSError("the training process exited while its bytes were read")
-            if err:
-                raise PullRefused(err, f"reading the training process's bytes: "
-                                  f"{os.strerror(err)}")
-        else:
-            try:
-                got = os.preadv(self._fd, [part], addr)
-            except OSError as exc:
-                raise PullRefused(exc.errno, "reading the training process's bytes: "
-                                  f"{exc.strerror}") from exc
-        if got <= 0:
-            # Its memory is gone with it: a read returns nothing, never others' bytes.
-            raise OSError("the training process exited while its bytes were read")
-        return got
+            for k in range(0, len(segments), _IOV_MAX - 1):
+                some = segments[k:k + _IOV_MAX - 1]
+                size = sum(m for _, m in some)
+                self._read_direct(dest[:size], some)
+                dest = dest[size:]
+            return
+        for addr, size in segments:
+            part = dest[:size]
+            while len(part):
+                try:
+                    got = os.preadv(self._fd, [part], addr)
+                except OSError as exc:
+                    raise PullRefused(exc.errno, "reading the training process's bytes: "
+                                      f"{exc.strerror}") from exc
+                if got <= 0:
+                    # Its memory is gone with it: a read returns nothing, never others'.
+                    raise _gone()
+                part, addr = part[got:], addr + got
+            dest = dest[size:]
+
+    def _read_direct(self, dest: memoryview, segments: list[tuple[int, int]]) -> None:
+        """One ``process_vm_readv`` of ``segments`` into ``dest``, and of the probe's
+        bytes beside them: still the probe's, so still the training process's memory
+        (not a process that took its pid, nor a program it exec'd)."""
+        assert _READV is not None
+        check_at, want = self._check if self._check is not None else (0, b"")
+        seen = bytearray(len(want))
+        remote = (_Iovec * (len(segments) + 1))(
+            *[_Iovec(a, m) for a, m in segments], _Iovec(check_at, len(want)))
+        local = (_Iovec * 2)(_Iovec(addresses([dest])[0][0], len(dest)),
+                             _Iovec(addresses([memoryview(seen)])[0][0] if want else 0,
+                                    len(want)))
+        total = len(dest) + len(want)
+        got = int(_READV(self._parent, local, 2, remote, len(segments) + (1 if want else 0),
+                         0))
+        err = ctypes.get_errno() if got < 0 else 0
+        if os.getppid() != self._parent or err == errno.ESRCH:
+            raise _gone()  # re-parented: it exited (its pid may be another's by now)
+        if err:
+            raise PullRefused(err, f"reading the training process's bytes: {os.strerror(err)}")
+        if got != total or seen != want:
+            # A range that ended early, or other bytes where the probe was: not the
+            # memory the frame named (an exec); nothing of it is used.
+            raise _gone()
 
     def read(self, at: int, n: int) -> bytes:
         """A copy of bytes ``[at, at + n)``."""
@@ -242,7 +283,7 @@ class Pulled(Sequence[memoryview]):
         self._sha: Any = None
         self._hashed = 0  # bytes the hashing thread has had, in order
         self._hasher: threading.Thread | None = None
-        self._feed: queue.SimpleQueue[memoryview | None] | None = None
+        self._feed: queue.Queue[memoryview | None] | None = None
 
     def __len__(self) -> int:
         return -(-self.nbytes // PIECE_BYTES)
@@ -286,7 +327,7 @@ class Pulled(Sequence[memoryview]):
         # The iteration's end sends the hasher its stop; an iterator still held
         # somewhere (never finished, never collected) must not keep it waiting.
         if self._feed is not None:
-            self._feed.put(None)
+            _stop_hasher(self._feed, self._hasher)
             self._feed = None
         if self._hasher is not None:
             self._hasher.join()
@@ -295,7 +336,7 @@ class Pulled(Sequence[memoryview]):
     def __iter__(self) -> Iterator[memoryview]:
         feed = None
         if self._sha is not None and self._hasher is None and not self._hashed:
-            feed = self._feed = queue.SimpleQueue()
+            feed = self._feed = queue.Queue(_HASH_BACKLOG)
             self._hasher = threading.Thread(target=self._hash, args=(self._sha, feed),
                                             name="ckptwriter-hash-pulled", daemon=True)
             self._hasher.start()
@@ -316,7 +357,7 @@ class Pulled(Sequence[memoryview]):
                 del view
         finally:
             if feed is not None:
-                feed.put(None)
+                _stop_hasher(feed, self._hasher)
             run.stop.set()
             with _FREED:
                 _FREED.notify_all()
@@ -325,7 +366,7 @@ class Pulled(Sequence[memoryview]):
             if threading.current_thread() is not reader:
                 reader.join()
 
-    def _hash(self, sha: Any, feed: queue.SimpleQueue[memoryview | None]) -> None:
+    def _hash(self, sha: Any, feed: queue.Queue[memoryview | None]) -> None:
         while (view := feed.get()) is not None:
             if self._sha is not None:  # not abandoned
                 sha.update(view)
@@ -374,11 +415,25 @@ class Pulled(Sequence[memoryview]):
         return view
 
 
+def _stop_hasher(feed: queue.Queue[memoryview | None],
+                 hasher: threading.Thread | None) -> None:
+    """Send the hasher its stop; it takes each piece in turn, so the queue has room soon
+    while it lives (a hasher that is gone needs no stop)."""
+    while hasher is not None and hasher.is_alive():
+        try:
+            feed.put(None, timeout=_POLL)
+            return
+        except queue.Full:
+            continue
+
+
 def is_refused(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or what it wraps) says the memory cannot be read there."""
-    while exc is not None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
         if isinstance(exc, PullRefused):
             return True
+        seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
 

@@ -140,8 +140,8 @@ class ProcessExecutor:
                 "forked child cannot write through it: open a new CheckpointWriter here"
             )
         # Our own pipes for the child's stdin and stdout: a blocking fd the loop writes
-        # small frames to directly (large deltas go through a memfd), and a non-blocking
-        # one its replies are awaited on.
+        # small frames to directly (a large delta is read from our memory by the child,
+        # or goes through a memfd), and a non-blocking one its replies are awaited on.
         rfd, wfd = os.pipe()
         out_r, out_w = os.pipe()
         mem_fd: int | None = None
@@ -173,7 +173,7 @@ class ProcessExecutor:
         self._base = None
         self._can_pull = False
         # Bytes the writer process reads back through the handle if it can (the probe).
-        self._probe = os.urandom(32) if mem_fd is not None else b""
+        self._probe = os.urandom(32) if memory_pull.supported() else b""
         probe_at = memory_pull.addresses([self._probe])[0][0] if self._probe else 0
         opening = wire.OpenRequest(self._location, self._wire_options, os.getpid(),
                                    self._lock_token, -1 if mem_fd is None else mem_fd,

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import msgspec
@@ -198,24 +198,31 @@ def _open(req: wire.OpenRequest) -> CommitPipeline:
     return CommitPipeline(backend, options.policy, options.protect, mode=options.mode)
 
 
-def _puller(req: wire.OpenRequest) -> dict[str, int] | None:
+def _puller(req: wire.OpenRequest) -> Callable[[list[tuple[int, int]]], PeerMemory] | None:
     """How to read the parent's memory, if its probe reads back (see ``memory_pull``):
-    directly (``parent``), else through the handle it passed (``fd``); None: neither."""
+    directly, else through the handle it passed; None: neither works here."""
+    if req.mem_fd >= 0:
+        # Ours alone: no process this one starts may inherit the training process's memory.
+        os.set_inheritable(req.mem_fd, False)
     if not req.probe:
         return None
-    ways: list[dict[str, int]] = []
+    check = (req.probe_address, req.probe)
+    ways: list[Callable[[list[tuple[int, int]]], PeerMemory]] = []
     if req.owner_pid == os.getppid():
-        ways.append({"parent": req.owner_pid})
+        ways.append(lambda r: PeerMemory(r, parent=req.owner_pid, check=check))
     if req.mem_fd >= 0:
-        ways.append({"fd": req.mem_fd})
+        ways.append(lambda r: PeerMemory(r, fd=req.mem_fd))
     for way in ways:
         try:
-            peer = PeerMemory([(req.probe_address, len(req.probe))], **way)
-            if peer.read(0, len(req.probe)) == req.probe:
-                return way
+            if way([(req.probe_address, len(req.probe))]).read(0, len(req.probe)) == req.probe:
+                break
         except (OSError, ValueError):
             continue
-    return None
+    else:
+        way = None
+    if req.mem_fd >= 0 and (way is None or way is not ways[-1]):
+        os.close(req.mem_fd)  # not the way taken: the handle is not kept
+    return way
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> int:
@@ -248,7 +255,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 try:
                     peer = None
                     if req.pull is not None:
-                        peer = PeerMemory(req.pull, **(puller or {"fd": -1}))
+                        peer = (puller or (lambda r: PeerMemory(r)))(req.pull)
                     elif req.delta_file is not None:
                         with open(req.delta_file, "rb") as f:
                             delta = mmap.mmap(f.fileno(), req.delta_bytes,

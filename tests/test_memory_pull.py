@@ -32,6 +32,7 @@ from ckptwriter import (
     verify_checkpoint,
 )
 from ckptwriter import process_executor as pe
+from ckptwriter.memory_pieces import Pulled
 from ckptwriter.options import WriterOptions
 from conftest import add_episode, snapshot
 
@@ -158,9 +159,10 @@ async def test_cancelled_while_the_writer_process_reads_keeps_the_pipe_in_step(
 _PEER_READER = textwrap.dedent("""
     import hashlib, json, os, sys, threading
     from ckptwriter import memory_pull as mp
+    from ckptwriter.memory_pieces import Pulled
     fd, ranges, what, how = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
     peer = mp.PeerMemory(ranges, **({"fd": fd} if how == "fd" else {"parent": os.getppid()}))
-    views = peer.views(3, peer.total - 3)
+    views = Pulled(peer, 3, peer.total - 3)
     out = {}
     if what == "write-and-hash":
         sha = hashlib.sha256()
@@ -275,7 +277,7 @@ def test_a_gone_process_is_an_error_never_bytes() -> None:
         with pytest.raises(OSError, match="exited"):
             peer.read(0, 10)
         with pytest.raises(OSError, match="exited"):
-            for _ in peer.views(0, 9 << 20):
+            for _ in Pulled(peer, 0, 9 << 20):
                 pass
     finally:
         os.close(fd)
@@ -556,8 +558,7 @@ def test_a_hasher_slower_than_the_write_paces_it_in_the_buffers_kept(
 
     monkeypatch.setattr(memory_pull.PeerMemory, "fresh", counting)
     try:
-        pulled = memory_pull.PeerMemory(memory_pull.addresses(data), fd=fd).views(
-            0, 32 << 20)
+        pulled = Pulled(memory_pull.PeerMemory(memory_pull.addresses(data), fd=fd), 0, 32 << 20)
         # 40 ms a piece: longer than the read-ahead waits before it gives up on a buffer.
         sha = _SlowSha(50e6)
         pulled.hash_along(sha)

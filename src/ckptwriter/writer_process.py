@@ -28,6 +28,7 @@ from . import memory_pull, wire
 from .agent_state import StateItem
 from .commit import CommitPipeline
 from .memory import MemoryCapture, NeedFullMemory
+from .memory_pieces import Pulled
 from .memory_pull import PeerMemory
 from .options import WriterOptions
 from .snapshot import CapturedSnapshot
@@ -130,7 +131,7 @@ def _capture(log_id: str, entries: int, nbytes: int, base: int, delta: memoryvie
     if peer is not None:
         # Nothing here yet: each reader reads the bytes from the parent as it goes.
         def pulled(start: int) -> Sequence[memoryview]:
-            return peer.views(at + start - base, nbytes - start)
+            return Pulled(peer, at + start - base, nbytes - start)
 
         return MemoryCapture(log_id=log_id, entries=entries, nbytes=nbytes, chunks=[],
                              chunk_ends=[], n_chunks=0, base=base, pulled=pulled)

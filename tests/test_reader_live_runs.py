@@ -21,6 +21,7 @@ from ckptwriter import (
     MemoryLog,
     SyncCheckpointWriter,
     list_checkpoints,
+    load_checkpoint,
     verify_checkpoint,
 )
 from ckptwriter.cli import main as cli
@@ -221,3 +222,15 @@ def test_a_listing_lapped_by_retention_is_taken_again(
     monkeypatch.setattr(LocalStore, "sizes", lapping)
     assert [(i.name, i.complete) for i in list_checkpoints(root)] == [("ep_000003", True)]
     assert lapped == [True]
+
+
+@pytest.mark.parametrize("kind", LIVE_BACKENDS)
+def test_verify_checkpoint_of_a_checkpoints_directory_verifies_its_latest(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    """A checkpoints directory means its latest, as for load_checkpoint (it said
+    "runtime.json: missing" of a healthy directory)."""
+    root = make_backend(kind, tmp_path, request).url
+    _two_scored(root)
+    assert verify_checkpoint(root).episode_index == 2
+    assert load_checkpoint(root).runtime.episode_index == 2

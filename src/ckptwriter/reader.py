@@ -314,7 +314,8 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
 
     ``path`` is a checkpoint directory, or ``latest``, ``latest.json``, ``best`` or
     ``best.json``: the checkpoint the pointer names (by the readers' rules, on every
-    backend, never a fallback: a broken one is reported). A live writer never makes it
+    backend, never a fallback: a broken one is reported); a checkpoints directory means
+    its ``latest``, as for :func:`load_checkpoint`. A live writer never makes it
     fail: a pointer that moves, or a checkpoint re-committed mid-read, is read again.
 
     Returns:
@@ -334,6 +335,11 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
     def verify() -> RuntimeManifest:
         ckpt = followed(store, where)
         named = _named_pointer(store, where) or _named_pointer(store, ckpt)
+        children = store.listdir(ckpt) if named is None else None
+        if children is not None and layout.RUNTIME_JSON not in children \
+                and layout.parse_checkpoint_name(name_of(ckpt)) is None \
+                and holds_checkpoints(children):
+            named = (ckpt, "latest")  # a checkpoints directory: its latest
         if named is not None:
             return _through_latest(store, named[0], os.fspath(path), check, named[1],
                                    fallback=False)

@@ -76,3 +76,43 @@ def test_writer_process_exit_skips_teardown_after_flushing(
     with pytest.raises(_Flushed):
         writer_process.run()
     assert calls == [0]
+
+
+
+@pytest.mark.parametrize("executor", ["process", "thread"])
+def test_a_task_cancelled_while_its_writer_drains_leaves_no_writer(
+    tmp_path: Path, executor: str
+) -> None:
+    """asyncio's own task.cancel() while `async with CheckpointWriter` drains a large
+    commit (an anyio shield does not hold it off): the block still waits for the
+    writer, so no writer is left committing with the lock (a reopen at once got
+    DirectoryLockedError), and the commit lands whole."""
+    import asyncio
+    import contextlib
+
+    mem = MemoryLog()
+    while mem.nbytes < 60 << 20:
+        mem.append(Observation(content=f"m{mem.nbytes}" * 700))
+    before = _children()
+
+    async def main() -> None:
+        submitted = asyncio.Event()
+
+        async def train() -> None:
+            async with CheckpointWriter(tmp_path, executor=executor, fsync=False) as w:
+                await w.submit(Snapshot(1, 1, "A", mem))
+                submitted.set()
+
+        task = asyncio.create_task(train())
+        await submitted.wait()
+        await asyncio.sleep(0.01)  # inside the drain
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert _children() <= before
+        async with CheckpointWriter(tmp_path, executor=executor, fsync=False):
+            pass
+
+    asyncio.run(main())
+    for ck in tmp_path.glob("ep_*"):
+        assert load_checkpoint(ck).memory.to_jsonl() == mem.to_jsonl()

@@ -346,11 +346,14 @@ class ProcessExecutor:
         if proc is None:
             return None
         try:
-            with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
-                await proc.wait()
-            if scope.cancelled_caught:
-                proc.kill()
-                await proc.wait()
+            # Shielded: a cancelled close still waits for the process (which finishes
+            # the commit in flight), so none is left holding the directory's lock.
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
+                    await proc.wait()
+                if scope.cancelled_caught:
+                    proc.kill()
+                    await proc.wait()
         finally:
             proc.close()
         self._lent = None  # it is gone: it reads nothing more

@@ -92,8 +92,8 @@ class CheckpointWriter:
         ConfigError: an invalid option or strategy/keep_last combination.
 
     Cancellation:
-        Cancelling the enclosing scope stops the writer after the commit in progress
-        (a commit is never left half-done; its temp directory is cleaned on failure).
+        Cancelling the enclosing scope (or asyncio's ``task.cancel()``) stops the writer
+        after the commit in progress, before the block is left (never half-done).
     """
 
     def __init__(
@@ -189,7 +189,7 @@ class CheckpointWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        await self._close(exc_type, exc, tb)
+        await self._close(exc)
         if exc is None:
             self._raise_if_failed()
         return None
@@ -200,13 +200,10 @@ class CheckpointWriter:
         Raises:
             WriterFailedError: a checkpoint failed and was not reported yet.
         """
-        await self._close(None, None, None)
+        await self._close(None)
         self._raise_if_failed()
 
-    async def _close(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _close(self, exc: BaseException | None) -> None:
         if self._state is not _State.OPEN:
             return
         self._state = _State.CLOSING
@@ -216,18 +213,26 @@ class CheckpointWriter:
         assert self._tg is not None
         self._send.close()
         # Drain on normal exit and on an ordinary exception from the body, so progress
-        # made before a crash in the training code is still saved. Cancellation skips it.
-        if exc is None or isinstance(exc, Exception):
-            with anyio.CancelScope(shield=True):
-                await self._done.wait()
-        else:
+        # made before a crash in the training code is still saved. Cancellation skips it
+        # (asyncio's task.cancel() too, mid-drain); the writer still stops before this.
+        cut: BaseException | None = None
+        try:
+            if exc is None or isinstance(exc, Exception):
+                with anyio.CancelScope(shield=True):
+                    await self._done.wait()
+            else:
+                self._tg.cancel_scope.cancel()
+        except BaseException as cancelled:
             self._tg.cancel_scope.cancel()
+            cut = cancelled
         try:
             # The body's exception is not passed in: the task group would wrap it in an
             # ExceptionGroup, and the caller should see its own exception unchanged.
             await self._stack.__aexit__(None, None, None)
         finally:
             self._state = _State.CLOSED
+        if cut is not None:
+            raise cut
 
     def _raise_if_failed(self) -> None:
         # Only on_error="raise" records an error, and it stays: every later call raises.
@@ -351,12 +356,9 @@ class CheckpointWriter:
 
     # -- the writer task -------------------------------------------------------------
 
-    async def _run(
-        self,
-        recv: MemoryObjectReceiveStream[Job],
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def _run(self, recv: MemoryObjectReceiveStream[Job], *,
+                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+                   ) -> None:
         assert self._done is not None
         try:
             task_status.started()
@@ -370,9 +372,8 @@ class CheckpointWriter:
         finally:
             # A cancelled writer stops with snapshots still queued: their handles fail
             # (and flush returns) instead of leaving waiters blocked forever.
-            dropped = WriterClosedError(
-                "the writer was cancelled before this checkpoint was written"
-            )
+            dropped = WriterClosedError("the writer was cancelled before this checkpoint "
+                                        "was written")
             while self._queued:
                 job = self._queued.popleft()
                 self._c.failed += 1

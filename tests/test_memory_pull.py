@@ -19,7 +19,6 @@ import textwrap
 from pathlib import Path
 
 import anyio
-import anyio.lowlevel
 import pytest
 
 from _s3_util import BUCKET, s3_endpoint  # noqa: F401
@@ -602,4 +601,3 @@ def test_a_direct_reader_never_reads_a_process_that_is_not_its_parent() -> None:
                 peer.read(0, 4096)
         finally:
             holder.stdin.close()
-

@@ -234,3 +234,19 @@ def test_verify_checkpoint_of_a_checkpoints_directory_verifies_its_latest(
     _two_scored(root)
     assert verify_checkpoint(root).episode_index == 2
     assert load_checkpoint(root).runtime.episode_index == 2
+
+
+def test_verify_checkpoint_reads_run_directories_as_load_checkpoint_does(
+    tmp_path: Path,
+) -> None:
+    """A run directory and outputs/<run_name> name their latest (never a fallback); an
+    empty directory is not found, not a broken checkpoint."""
+    run = tmp_path / "outputs" / "myrun" / "20260101_000000"
+    _two_scored(str(run / "checkpoints"))
+    (run / "config.yaml").write_text("runtime: {}\n")
+    for where in (run, run.parent):
+        assert verify_checkpoint(where).episode_index == 2
+        assert load_checkpoint(where).runtime.episode_index == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointNotFoundError):
+        verify_checkpoint(tmp_path / "empty")

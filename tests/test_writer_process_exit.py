@@ -114,5 +114,5 @@ def test_a_task_cancelled_while_its_writer_drains_leaves_no_writer(
             pass
 
     asyncio.run(main())
-    for ck in tmp_path.glob("ep_*"):
-        assert load_checkpoint(ck).memory.to_jsonl() == mem.to_jsonl()
+    assert [p.name for p in tmp_path.glob("ep_*")] == ["ep_000001"]  # landed whole
+    assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()

@@ -346,8 +346,9 @@ class ProcessExecutor:
         if proc is None:
             return None
         try:
-            # Shielded: a cancelled close still waits for the process (which finishes
-            # the commit in flight), so none is left holding the directory's lock.
+            # Shielded (every caller shields it too): a cancelled close still waits for
+            # the process, which finishes the commit in flight, so none is left holding
+            # the directory's lock.
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
                     await proc.wait()

@@ -246,12 +246,14 @@ def _named_pointer(store: ReadStore, path: str) -> tuple[str, str] | None:
     return None
 
 
-def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> _T:
+def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T], *,
+             fallback: bool = True) -> _T:
     """Open the checkpoint ``path`` names: a checkpoint, ``latest``, ``latest.json`` (or
     ``best``, ``best.json``), a checkpoints directory, a run directory, or
-    ``outputs/<run_name>`` (its newest run)."""
+    ``outputs/<run_name>`` (its newest run); ``fallback``: as :func:`_through_latest`."""
     if (named := _named_pointer(store, path)) is not None:
-        return _through_latest(store, named[0], shown, open_one, named[1])
+        return _through_latest(store, named[0], shown, open_one, named[1],
+                               fallback=fallback)
     path = followed(store, path)
     name = name_of(path)
     children = store.listdir(path)
@@ -264,17 +266,17 @@ def _resolve(store: ReadStore, path: str, shown: str, open_one: OpenOne[_T]) -> 
                     store.url(path), nearby(store, path), hint=gone.hint
                 ) from None
         if holds_checkpoints(children):
-            return _through_latest(store, path, shown, open_one)
+            return _through_latest(store, path, shown, open_one, fallback=fallback)
         ckpts = run_checkpoints(store, path, children)
         if ckpts is not None:
-            return _through_latest(store, ckpts, shown, open_one)
+            return _through_latest(store, ckpts, shown, open_one, fallback=fallback)
         # outputs/<run_name>: the newest run that has a checkpoint to resume from.
         for run in reversed(timestamped_runs(store, path, children)):
             ckpts = run_checkpoints(store, run)
             if ckpts is None:
                 continue
             try:
-                return _through_latest(store, ckpts, shown, open_one)
+                return _through_latest(store, ckpts, shown, open_one, fallback=fallback)
             except CheckpointNotFoundError:
                 continue  # no valid checkpoint in this run (it died before its first)
     else:
@@ -314,8 +316,10 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
 
     ``path`` is a checkpoint directory, or ``latest``, ``latest.json``, ``best`` or
     ``best.json``: the checkpoint the pointer names (by the readers' rules, on every
-    backend, never a fallback: a broken one is reported); a checkpoints directory means
-    its ``latest``, as for :func:`load_checkpoint`. A live writer never makes it
+    backend, never a fallback: a broken one is reported); a checkpoints directory or a
+    run directory means its ``latest``, ``outputs/<run_name>`` its newest run's, as for
+    :func:`load_checkpoint` but without its fallback (``ckptwriter verify DIR`` checks
+    every checkpoint of a directory instead). A live writer never makes it
     fail: a pointer that moves, or a checkpoint re-committed mid-read, is read again.
 
     Returns:
@@ -335,20 +339,12 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> RuntimeManifest:
     def verify() -> RuntimeManifest:
         ckpt = followed(store, where)
         named = _named_pointer(store, where) or _named_pointer(store, ckpt)
-        children = store.listdir(ckpt) if named is None else None
-        if children is not None and layout.RUNTIME_JSON not in children \
-                and layout.parse_checkpoint_name(name_of(ckpt)) is None \
-                and holds_checkpoints(children):
-            named = (ckpt, "latest")  # a checkpoints directory: its latest
         if named is not None:
             return _through_latest(store, named[0], os.fspath(path), check, named[1],
                                    fallback=False)
-        try:
-            return _open_named(store, ckpt, check)
-        except Gone as gone:
-            raise CheckpointNotFoundError(
-                store.url(ckpt), nearby(store, ckpt), hint=gone.hint
-            ) from None
+        # A checkpoint, or what names one as load_checkpoint reads it (a checkpoints or
+        # run directory: its latest; outputs/<run_name>: its newest run), never a fallback.
+        return _resolve(store, where, os.fspath(path), check, fallback=False)
 
     return guarded(store, where, "verifying", verify)
 

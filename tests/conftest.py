@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +48,26 @@ def snapshot(memory: MemoryLog, ep: int, val_score: float | None = None, **kw: A
         val_score=val_score,
         **kw,
     )
+
+
+def big_memory(mib: int, tag: str = "m") -> MemoryLog:
+    """A memory of at least ``mib`` MiB in ~2 KiB entries whose bytes differ by position."""
+    mem = MemoryLog()
+    while mem.nbytes < mib << 20:
+        mem.append(Observation(content=f"{tag}{mem.nbytes}" * 700))
+    return mem
+
+
+def files_match_their_digests(path: Path) -> dict[str, bytes]:
+    """Every file runtime.json lists, read back, with the size and sha256 it records."""
+    listed = json.loads((path / "runtime.json").read_text())["files"]
+    out = {}
+    for name, entry in listed.items():
+        data = (path / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == \
+            (entry["bytes"], entry["sha256"]), name
+        out[name] = data
+    return out
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -34,7 +34,7 @@ from ckptwriter import (
 from ckptwriter import process_executor as pe
 from ckptwriter.memory_pieces import Pulled
 from ckptwriter.options import WriterOptions
-from conftest import add_episode, snapshot
+from conftest import add_episode, big_memory, files_match_their_digests, snapshot
 
 
 def _own_memory_readable() -> bool:
@@ -50,24 +50,6 @@ pytestmark = pytest.mark.skipif(
     "the memfd hand-over is used, and tested in test_process_handover.py")
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _memory(mib: int, tag: str = "m") -> MemoryLog:
-    mem = MemoryLog()
-    while mem.nbytes < mib << 20:
-        mem.append(Observation(content=f"{tag}{mem.nbytes}" * 700))
-    return mem
-
-
-def _files_match_their_digests(path: Path) -> dict[str, bytes]:
-    listed = json.loads((path / "runtime.json").read_text())["files"]
-    out = {}
-    for name, entry in listed.items():
-        data = (path / name).read_bytes()
-        assert (len(data), hashlib.sha256(data).hexdigest()) == \
-            (entry["bytes"], entry["sha256"]), name
-        out[name] = data
-    return out
 
 
 @pytest.fixture
@@ -90,7 +72,7 @@ async def test_large_hand_over_is_read_from_the_loop_and_byte_identical(
 ) -> None:
     """Memory, a log and state values over many pieces, full then incremental: every
     file equals its bytes and the sha256 runtime.json gives, and the loop made no memfd."""
-    mem, tool_log = _memory(9), _memory(5, "t")
+    mem, tool_log = big_memory(9), big_memory(5, "t")
     state = AgentState()
     state["blob"] = os.urandom(3 * 1024 * 1024 + 7)
     state["small"] = {"a": 1}
@@ -106,7 +88,7 @@ async def test_large_hand_over_is_read_from_the_loop_and_byte_identical(
     assert (r1.incremental, r2.incremental) == (False, True)
     assert memfds == []
     for r in (r1, r2):
-        _files_match_their_digests(Path(r.path))
+        files_match_their_digests(Path(r.path))
         verify_checkpoint(r.path)
     ck = load_checkpoint(tmp_path / "latest")
     assert ck.memory.to_jsonl() == mem.to_jsonl()
@@ -124,11 +106,11 @@ async def test_a_failed_probe_falls_back_to_the_memfd(
     monkeypatch.setattr(pe.memory_pull, "addresses",
                         lambda views: [(4096, len(v)) for v in views] if len(views) == 1
                         else real(views))
-    mem = _memory(4)
+    mem = big_memory(4)
     async with CheckpointWriter(tmp_path, executor="process", fsync=False) as w:
         r = await (await w.submit(snapshot(mem, 1))).wait()
     assert memfds == [1]
-    _files_match_their_digests(Path(r.path))
+    files_match_their_digests(Path(r.path))
     assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()
 
 
@@ -138,7 +120,7 @@ async def test_cancelled_while_the_writer_process_reads_keeps_the_pipe_in_step(
 ) -> None:
     """A persist cancelled while the writer process reads the loop's bytes still gets its
     reply (the bytes stay alive until then), and the next commit gets its own."""
-    mem = _memory(12)
+    mem = big_memory(12)
     ex = pe.ProcessExecutor(str(tmp_path), WriterOptions(fsync=False))
     await ex.open()
     try:
@@ -152,7 +134,7 @@ async def test_cancelled_while_the_writer_process_reads_keeps_the_pipe_in_step(
         await ex.aclose()
     assert (first.episode_index, second.episode_index) == (1, 2)
     assert second.incremental
-    _files_match_their_digests(Path(second.path))
+    files_match_their_digests(Path(second.path))
     assert load_checkpoint(tmp_path / "ep_000002").memory.to_jsonl() == mem.to_jsonl()
 
 
@@ -395,7 +377,7 @@ def test_a_read_refused_mid_run_asks_for_the_bytes_another_way(
         raise memory_pull.PullRefused(1, "Operation not permitted")
 
     monkeypatch.setattr(memory_pull.PeerMemory, "read_into", refuse)
-    mem = _memory(3)
+    mem = big_memory(3)
     ex = pe.ProcessExecutor(str(tmp_path), WriterOptions(fsync=False))
     req, views = ex._request(snapshot(mem, 1).capture(), full=True)
     size = sum(len(v) for v in views)
@@ -433,7 +415,7 @@ def test_a_read_refused_mid_run_asks_for_the_bytes_another_way(
         assert done.report is not None  # type: ignore[attr-defined]
         send.close()
         server.join(timeout=120)
-    _files_match_their_digests(tmp_path / "ep_000001")
+    files_match_their_digests(tmp_path / "ep_000001")
     assert load_checkpoint(tmp_path).memory.to_jsonl() == mem.to_jsonl()
 
 
@@ -448,7 +430,7 @@ async def test_a_large_hand_over_to_object_storage_is_read_from_the_loop(
     import uuid
 
     url = f"s3://{BUCKET}/pull-{uuid.uuid4().hex}"
-    mem, state = _memory(24), AgentState()
+    mem, state = big_memory(24), AgentState()
     state["blob"] = os.urandom(5 * 1024 * 1024)
     async with CheckpointWriter(url, executor="process") as w:
         r1 = await (await w.submit(snapshot(mem, 1, state=state))).wait()
@@ -517,7 +499,7 @@ async def test_a_full_resend_that_is_refused_goes_through_the_memfd(
         return await real(snap, full=full)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ex, "_exchange", exchange)
-    mem = _memory(4)
+    mem = big_memory(4)
     try:
         report = await ex.persist(snapshot(mem, 1).capture())
     finally:

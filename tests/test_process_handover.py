@@ -8,8 +8,6 @@ Every test here runs that way.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from ckptwriter import (
 from ckptwriter import process_executor as pe
 from ckptwriter.memory import MemoryCapture
 from ckptwriter.options import WriterOptions
-from conftest import add_episode, snapshot
+from conftest import add_episode, big_memory, files_match_their_digests, snapshot
 
 
 @pytest.fixture(autouse=True)
@@ -50,25 +48,6 @@ def _burn(seconds: float) -> None:
         pass
 
 
-def _memory(mib: int, tag: str = "m") -> MemoryLog:
-    mem = MemoryLog()
-    while mem.nbytes < mib << 20:
-        mem.append(Observation(content=f"{tag}{mem.nbytes}" * 700))
-    return mem
-
-
-def _files_match_their_digests(path: Path) -> dict[str, bytes]:
-    """Every file runtime.json lists, read back, with the size and sha256 it records."""
-    listed = json.loads((path / "runtime.json").read_text())["files"]
-    out = {}
-    for name, entry in listed.items():
-        data = (path / name).read_bytes()
-        assert (len(data), hashlib.sha256(data).hexdigest()) == \
-            (entry["bytes"], entry["sha256"]), name
-        out[name] = data
-    return out
-
-
 @pytest.mark.anyio
 async def test_full_write_streamed_under_a_cpu_bound_loop_is_byte_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -77,7 +56,7 @@ async def test_full_write_streamed_under_a_cpu_bound_loop_is_byte_identical(
     every file byte-identical with the sha256 runtime.json gives; the next commit, an
     incremental one, still finds the pipe in step."""
     monkeypatch.setattr(pe, "_HANDOFF_SLICE_BYTES", 1 << 20)  # many slices, small test
-    mem, tool_log = _memory(6), _memory(3, "t")
+    mem, tool_log = big_memory(6), big_memory(3, "t")
     blob = bytes(range(256)) * 8192  # 2 MiB
     async with CheckpointWriter(tmp_path, executor="process", fsync=False) as w:
         h = await w.submit(snapshot(mem, 1, logs={"tools": tool_log},
@@ -90,10 +69,10 @@ async def test_full_write_streamed_under_a_cpu_bound_loop_is_byte_identical(
         r2 = await (await w.submit(snapshot(mem, 2, logs={"tools": tool_log},
                                             state={"blob": blob}))).wait()
     assert (r1.incremental, r2.incremental) == (False, True)
-    files = _files_match_their_digests(Path(r1.path))
+    files = files_match_their_digests(Path(r1.path))
     assert mem.to_jsonl().startswith(next(v for k, v in files.items() if "memory" in k))
     assert tool_log.to_jsonl() in files.values()
-    _files_match_their_digests(Path(r2.path))
+    files_match_their_digests(Path(r2.path))
     loaded = load_checkpoint(tmp_path / "latest")
     assert loaded.memory.to_jsonl() == mem.to_jsonl()
     assert loaded.state["blob"] == blob
@@ -103,7 +82,7 @@ async def test_full_write_streamed_under_a_cpu_bound_loop_is_byte_identical(
 async def test_cancelled_mid_hand_over_keeps_the_pipe_in_step(tmp_path: Path) -> None:
     """A persist cancelled while the loop is filling the memfd still finishes its commit
     (the child waits for every byte announced), and the next one gets its own reply."""
-    mem = _memory(20)
+    mem = big_memory(20)
     ex = pe.ProcessExecutor(str(tmp_path), WriterOptions(fsync=False))
     await ex.open()
     try:
@@ -131,7 +110,7 @@ async def test_cancelled_mid_hand_over_keeps_the_pipe_in_step(tmp_path: Path) ->
         await ex.aclose()
     assert (first.episode_index, second.episode_index) == (1, 2)
     assert second.incremental
-    _files_match_their_digests(Path(second.path))
+    files_match_their_digests(Path(second.path))
     assert load_checkpoint(tmp_path / "ep_000002").memory.to_jsonl() == mem.to_jsonl()
 
 

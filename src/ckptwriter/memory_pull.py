@@ -35,6 +35,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .storage.posix_io import libc_function
+
 __all__ = ["PeerMemory", "PullRefused", "addresses", "is_refused", "open_own_memory",
            "supported"]
 
@@ -82,13 +84,11 @@ class _Iovec(ctypes.Structure):
 
 
 def _process_vm_readv() -> Any:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).process_vm_readv
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_ssize_t
-    fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
-                   ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
+    fn = libc_function("process_vm_readv", [
+        ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+        ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong])
+    if fn is not None:
+        fn.restype = ctypes.c_ssize_t
     return fn
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import mmap
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,40 @@ def files_match_their_digests(path: Path) -> dict[str, bytes]:
             (entry["bytes"], entry["sha256"]), name
         out[name] = data
     return out
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache now (mincore of a mapping of it)."""
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    holder = ctypes.c_char.from_buffer(m)
+    try:
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(holder)), ctypes.c_size_t(size),
+                          vec)
+        assert rc == 0, os.strerror(ctypes.get_errno())
+    finally:
+        del holder
+        m.close()
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem ``path`` is on (the longest mount point above it)."""
+    best, kind = "", ""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mount = fields[4]
+            fstype = fields[fields.index("-") + 1]
+            if (real == mount or real.startswith(mount.rstrip("/") + "/")) \
+                    and len(mount) >= len(best):
+                best, kind = mount, fstype
+    return kind
 
 
 @pytest.fixture(params=["asyncio", "trio"])

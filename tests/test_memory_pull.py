@@ -34,7 +34,15 @@ from ckptwriter import (
 from ckptwriter import process_executor as pe
 from ckptwriter.memory_pieces import Pulled
 from ckptwriter.options import WriterOptions
-from conftest import add_episode, big_memory, files_match_their_digests, snapshot
+from ckptwriter.storage.posix_io import DIRECT_MIN_BYTES
+from conftest import (
+    add_episode,
+    big_memory,
+    files_match_their_digests,
+    filesystem_type,
+    resident_bytes,
+    snapshot,
+)
 
 
 def _own_memory_readable() -> bool:
@@ -94,6 +102,30 @@ async def test_large_hand_over_is_read_from_the_loop_and_byte_identical(
     assert ck.memory.to_jsonl() == mem.to_jsonl()
     assert ck.logs["tools"].to_jsonl() == tool_log.to_jsonl()
     assert ck.state["blob"] == state["blob"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_large_full_write_bypasses_the_page_cache_and_the_next_extends_it(
+    tmp_path: Path,
+) -> None:
+    """A full checkpoint of more than DIRECT_MIN_BYTES goes from the writer's buffers to
+    the disk (its memory file is not in the page cache afterwards, where the filesystem
+    keeps one); the next, incremental one copies its prefix from that file; both are
+    byte-exact and verify."""
+    mem = big_memory((DIRECT_MIN_BYTES >> 20) + 8)
+    async with CheckpointWriter(tmp_path, executor="process") as w:
+        r1 = await (await w.submit(snapshot(mem, 1))).wait()
+        mem_file = next(Path(r1.path).glob("memory_*.jsonl"))
+        cached = resident_bytes(mem_file)
+        add_episode(mem, 2)
+        r2 = await (await w.submit(snapshot(mem, 2))).wait()
+    assert (r1.incremental, r2.incremental) == (False, True)
+    if filesystem_type(tmp_path) != "tmpfs":
+        assert cached < mem_file.stat().st_size // 4
+    for r in (r1, r2):
+        files_match_their_digests(Path(r.path))
+    assert load_checkpoint(tmp_path / "latest").memory.to_jsonl() == mem.to_jsonl()
 
 
 @pytest.mark.anyio

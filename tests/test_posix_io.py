@@ -1,7 +1,9 @@
-"""write_all: every byte, in order, read from its views as it writes them."""
+"""write_all and write_uncached: every byte, in order, read from its views as it writes
+them; the uncached one past the page cache where its buffers allow."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from ckptwriter.storage import posix_io
 from ckptwriter.storage.posix_io import Writeback, write_all
+from conftest import filesystem_type, resident_bytes
 
 
 def _pieces(log: list[str]) -> Iterator[memoryview | bytes]:
@@ -56,3 +59,65 @@ def test_write_all_writes_a_batch_before_reading_far_ahead(
         os.close(fd)
     assert log.index("write") < log.index("read 10")
     assert log.count("write") > 5
+
+
+def _aligned_piece(fill: int, size: int) -> memoryview:
+    buf = mmap.mmap(-1, size)
+    buf.write(bytes([fill]) * size)
+    return memoryview(buf)
+
+
+def _pieces_direct_then_not() -> list[memoryview | bytes]:
+    """Aligned pieces, then one that is not (bytes), then aligned ones again, a short tail."""
+    return [*(_aligned_piece(i, 1 << 20) for i in range(1, 10)), b"unaligned" * 1000,
+            _aligned_piece(20, 1 << 20), memoryview(_aligned_piece(21, 1 << 20))[:777]]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
+def test_write_uncached_writes_the_aligned_head_past_the_page_cache(tmp_path: Path) -> None:
+    """Every byte lands in order; the aligned head never enters the page cache (read
+    back, it is not resident), the rest is an ordinary write, and the fd is left without
+    O_DIRECT."""
+    import fcntl
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        posix_io.write_uncached(fd, _pieces_direct_then_not(), Writeback(fd, 0))
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if filesystem_type(path) == "tmpfs":
+        pytest.skip("the temporary directory is on tmpfs, where every byte is in memory")
+    assert resident_bytes(path) < (9 << 20) // 2, "the aligned head went through the cache"
+    assert path.read_bytes() == b"".join(bytes(v) for v in _pieces_direct_then_not())
+
+
+def test_write_uncached_where_direct_writes_are_refused_writes_them_as_usual(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that takes O_DIRECT but refuses its writes (EINVAL: it wants another
+    alignment), and one that refuses the flag itself: the same bytes, written normally."""
+    import errno
+    import fcntl
+
+    real = os.writev
+
+    def picky(fd: int, views: list[memoryview]) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, views)
+
+    monkeypatch.setattr(os, "writev", picky)
+    want = b"".join(bytes(v) for v in _pieces_direct_then_not())
+    for name, refused in (("einval", False), ("no-flag", True)):
+        if refused:
+            monkeypatch.setattr(posix_io, "_set_direct", lambda fd, on: False)
+        path = tmp_path / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            posix_io.write_uncached(fd, _pieces_direct_then_not())
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == want, name

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import mmap
 import os
 import sys
 from collections.abc import Sequence
@@ -43,6 +44,10 @@ __all__ = ["PeerMemory", "PullRefused", "addresses", "is_refused", "open_own_mem
 # The pieces a hand-over is read, written and hashed in: small enough that a few of
 # them stay in the CPU's last-level cache between the writer thread and the hasher.
 PIECE_BYTES = 2 * 1024 * 1024
+# A buffer of its own this large is mapped (page-aligned), as malloc would map it anyway.
+_MAPPED_MIN = 256 * 1024
+
+
 class PullRefused(PermissionError):
     """The training process's memory could not be read where it was named (a sandbox,
     a security module): its bytes are handed over another way."""
@@ -211,8 +216,9 @@ class PeerMemory:
         return bytes(self.fresh(at, n))
 
     def fresh(self, at: int, n: int) -> memoryview:
-        """Bytes ``[at, at + n)`` in a buffer of their own."""
-        buf = bytearray(n)
+        """Bytes ``[at, at + n)`` in a buffer of their own (page-aligned when large: a
+        direct write may take it)."""
+        buf: bytearray | mmap.mmap = mmap.mmap(-1, n) if n >= _MAPPED_MIN else bytearray(n)
         if n:
             self.read_into(memoryview(buf), at)
         return memoryview(buf)

@@ -22,7 +22,14 @@ from ..errors import StorageError
 from .base import FileSpec, ReuseToken
 from .local_background import FsyncBatch
 from .local_reuse import OwnChanges, link_checked, token_ident
-from .posix_io import Writeback, copy_prefix, os_error, write_all
+from .posix_io import (
+    DIRECT_MIN_BYTES,
+    Writeback,
+    copy_prefix,
+    os_error,
+    write_all,
+    write_uncached,
+)
 
 __all__ = ["CREATE", "FILE_MODE", "LocalPending"]
 
@@ -114,7 +121,11 @@ class LocalPending:
                     # Only a hint: where it is refused, nothing is lost.
                     with contextlib.suppress(OSError):
                         os.posix_fadvise(src, 0, spec.reuse.nbytes, os.POSIX_FADV_DONTNEED)
-            write_all(fd, spec.data, wb)
+            if src is None and spec.nbytes >= DIRECT_MIN_BYTES \
+                    and getattr(spec.data, "page_aligned", False):
+                write_uncached(fd, spec.data, wb)
+            else:
+                write_all(fd, spec.data, wb)
             st = os.fstat(fd)  # fsync moves neither mtime nor ctime
         except BaseException:
             os.close(fd)

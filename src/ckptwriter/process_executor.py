@@ -224,9 +224,10 @@ class ProcessExecutor:
         except _PIPE_ERRORS as exc:
             code = await self._stop()
             raise StorageError(
+                # Nothing about what comes next: that is the error policy's to say (under
+                # "warn" the next checkpoint starts a new process; "raise" stops here).
                 f"the checkpoint writer process exited unexpectedly (it {describe_exit(code)}) "
-                f"while writing episode {snap.episode_index}; a new one starts with the "
-                f"next checkpoint"
+                f"while writing episode {snap.episode_index}"
             ) from exc
         if reply.error is not None or reply.report is None:
             self._base = None

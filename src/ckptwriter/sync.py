@@ -8,16 +8,20 @@ isolation is the same as in the async writer, then hands the frozen capture over
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Collection, Mapping
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import anyio
+from anyio.from_thread import BlockingPortal
 
 from .errors import CheckpointError, WriterClosedError
 from .handles import CheckpointHandle, CheckpointResult
@@ -38,14 +42,60 @@ __all__ = ["SyncCheckpointHandle", "SyncCheckpointWriter"]
 log = logging.getLogger("ckptwriter")
 
 
+class _PortalThread:
+    """An event loop in a daemon thread, reached through a blocking portal.
+
+    What anyio's ``start_blocking_portal`` does, without its generator: a fork of this
+    process that drops the writer must have nothing to finalize, and that generator's
+    finalizer would wait forever for a thread the fork does not have.
+    """
+
+    def __init__(self) -> None:
+        self._ready: Future[BlockingPortal] = Future()
+        self._thread = threading.Thread(target=self._run, name="ckptwriter-portal",
+                                        daemon=True)
+        self._thread.start()
+        self.portal = self._ready.result()
+
+    def _run(self) -> None:
+        try:
+            anyio.run(self._serve)
+        except BaseException as exc:  # handed to the opener, raised there
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+
+    async def _serve(self) -> None:
+        async with BlockingPortal() as portal:
+            self._ready.set_result(portal)
+            await portal.sleep_until_stopped()
+
+    def stop(self, *, cancel_remaining: bool = False) -> None:
+        """Stop the loop (its tasks finish, or are cancelled) and wait for the thread."""
+        try:
+            self.portal.call(self.portal.stop, cancel_remaining)
+        except RuntimeError:
+            pass  # stopped already
+        self._thread.join()
+
+
+def _forked_error(what: str, pid: int) -> WriterClosedError:
+    return WriterClosedError(
+        f"this {what} belongs to process {pid}, and this is a fork of it "
+        f"(process {os.getpid()}): the writer's thread and event loop run only there; "
+        "open a new SyncCheckpointWriter in this process (on another checkpoint_dir) if "
+        "it must write checkpoints"
+    )
+
+
 class SyncCheckpointHandle:
     """Blocking twin of :class:`CheckpointHandle`."""
 
-    __slots__ = ("_handle", "_portal")
+    __slots__ = ("_handle", "_pid", "_portal")
 
-    def __init__(self, handle: CheckpointHandle, portal: BlockingPortal) -> None:
+    def __init__(self, handle: CheckpointHandle, portal: BlockingPortal, pid: int) -> None:
         self._handle = handle
         self._portal = portal
+        self._pid = pid
 
     @property
     def episode_index(self) -> int:
@@ -66,6 +116,9 @@ class SyncCheckpointHandle:
         if self._handle.done():
             # Also after the writer closed, when its event loop is gone.
             return self._handle.result()
+        if os.getpid() != self._pid:
+            # The portal's thread was not forked: a call would wait for it forever.
+            raise _forked_error("checkpoint handle", self._pid)
         return self._portal.call(self._handle.wait)
 
 
@@ -112,24 +165,28 @@ class SyncCheckpointWriter:
             on_backlog=on_backlog, fsync=fsync, on_error=on_error, protect=protect,
             storage=storage, executor=executor, storage_options=storage_options,
         )
-        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self._loop: _PortalThread | None = None
         self._portal: BlockingPortal | None = None
         self._writer_cm: AbstractContextManager[CheckpointWriter] | None = None
+        # The process that opened it: a fork of that process (os.fork, a fork-started
+        # worker) has no copy of the portal's thread, and must never wait for it.
+        self._pid = os.getpid()
 
     def __enter__(self) -> Self:
         if self._portal is not None:
             raise WriterClosedError("SyncCheckpointWriter is already open")
-        cm = start_blocking_portal()
-        portal = cm.__enter__()
+        loop = _PortalThread()
+        portal = loop.portal
         # One portal task enters and exits the writer: anyio cancel scopes must be exited
         # by the task that entered them.
         writer_cm = portal.wrap_async_context_manager(self._writer)
         try:
             writer_cm.__enter__()
         except BaseException:
-            cm.__exit__(*sys.exc_info())
+            loop.stop(cancel_remaining=True)
             raise
-        self._portal_cm, self._portal, self._writer_cm = cm, portal, writer_cm
+        self._loop, self._portal, self._writer_cm = loop, portal, writer_cm
+        self._pid = os.getpid()
         return self
 
     def __exit__(
@@ -138,10 +195,15 @@ class SyncCheckpointWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        portal, cm = self._portal, self._portal_cm
-        if portal is None or cm is None:
+        portal, loop = self._portal, self._loop
+        if portal is None or loop is None:
             return
-        self._portal = self._portal_cm = None
+        if os.getpid() != self._pid:
+            # A fork leaving the block (sys.exit, an exception): the writer is the
+            # parent's, which drains and closes it; here there is nothing to wait for.
+            self._portal = self._loop = self._writer_cm = None
+            return
+        self._portal = self._loop = None
         writer_cm, self._writer_cm = self._writer_cm, None
         assert writer_cm is not None
         try:
@@ -155,7 +217,7 @@ class SyncCheckpointWriter:
             else:
                 writer_cm.__exit__(exc_type, exc, tb)
         finally:
-            cm.__exit__(None, None, None)
+            loop.stop()
 
     def close(self) -> None:
         """Drain and stop; raises WriterFailedError if a checkpoint failed."""
@@ -166,6 +228,8 @@ class SyncCheckpointWriter:
             raise WriterClosedError(
                 "SyncCheckpointWriter is not open: use `with SyncCheckpointWriter(...) as w:`"
             )
+        if os.getpid() != self._pid:
+            raise _forked_error("SyncCheckpointWriter", self._pid)
         return self._portal
 
     def submit(self, snapshot: Snapshot | CapturedSnapshot, *,
@@ -185,7 +249,7 @@ class SyncCheckpointWriter:
         # its thread (everything but the return hop, which nothing can count there).
         handle = portal.call(partial(self._writer.submit, captured, replace=replace,
                                      started_at=t0))
-        return SyncCheckpointHandle(handle, portal)
+        return SyncCheckpointHandle(handle, portal, self._pid)
 
     def flush(self) -> None:
         """Block until everything submitted is durable."""

@@ -92,19 +92,28 @@ def resident_bytes(path: Path) -> int:
     return sum(v & 1 for v in vec) * mmap.PAGESIZE
 
 
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem ``path`` is on (the longest mount point above it)."""
-    best, kind = "", ""
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mount = fields[4]
-            fstype = fields[fields.index("-") + 1]
-            if (real == mount or real.startswith(mount.rstrip("/") + "/")) \
-                    and len(mount) >= len(best):
-                best, kind = mount, fstype
-    return kind
+def direct_writes_skip_the_cache(directory: Path) -> str | None:
+    """Why a direct write in ``directory`` cannot be seen to skip the page cache (no
+    O_DIRECT, refused, or the filesystem caches it anyway: tmpfs), or None."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return "no O_DIRECT on this system"
+    probe = directory / ".direct-probe"
+    buf = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | flag, 0o644)
+        try:
+            os.write(fd, buf)
+        finally:
+            os.close(fd)
+        if resident_bytes(probe):
+            return f"{directory}'s filesystem keeps direct writes in memory (tmpfs, say)"
+    except OSError as exc:
+        return f"{directory}'s filesystem refuses O_DIRECT ({exc})"
+    finally:
+        buf.close()
+        probe.unlink(missing_ok=True)
+    return None
 
 
 @pytest.fixture(params=["asyncio", "trio"])

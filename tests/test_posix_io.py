@@ -12,7 +12,7 @@ import pytest
 
 from ckptwriter.storage import posix_io
 from ckptwriter.storage.posix_io import Writeback, write_all
-from conftest import filesystem_type, resident_bytes
+from conftest import direct_writes_skip_the_cache, resident_bytes
 
 
 def _pieces(log: list[str]) -> Iterator[memoryview | bytes]:
@@ -73,13 +73,15 @@ def _pieces_direct_then_not() -> list[memoryview | bytes]:
             _aligned_piece(20, 1 << 20), memoryview(_aligned_piece(21, 1 << 20))[:777]]
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
 def test_write_uncached_writes_the_aligned_head_past_the_page_cache(tmp_path: Path) -> None:
     """Every byte lands in order; the aligned head never enters the page cache (read
     back, it is not resident), the rest is an ordinary write, and the fd is left without
     O_DIRECT."""
     import fcntl
 
+    why_not = direct_writes_skip_the_cache(tmp_path)
+    if why_not:
+        pytest.skip(why_not)
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
@@ -88,10 +90,98 @@ def test_write_uncached_writes_the_aligned_head_past_the_page_cache(tmp_path: Pa
         os.fsync(fd)
     finally:
         os.close(fd)
-    if filesystem_type(path) == "tmpfs":
-        pytest.skip("the temporary directory is on tmpfs, where every byte is in memory")
     assert resident_bytes(path) < (9 << 20) // 2, "the aligned head went through the cache"
     assert path.read_bytes() == b"".join(bytes(v) for v in _pieces_direct_then_not())
+
+
+def _direct_on(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+
+
+def test_write_uncached_resumes_short_direct_writes_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct writes that write less than asked (near ENOSPC): one ending on a block
+    boundary is resumed directly, one that does not is finished the ordinary way; the
+    file is every byte in order either way."""
+    real = os.writev
+    shorts = [1 << 20, 1000]  # the first two direct writes write only this much
+    direct_calls = []
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    side = os.open(path, os.O_WRONLY)  # writes the short part as the kernel would
+
+    def short(f: int, views: list[memoryview]) -> int:
+        if not _direct_on(f):
+            return real(f, views)
+        direct_calls.append(sum(len(v) for v in views))
+        if not shorts:
+            return real(f, views)
+        n = shorts.pop(0)
+        at = os.lseek(f, 0, os.SEEK_CUR)
+        os.pwrite(side, b"".join(bytes(v) for v in _first(views, n)), at)
+        os.lseek(f, at + n, os.SEEK_SET)
+        return n
+
+    monkeypatch.setattr(os, "writev", short)
+    try:
+        posix_io.write_uncached(fd, _pieces_direct_then_not())
+        assert not _direct_on(fd)
+    finally:
+        os.close(fd)
+        os.close(side)
+    assert path.read_bytes() == b"".join(bytes(v) for v in _pieces_direct_then_not())
+    # 4 MiB asked, 1 MiB written; the 3 MiB resumed directly, 1000 bytes written; the
+    # rest, no longer on a block boundary, refused (EINVAL) and written the usual way.
+    assert direct_calls[:3] == [4 << 20, 3 << 20, (3 << 20) - 1000]
+
+
+def _first(views: list[memoryview], n: int) -> list[memoryview]:
+    """The first ``n`` bytes of ``views``, as views of the same buffers."""
+    out = []
+    for v in views:
+        if n <= 0:
+            break
+        out.append(v[:n])
+        n -= len(v)
+    return out
+
+
+def test_write_uncached_that_fails_leaves_no_o_direct_and_stops_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct write failing (ENOSPC) raises as it is, with O_DIRECT off the fd and
+    the views' generator closed then (a hand-over's read-ahead stops with it)."""
+    import errno
+
+    real = os.writev
+    calls = []
+
+    def full(fd: int, views: list[memoryview]) -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, views)
+
+    closed = []
+
+    def source() -> Iterator[memoryview | bytes]:
+        try:
+            yield from _pieces_direct_then_not()
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(os, "writev", full)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            posix_io.write_uncached(fd, source())
+        assert not _direct_on(fd)
+        assert closed == [True]
+    finally:
+        os.close(fd)
 
 
 def test_write_uncached_where_direct_writes_are_refused_writes_them_as_usual(
@@ -121,3 +211,26 @@ def test_write_uncached_where_direct_writes_are_refused_writes_them_as_usual(
         finally:
             os.close(fd)
         assert path.read_bytes() == want, name
+
+
+def test_refill_asks_the_kernel_to_read_back_every_byte_then_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-back after a write past the page cache: WILLNEED requests covering the
+    whole file, a read-ahead window at a time, in a thread; then the fd is closed."""
+    import threading
+
+    path = tmp_path / "f"
+    path.write_bytes(b"z" * (20 * 1024 * 1024 + 5))
+    asked: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda fd, at, n, advice: asked.append((at, n, advice)))
+    fd = os.open(path, os.O_RDONLY)
+    posix_io.refill_in_background([fd])
+    for t in threading.enumerate():
+        if t.name == "ckptwriter-refill":
+            t.join()
+    step = 8 * 1024 * 1024
+    assert asked == [(at, step, os.POSIX_FADV_WILLNEED) for at in (0, step, 2 * step)]
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)

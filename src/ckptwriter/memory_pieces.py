@@ -43,7 +43,7 @@ class _Slot:
 
     def __init__(self) -> None:
         # Mapped, so page-aligned: a large full write goes from it to the disk directly.
-        self.buf = mmap.mmap(-1, PIECE_BYTES)
+        self.buf = mmap.mmap(-1, PIECE_BYTES, flags=mmap.MAP_PRIVATE)
         self.free_refs = sys.getrefcount(self.buf)
 
     def unused(self) -> bool:
@@ -76,8 +76,8 @@ class Pulled(Sequence[memoryview]):
     Indexing reads a piece into a buffer of its own.
     """
 
-    # Its pieces are whole pages in page-aligned buffers, all but the last (and any
-    # read while every buffer was held): a large full write may bypass the page cache.
+    # Its pieces are whole pages in page-aligned buffers, all but the last: a large
+    # full write may bypass the page cache.
     page_aligned = True
 
     def __init__(self, peer: PeerMemory, at: int, n: int) -> None:
@@ -212,7 +212,7 @@ class Pulled(Sequence[memoryview]):
                     break
                 _FREED.wait(_POLL)
         if slot is None:
-            return self._peer.fresh(at, n)
+            return self._peer.fresh(at, n, aligned=True)
         self._peer.read_into(view, at)
         return view
 

@@ -44,8 +44,6 @@ __all__ = ["PeerMemory", "PullRefused", "addresses", "is_refused", "open_own_mem
 # The pieces a hand-over is read, written and hashed in: small enough that a few of
 # them stay in the CPU's last-level cache between the writer thread and the hasher.
 PIECE_BYTES = 2 * 1024 * 1024
-# A buffer of its own this large is mapped (page-aligned), as malloc would map it anyway.
-_MAPPED_MIN = 256 * 1024
 
 
 class PullRefused(PermissionError):
@@ -215,10 +213,11 @@ class PeerMemory:
         """A copy of bytes ``[at, at + n)``."""
         return bytes(self.fresh(at, n))
 
-    def fresh(self, at: int, n: int) -> memoryview:
-        """Bytes ``[at, at + n)`` in a buffer of their own (page-aligned when large: a
-        direct write may take it)."""
-        buf: bytearray | mmap.mmap = mmap.mmap(-1, n) if n >= _MAPPED_MIN else bytearray(n)
+    def fresh(self, at: int, n: int, *, aligned: bool = False) -> memoryview:
+        """Bytes ``[at, at + n)`` in a buffer of their own; ``aligned``: page-aligned
+        (mapped), for a piece a direct write may take."""
+        buf: bytearray | mmap.mmap = \
+            mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE) if aligned and n else bytearray(n)
         if n:
             self.read_into(memoryview(buf), at)
         return memoryview(buf)

@@ -27,6 +27,7 @@ from .posix_io import (
     Writeback,
     copy_prefix,
     os_error,
+    refill_in_background,
     write_all,
     write_uncached,
 )
@@ -70,6 +71,8 @@ class LocalPending:
         self._tmp_fd: int | None = tmp_fd
         self._final = storage.path / name
         self._syncs = storage._batch()
+        # Files written past the page cache, read back into it once this commit stands.
+        self._refill: list[int] = []
 
     @property
     def _fd(self) -> int:
@@ -121,9 +124,13 @@ class LocalPending:
                     # Only a hint: where it is refused, nothing is lost.
                     with contextlib.suppress(OSError):
                         os.posix_fadvise(src, 0, spec.reuse.nbytes, os.POSIX_FADV_DONTNEED)
-            if src is None and spec.nbytes >= DIRECT_MIN_BYTES \
+            # Past the page cache only when durable writes are asked for: without
+            # fsync a write returns once in memory, and a direct one would wait for the
+            # disk.
+            if wb is not None and src is None and spec.nbytes >= DIRECT_MIN_BYTES \
                     and getattr(spec.data, "page_aligned", False):
                 write_uncached(fd, spec.data, wb)
+                self._refill.append(os.dup(fd))
             else:
                 write_all(fd, spec.data, wb)
             st = os.fstat(fd)  # fsync moves neither mtime nor ctime
@@ -144,6 +151,8 @@ class LocalPending:
             self._syncs.wait()
             s._step("tmp_dir_synced")
             s._install(self._tmp, self.name)
+            refill, self._refill = self._refill, []
+            refill_in_background(refill)
         except OSError as exc:
             s._unstage()
             raise os_error(exc, "writing checkpoint", self._final) from exc
@@ -155,6 +164,9 @@ class LocalPending:
         return str(self._final)
 
     def _close(self) -> None:
+        refill, self._refill = self._refill, []
+        for kept in refill:
+            os.close(kept)
         self._syncs.abandon()
         fd, self._tmp_fd = self._tmp_fd, None
         if fd is not None:

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import itertools
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from ..errors import StorageError
 
 __all__ = ["COPY_CHUNK", "DIRECT_MIN_BYTES", "Writeback", "copy_prefix", "libc_function",
-           "os_error", "write_all", "write_uncached"]
+           "os_error", "refill_in_background", "write_all", "write_uncached"]
 
 # Linux caps one writev at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
@@ -153,8 +154,14 @@ def _set_direct(fd: int, on: bool) -> bool:
     return True
 
 
+# How a filesystem that takes the O_DIRECT flag may still refuse a direct write: an
+# alignment it wants larger (EINVAL), or no direct I/O after all (some FUSE daemons).
+_DIRECT_REFUSED = {errno.EINVAL, errno.EOPNOTSUPP}
+
+
 def _aligned(view: memoryview) -> bool:
-    if view.readonly or not view.c_contiguous or view.nbytes % _DIRECT_ALIGN:
+    if view.readonly or not view.c_contiguous or not view.nbytes \
+            or view.nbytes % _DIRECT_ALIGN:
         return False
     holder = ctypes.c_char.from_buffer(view)
     try:
@@ -173,16 +180,24 @@ def write_uncached(fd: int, views: Iterable[memoryview | bytes],
     size and extents, and the device's cache).
     """
     it = iter(views)
-    left: list[memoryview] = []
-    if _set_direct(fd, True):
-        try:
-            left = _direct_head(fd, it, writeback)
-        finally:
-            off = _set_direct(fd, False)
-        if not off:
-            # An fd that keeps O_DIRECT would refuse the unaligned rest: stop here.
-            raise OSError(errno.EIO, "could not turn O_DIRECT off again")
-    write_all(fd, itertools.chain(left, it), writeback)
+    try:
+        left: list[memoryview] = []
+        if _set_direct(fd, True):
+            try:
+                left = _direct_head(fd, it, writeback)
+            finally:
+                off = _set_direct(fd, False)
+            if not off:
+                # An fd that keeps O_DIRECT would refuse the unaligned rest: stop here.
+                raise OSError(errno.EIO, "could not turn O_DIRECT off again")
+        write_all(fd, itertools.chain(left, it), writeback)
+    except BaseException:
+        # A hand-over still being read (its read-ahead holds buffers) stops now, not
+        # when this frame is let go of: a retry after ENOSPC reads it all again.
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        raise
 
 
 def _direct_head(fd: int, it: Iterator[memoryview | bytes], writeback: Writeback | None,
@@ -214,12 +229,14 @@ def _direct(fd: int, views: list[memoryview], writeback: Writeback | None,
         try:
             n = os.writev(fd, views[i:])
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if exc.errno not in _DIRECT_REFUSED:
                 raise
             return views[i:]
         if writeback is not None:
             writeback.passed(n)
-        # A short write (near ENOSPC) ends on a block boundary: resume where it stopped.
+        # A short write (near ENOSPC) resumes where it stopped; where that is not on a
+        # block boundary, the next direct write is refused (EINVAL) and the rest is
+        # written the ordinary way.
         while n:
             head = views[i]
             if n >= len(head):
@@ -229,6 +246,34 @@ def _direct(fd: int, views: list[memoryview], writeback: Writeback | None,
                 views[i] = head[n:]
                 n = 0
     return []
+
+
+# Bytes per read-ahead request of a refill: the kernel reads at most about this much
+# per POSIX_FADV_WILLNEED (its read-ahead window), so a whole file takes several.
+_REFILL_BYTES = 8 * 1024 * 1024
+
+
+def refill_in_background(fds: list[int]) -> None:
+    """Have the kernel read files written past the page cache back into it, in a
+    daemon thread that closes ``fds`` when done. The next incremental commit copies
+    such a file's prefix: from page cache, not from the disk on its critical path.
+    Only hints: where they are refused, or the process exits first, nothing is lost."""
+    if not fds:
+        return
+    threading.Thread(target=_refill, args=(fds,), name="ckptwriter-refill",
+                     daemon=True).start()
+
+
+def _refill(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            size = os.fstat(fd).st_size
+            for at in range(0, size, _REFILL_BYTES):
+                os.posix_fadvise(fd, at, _REFILL_BYTES, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(fd)
 
 
 def _writev_all(fd: int, views: list[memoryview]) -> None:

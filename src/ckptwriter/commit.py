@@ -33,7 +33,7 @@ import msgspec
 from pydantic import ValidationError
 
 from . import layout
-from .commit_files import Carries, Plan, WholeFile
+from .commit_files import Carries, Plan, Stage, WholeFile
 from .discovery import guarded
 from .errors import CheckpointError, StorageError
 from .latest_repair import repair_latest
@@ -146,10 +146,12 @@ class CommitPipeline:
         policy: which checkpoints retention keeps.
         protect: names retention never deletes.
         mode: ``max`` or ``min``: which ``val_score`` the ``best`` pointer follows.
+        stage: how a stream written whole reaches the backend (see ``Stage``).
     """
 
     def __init__(self, backend: Backend, policy: RetentionPolicy,
-                 protect: Collection[str] = (), *, mode: Mode = "max") -> None:
+                 protect: Collection[str] = (), *, mode: Mode = "max",
+                 stage: Stage | None = None) -> None:
         self.backend = backend
         self.policy = policy
         self.protect = frozenset(protect)
@@ -163,7 +165,7 @@ class CommitPipeline:
         self._best_named: set[str] = set()
         # A checkpoint joined ``known`` without being ranked (its latest move failed).
         self._rank_all = False
-        self._carries = Carries()
+        self._carries = Carries(stage)
         # Failed background removals taken by a commit's out-of-space retry, for the
         # retention pass that reports them.
         self._reclaim_errors: list[str] = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,7 +30,12 @@ from .storage.base import Backend, FileSpec, ReuseToken
 if TYPE_CHECKING:
     from hashlib import _Hash
 
-__all__ = ["Carries", "Plan", "WholeFile"]
+__all__ = ["Carries", "Plan", "Stage", "WholeFile"]
+
+# How the bytes of a stream written whole are handed to the backend: the views as they
+# are, or the same bytes another way (a thread executor's large full write goes through
+# page-aligned buffers, so that it can go past the page cache).
+Stage = Callable[[Sequence[memoryview], int], Sequence[memoryview]]
 
 # Above this size, hashing runs in another thread while this one writes and fsyncs:
 # both release the GIL, so a full write costs what a raw write + fsync costs.
@@ -160,9 +165,10 @@ def _hash_all(jobs: Sequence[tuple[_Hash, Sequence[memoryview]]]) -> None:
 class Carries:
     """What the last commit wrote that the next one may reuse."""
 
-    def __init__(self) -> None:
+    def __init__(self, stage: Stage | None = None) -> None:
         self.streams: dict[str, _StreamCarry] = {}
         self.files: dict[str, _FileCarry] = {}
+        self._stage = stage
 
     def clear(self) -> None:
         """Forget everything: the next commit writes every file whole."""
@@ -201,7 +207,10 @@ class Carries:
             carry = None
         start = carry.nbytes if carry is not None else 0
         sha = carry.sha.copy() if carry is not None else hashlib.sha256()
-        return _Stream(key, name, cap, carry, cap.views(start), sha)
+        views = cap.views(start)
+        if carry is None and self._stage is not None:
+            views = self._stage(views, cap.nbytes)
+        return _Stream(key, name, cap, carry, views, sha)
 
     def _whole(self, b: Backend, f: WholeFile, plan: Plan) -> FileSpec:
         prev = self.files.get(f.name)

@@ -19,12 +19,14 @@ from typing import Protocol
 import anyio
 
 from .commit import CommitPipeline, CommitReport
+from .commit_files import Stage
 from .errors import ConfigError
+from .memory_pieces import staged_for_direct_write
 from .options import WriterOptions
 from .process_executor import ProcessExecutor
 from .retention import CheckpointRecord
 from .snapshot import CapturedSnapshot
-from .storage import Backend, open_backend, parse_location
+from .storage import Backend, LocalStorage, open_backend, parse_location
 
 __all__ = ["Executor", "ThreadExecutor", "make_executor"]
 
@@ -98,7 +100,7 @@ def make_executor(
                 "pass checkpoint_dir, or use executor='thread'"
             )
         return ThreadExecutor(CommitPipeline(storage, options.policy, options.protect,
-                                             mode=options.mode)), \
+                                             mode=options.mode, stage=_stage_for(storage))), \
             storage.location
     if checkpoint_dir is None:
         raise ConfigError("CheckpointWriter needs checkpoint_dir or storage")
@@ -117,5 +119,13 @@ def make_executor(
     backend = open_backend(location, fsync=options.fsync,
                            storage_options=dict(options.storage_options))
     return ThreadExecutor(CommitPipeline(backend, options.policy, options.protect,
-                                         mode=options.mode)), \
+                                         mode=options.mode, stage=_stage_for(backend))), \
         backend.location
+
+
+def _stage_for(backend: Backend) -> Stage | None:
+    # A local directory with fsync on writes a large full write past the page cache
+    # from aligned buffers, as the writer process does; elsewhere there is none to skip.
+    if isinstance(backend, LocalStorage) and backend.fsync:
+        return staged_for_direct_write
+    return None

@@ -15,9 +15,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
-from .memory_pull import PIECE_BYTES, PeerMemory
+from .memory_pull import PIECE_BYTES, OwnMemory, PeerMemory
+from .storage.posix_io import DIRECT_MIN_BYTES
 
-__all__ = ["Pulled"]
+__all__ = ["Pulled", "staged_for_direct_write"]
 
 # Buffers kept in the writer process between hand-overs (32 MiB; a new one costs its
 # first touch): the read-ahead waits for one to be let go of by the writer and hasher.
@@ -227,3 +228,13 @@ def _stop_hasher(feed: queue.Queue[memoryview | None],
             return
         except queue.Full:
             continue
+
+
+def staged_for_direct_write(views: Sequence[memoryview], nbytes: int
+                            ) -> Sequence[memoryview]:
+    """A thread executor's full write of ``views`` (``nbytes``): large enough to go past
+    the page cache (``posix_io.write_uncached``), it is read a piece at a time into
+    page-aligned buffers, ahead of the write, and hashed from them; smaller, as it is."""
+    if nbytes < DIRECT_MIN_BYTES:
+        return views
+    return Pulled(OwnMemory(views), 0, nbytes)

@@ -38,8 +38,8 @@ from typing import Any
 
 from .storage.posix_io import libc_function
 
-__all__ = ["PeerMemory", "PullRefused", "addresses", "is_refused", "open_own_memory",
-           "supported"]
+__all__ = ["OwnMemory", "PeerMemory", "PullRefused", "addresses", "is_refused",
+           "open_own_memory", "supported"]
 
 # The pieces a hand-over is read, written and hashed in: small enough that a few of
 # them stay in the CPU's last-level cache between the writer thread and the hasher.
@@ -222,6 +222,27 @@ class PeerMemory:
             self.read_into(memoryview(buf), at)
         return memoryview(buf)
 
+
+class OwnMemory(PeerMemory):
+    """The bytes of ``views``, in this process (kept alive here), read as a
+    :class:`PeerMemory` is: a thread executor's large full write goes through the same
+    page-aligned pieces as the writer process's. Copied by ``ctypes.memmove``, which
+    releases the GIL (a training loop keeps running beside the copy)."""
+
+    def __init__(self, views: Sequence[memoryview | bytes]) -> None:
+        self._views = list(views)
+        super().__init__(addresses(self._views))
+
+    def read_into(self, dest: memoryview, at: int) -> None:
+        n = len(dest)
+        if at < 0 or at + n > self.total:
+            raise ValueError(f"bytes {at}..{at + n} of a hand-over of {self.total}")
+        if not n:
+            return
+        out = addresses([dest])[0][0]
+        for addr, size in self._segments(at, n):
+            ctypes.memmove(out, addr, size)
+            out += size
 
 
 def is_refused(exc: BaseException | None) -> bool:

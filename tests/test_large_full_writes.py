@@ -1,0 +1,51 @@
+"""A large full write with the thread executor: past the page cache where it can be.
+
+The writer process's side (bytes read from the training process into page-aligned
+buffers) is in test_memory_pull.py; how ``write_uncached`` writes, in test_posix_io.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckptwriter import CheckpointWriter, MemoryLog, load_checkpoint
+from ckptwriter.storage import local_pending
+from ckptwriter.storage.posix_io import DIRECT_MIN_BYTES
+from conftest import add_episode, big_memory, files_match_their_digests, snapshot
+
+
+@pytest.fixture(scope="module")
+def large() -> MemoryLog:
+    return big_memory((DIRECT_MIN_BYTES >> 20) + 8)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("fsync", [True, False])
+@pytest.mark.anyio
+async def test_a_thread_executors_large_full_write_goes_past_the_page_cache_with_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, large: MemoryLog, fsync: bool
+) -> None:
+    """With fsync on, the memory file of a full checkpoint over DIRECT_MIN_BYTES is
+    written by write_uncached from page-aligned pieces (without, as it always was); the
+    incremental one after it is not; every file is byte-exact either way."""
+    uncached: list[str] = []
+    real = local_pending.write_uncached
+
+    def recording(fd: int, views: object, wb: object = None) -> None:
+        uncached.append(type(views).__name__)
+        real(fd, views, wb)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local_pending, "write_uncached", recording)
+    mem = MemoryLog()
+    mem.extend(large[:])
+    async with CheckpointWriter(tmp_path, executor="thread", fsync=fsync) as w:
+        r1 = await (await w.submit(snapshot(mem, 1))).wait()
+        add_episode(mem, 2)
+        r2 = await (await w.submit(snapshot(mem, 2))).wait()
+    assert (r1.incremental, r2.incremental) == (False, True)
+    assert uncached == (["Pulled"] if fsync else [])
+    for r in (r1, r2):
+        files_match_their_digests(Path(r.path))
+    assert load_checkpoint(tmp_path / "latest").memory.to_jsonl() == mem.to_jsonl()

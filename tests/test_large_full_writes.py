@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ckptwriter import CheckpointWriter, MemoryLog, load_checkpoint
-from ckptwriter.storage import local_pending
+from ckptwriter.storage import local_pending, posix_io
 from ckptwriter.storage.posix_io import DIRECT_MIN_BYTES
 from conftest import add_episode, big_memory, files_match_their_digests, snapshot
 
@@ -28,16 +28,27 @@ async def test_a_thread_executors_large_full_write_goes_past_the_page_cache_with
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, large: MemoryLog, fsync: bool
 ) -> None:
     """With fsync on, the memory file of a full checkpoint over DIRECT_MIN_BYTES is
-    written by write_uncached from page-aligned pieces (without, as it always was); the
-    incremental one after it is not; every file is byte-exact either way."""
-    uncached: list[str] = []
-    real = local_pending.write_uncached
+    written with O_DIRECT (all but its unaligned tail) from page-aligned pieces, then
+    read back (without fsync, as it always was); the incremental one after it is not;
+    every file is byte-exact either way."""
+    direct: list[int] = []
+    real_direct = posix_io._direct
 
-    def recording(fd: int, views: object, wb: object = None) -> None:
-        uncached.append(type(views).__name__)
-        real(fd, views, wb)  # type: ignore[arg-type]
+    def counting(fd: int, views: list[memoryview], wb: object) -> list[memoryview]:
+        asked = sum(len(v) for v in views)
+        left = real_direct(fd, views, wb)  # type: ignore[arg-type]
+        direct.append(asked - sum(len(v) for v in left))
+        return left
 
-    monkeypatch.setattr(local_pending, "write_uncached", recording)
+    refills: list[int] = []
+    real_refill = local_pending.refill_in_background
+
+    def recording(fds: list[int]) -> None:
+        refills.append(len(fds))
+        real_refill(fds)
+
+    monkeypatch.setattr(posix_io, "_direct", counting)
+    monkeypatch.setattr(local_pending, "refill_in_background", recording)
     mem = MemoryLog()
     mem.extend(large[:])
     async with CheckpointWriter(tmp_path, executor="thread", fsync=fsync) as w:
@@ -45,7 +56,12 @@ async def test_a_thread_executors_large_full_write_goes_past_the_page_cache_with
         add_episode(mem, 2)
         r2 = await (await w.submit(snapshot(mem, 2))).wait()
     assert (r1.incremental, r2.incremental) == (False, True)
-    assert uncached == (["Pulled"] if fsync else [])
+    size = Path(r1.path, "memory_1.jsonl").stat().st_size
+    if fsync:
+        assert size - 2 * 1024 * 1024 < sum(direct) <= size
+        assert refills == [1, 0]
+    else:
+        assert (direct, refills) == ([], [0, 0])
     for r in (r1, r2):
         files_match_their_digests(Path(r.path))
     assert load_checkpoint(tmp_path / "latest").memory.to_jsonl() == mem.to_jsonl()

@@ -222,15 +222,79 @@ def test_refill_asks_the_kernel_to_read_back_every_byte_then_closes(
 
     path = tmp_path / "f"
     path.write_bytes(b"z" * (20 * 1024 * 1024 + 5))
-    asked: list[tuple[int, int, int]] = []
+    asked: list[tuple[int, int, int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise",
-                        lambda fd, at, n, advice: asked.append((at, n, advice)))
+                        lambda fd, at, n, advice: asked.append((fd, at, n, advice)))
     fd = os.open(path, os.O_RDONLY)
     posix_io.refill_in_background([fd])
     for t in threading.enumerate():
         if t.name == "ckptwriter-refill":
             t.join()
     step = 8 * 1024 * 1024
-    assert asked == [(at, step, os.POSIX_FADV_WILLNEED) for at in (0, step, 2 * step)]
+    # Only this fd's requests: a refill of an earlier test may still be running.
+    assert [a[1:] for a in asked if a[0] == fd] == \
+        [(at, step, os.POSIX_FADV_WILLNEED) for at in (0, step, 2 * step)]
+    assert fd not in posix_io._REFILLING
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(fd)
+
+
+def test_a_refill_without_a_thread_is_no_error_and_closes_its_fds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no thread can be started (a limit), the hint is dropped: nothing raises,
+    the descriptors are closed."""
+    import threading
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    posix_io.refill_in_background([fd])
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)
+
+
+_FORK_DURING_REFILL = """
+import os, sys, threading
+from ckptwriter.storage import posix_io
+from ckptwriter.memory_pieces import staged_for_direct_write
+from ckptwriter.storage.posix_io import DIRECT_MIN_BYTES
+
+started, release = threading.Event(), threading.Event()
+def slow(fd, at, n, advice):
+    started.set()
+    release.wait()
+os.posix_fadvise = slow
+fd = os.open(sys.argv[1], os.O_RDONLY)
+posix_io.refill_in_background([fd])
+started.wait()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.fstat(fd)
+        os._exit(3)  # the fork kept the parent's refill descriptor
+    except OSError:
+        pass
+    data = bytes(range(256)) * (DIRECT_MIN_BYTES // 256 + 5000)
+    got = b"".join(bytes(v) for v in staged_for_direct_write([data], len(data)))
+    os._exit(0 if got == data else 4)
+_, status = os.waitpid(pid, 0)
+release.set()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_fork_during_a_refill_closes_its_copy_and_reads_on_its_own(tmp_path: Path) -> None:
+    """A fork made while a refill runs (a fork-started worker, say) does not keep the
+    checkpoint's file open, and a large full write of its own reads its pieces."""
+    import subprocess
+    import sys
+
+    (tmp_path / "f").write_bytes(b"x" * 4096)
+    script = tmp_path / "fork.py"
+    script.write_text(_FORK_DURING_REFILL)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "f")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

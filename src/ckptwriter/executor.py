@@ -126,6 +126,6 @@ def make_executor(
 def _stage_for(backend: Backend) -> Stage | None:
     # A local directory with fsync on writes a large full write past the page cache
     # from aligned buffers, as the writer process does; elsewhere there is none to skip.
-    if isinstance(backend, LocalStorage) and backend.fsync:
+    if isinstance(backend, LocalStorage) and backend.fsync and hasattr(os, "O_DIRECT"):
         return staged_for_direct_write
     return None

@@ -2,12 +2,16 @@
 
 The writer process's side of ``memory_pull``: :class:`Pulled` hands the bytes a
 :class:`~ckptwriter.memory_pull.PeerMemory` names to the write as pieces, each read
-once, ahead of the write, into a few reused buffers, and hashed from the same buffer.
+once, ahead of the write, into a few reused page-aligned buffers, and hashed from the
+same buffer. A thread executor's large full write goes the same way, from the loop's
+own bytes (:func:`staged_for_direct_write`): then the buffers live in the training
+process.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import sys
 import threading
@@ -20,8 +24,8 @@ from .storage.posix_io import DIRECT_MIN_BYTES
 
 __all__ = ["Pulled", "staged_for_direct_write"]
 
-# Buffers kept in the writer process between hand-overs (32 MiB; a new one costs its
-# first touch): the read-ahead waits for one to be let go of by the writer and hasher.
+# Buffers kept between hand-overs (32 MiB; a new one costs its first touch): the
+# read-ahead waits for one to be let go of by the writer and hasher.
 # Room for a writer's batch (8 MiB), the pieces waiting for the hasher and the one it
 # hashes, and the one being read.
 _RING_SLOTS = 16
@@ -56,6 +60,19 @@ class _Slot:
 # to be let go of.
 _SLOTS: list[_Slot] = []
 _FREED = threading.Condition()
+
+
+def _reset_in_forked_child() -> None:
+    # A fork may be made while a read-ahead holds the condition's lock (the thread
+    # executor reads in the training process): the fork's own reads start afresh, on
+    # buffers of their own, never on the parent's.
+    global _FREED
+    _FREED = threading.Condition()
+    _SLOTS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_forked_child)
 
 
 class _Pass:

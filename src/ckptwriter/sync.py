@@ -7,6 +7,7 @@ isolation is the same as in the async writer, then hands the frozen capture over
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
@@ -52,8 +53,12 @@ class _PortalThread:
 
     def __init__(self) -> None:
         self._ready: Future[BlockingPortal] = Future()
+        # A context of its own, as anyio gives its portal: where threads inherit the
+        # caller's (3.14+ free-threaded builds), the loop must not run in the caller's.
+        extra: dict[str, Any] = {"context": contextvars.Context()} \
+            if sys.version_info >= (3, 14) else {}
         self._thread = threading.Thread(target=self._run, name="ckptwriter-portal",
-                                        daemon=True)
+                                        daemon=True, **extra)
         self._thread.start()
         self.portal = self._ready.result()
 

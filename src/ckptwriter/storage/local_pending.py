@@ -130,7 +130,8 @@ class LocalPending:
             if wb is not None and src is None and spec.nbytes >= DIRECT_MIN_BYTES \
                     and getattr(spec.data, "page_aligned", False):
                 write_uncached(fd, spec.data, wb)
-                self._refill.append(os.dup(fd))
+                with contextlib.suppress(OSError):  # only for a hint (EMFILE: none)
+                    self._refill.append(os.dup(fd))
             else:
                 write_all(fd, spec.data, wb)
             st = os.fstat(fd)  # fsync moves neither mtime nor ctime
@@ -142,6 +143,7 @@ class LocalPending:
 
     def finalize(self, marker: bytes, *, latest: bytes | None = None) -> str:
         s = self._s
+        installed = False
         try:
             s._create(self._fd, layout.RUNTIME_JSON, marker, self._syncs)
             if latest is not None:
@@ -151,8 +153,7 @@ class LocalPending:
             self._syncs.wait()
             s._step("tmp_dir_synced")
             s._install(self._tmp, self.name)
-            refill, self._refill = self._refill, []
-            refill_in_background(refill)
+            installed = True
         except OSError as exc:
             s._unstage()
             raise os_error(exc, "writing checkpoint", self._final) from exc
@@ -160,7 +161,12 @@ class LocalPending:
             s._unstage()
             raise
         finally:
+            refill: list[int] = []
+            if installed:
+                refill, self._refill = self._refill, []
             self._close()
+        # The checkpoint stands: what follows is a hint, which never fails it.
+        refill_in_background(refill)
         return str(self._final)
 
     def _close(self) -> None:

@@ -126,10 +126,10 @@ def write_all(fd: int, views: Iterable[memoryview | bytes],
 
 
 # A full write at least this large goes past the page cache where its buffers allow it
-# (:func:`write_uncached`). Filling that much page cache costs the writer more CPU than
-# the disk takes to write it (pages a VM has not used before cost several times more),
-# and it would push the training job's own cached files (its datasets) out. Below it,
-# the pages are cheap and the next incremental checkpoint copies the prefix from them.
+# (:func:`write_uncached`). Filling that much page cache on the commit's critical path
+# costs the writer more CPU than the disk takes to write it (pages a VM has not used
+# before cost several times more); the file is read back into it after the commit
+# (:func:`refill_in_background`). Below it, the pages are cheap.
 DIRECT_MIN_BYTES = 256 * 1024 * 1024
 # O_DIRECT wants buffers, lengths and offsets aligned to the logical block size: a page
 # covers every common device's.
@@ -260,12 +260,16 @@ def refill_in_background(fds: list[int]) -> None:
     Only hints: where they are refused, or the process exits first, nothing is lost."""
     if not fds:
         return
-    threading.Thread(target=_refill, args=(fds,), name="ckptwriter-refill",
-                     daemon=True).start()
+    _REFILLING.update(fds)
+    try:
+        threading.Thread(target=_refill, args=(fds,), name="ckptwriter-refill",
+                         daemon=True).start()
+    except (RuntimeError, OSError):  # no thread to be had (a limit): no hint
+        _close_refills(fds)
 
 
 def _refill(fds: list[int]) -> None:
-    for fd in fds:
+    for k, fd in enumerate(fds):
         try:
             size = os.fstat(fd).st_size
             for at in range(0, size, _REFILL_BYTES):
@@ -273,7 +277,28 @@ def _refill(fds: list[int]) -> None:
         except (OSError, AttributeError):
             pass
         finally:
+            _close_refills(fds[k:k + 1])
+
+
+# Descriptors a refill still holds: a fork of this process closes its copies (the
+# thread that would have is not in it), so a long-lived worker never keeps a checkpoint
+# that retention deletes on the disk.
+_REFILLING: set[int] = set()
+
+
+def _close_refills(fds: list[int]) -> None:
+    for fd in fds:
+        if fd in _REFILLING:
+            _REFILLING.discard(fd)
             os.close(fd)
+
+
+def _forget_refills_in_forked_child() -> None:
+    _close_refills(list(_REFILLING))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_refills_in_forked_child)
 
 
 def _writev_all(fd: int, views: list[memoryview]) -> None:

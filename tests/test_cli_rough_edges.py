@@ -191,6 +191,29 @@ def test_ls_of_a_missing_path_does_not_advise_ls(tmp_path: Path,
                    "No checkpoints exist nearby either.\n")
 
 
+@pytest.mark.parametrize("command", ["verify", "ls"])
+def test_an_empty_checkpoints_directory_says_so_and_looks_nearby(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """A checkpoints directory a writer opened and never committed to (a run killed in
+    its first checkpoint) is named as such, and the checkpoints beside it are listed:
+    the search is done, never only claimed (found by a new-user trial)."""
+    ck = _ckpts(_run(tmp_path, "alpha", max_envs_to_visit=10))
+    empty = tmp_path / "outputs" / "killed" / "checkpoints"
+    empty.mkdir(parents=True)
+    (empty / ".lock").write_text("")
+    assert cli([command, str(empty)], tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[:3] == [
+        f"error: Checkpoint not found: {empty}",
+        "It is a checkpoints directory a writer has opened (it holds .lock), with no "
+        "checkpoint committed yet.",
+        "Checkpoints that do exist nearby:",
+    ]
+    assert f"  {ck}/ep_000010" in err.splitlines()
+    assert "No checkpoints exist nearby" not in err
+
+
 # -- progress bar and log lines ------------------------------------------------------
 
 

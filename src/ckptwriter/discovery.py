@@ -221,9 +221,11 @@ def checkpoints_dirs(store: ReadStore, path: str, shown: str) -> list[tuple[str,
         if ckpts is not None:
             found.append((ckpts, run))
     if not found:
-        raise CheckpointNotFoundError(
-            shown, hint="Expected a checkpoints directory, a run directory or outputs/<run_name>/."
-        )
+        # Searched nearby (as a load is), never just said to have been.
+        hint = ("It is a checkpoints directory a writer has opened (it holds .lock), with "
+                "no checkpoint committed yet." if layout.LOCK_FILE in children else
+                "Expected a checkpoints directory, a run directory or outputs/<run_name>/.")
+        raise not_found(store, path, shown, hint)
     return found
 
 

@@ -214,6 +214,29 @@ def test_an_empty_checkpoints_directory_says_so_and_looks_nearby(
     assert "No checkpoints exist nearby" not in err
 
 
+def test_a_search_nearby_that_is_refused_still_says_not_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing above the path refused (object-storage credentials scoped to one
+    prefix, say): still "not found" with what the path is, never the listing's error,
+    and nothing claimed about what is nearby."""
+    from ckptwriter import discovery
+    from ckptwriter.errors import StorageError
+
+    def refused(*args: object, **kw: object) -> list[str]:
+        raise StorageError("Access Denied listing the parent: check the credentials")
+
+    monkeypatch.setattr(discovery, "nearby", refused)
+    empty = tmp_path / "killed" / "checkpoints"
+    empty.mkdir(parents=True)
+    (empty / ".lock").write_text("")
+    assert cli(["verify", str(empty)], tmp_path) == 1
+    assert capsys.readouterr().err == (
+        f"error: Checkpoint not found: {empty}\n"
+        "It is a checkpoints directory a writer has opened (it holds .lock), with no "
+        "checkpoint committed yet.\n")
+
+
 # -- progress bar and log lines ------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ buffers) is in test_memory_pull.py; how ``write_uncached`` writes, in test_posix
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,13 @@ import pytest
 from ckptwriter import CheckpointWriter, MemoryLog, load_checkpoint
 from ckptwriter.storage import local_pending, posix_io
 from ckptwriter.storage.posix_io import DIRECT_MIN_BYTES
-from conftest import add_episode, big_memory, files_match_their_digests, snapshot
+from conftest import (
+    add_episode,
+    big_memory,
+    direct_writes_skip_the_cache,
+    files_match_their_digests,
+    snapshot,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +64,13 @@ async def test_a_thread_executors_large_full_write_goes_past_the_page_cache_with
         r2 = await (await w.submit(snapshot(mem, 2))).wait()
     assert (r1.incremental, r2.incremental) == (False, True)
     size = Path(r1.path, "memory_1.jsonl").stat().st_size
-    if fsync:
-        assert size - 2 * 1024 * 1024 < sum(direct) <= size
-        assert refills == [1, 0]
-    else:
+    if not fsync:
         assert (direct, refills) == ([], [0, 0])
+    elif hasattr(os, "O_DIRECT"):
+        assert refills == [1, 0]
+        # All but the unaligned tail, where the filesystem takes direct writes.
+        if direct_writes_skip_the_cache(tmp_path) is None:
+            assert size - 2 * 1024 * 1024 < sum(direct) <= size
     for r in (r1, r2):
         files_match_their_digests(Path(r.path))
     assert load_checkpoint(tmp_path / "latest").memory.to_jsonl() == mem.to_jsonl()

@@ -258,6 +258,7 @@ def test_a_refill_without_a_thread_is_no_error_and_closes_its_fds(
 
 _FORK_DURING_REFILL = """
 import os, sys, threading
+from ckptwriter import memory_pieces
 from ckptwriter.storage import posix_io
 from ckptwriter.memory_pieces import staged_for_direct_write
 from ckptwriter.storage.posix_io import DIRECT_MIN_BYTES
@@ -270,6 +271,14 @@ os.posix_fadvise = slow
 fd = os.open(sys.argv[1], os.O_RDONLY)
 posix_io.refill_in_background([fd])
 started.wait()
+# A read-ahead of the parent's holds the buffer pool's lock as the fork is made.
+held, done = threading.Event(), threading.Event()
+def hold():
+    with memory_pieces._FREED:
+        held.set()
+        done.wait()
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
 pid = os.fork()
 if pid == 0:
     try:
@@ -282,13 +291,15 @@ if pid == 0:
     os._exit(0 if got == data else 4)
 _, status = os.waitpid(pid, 0)
 release.set()
+done.set()
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
 def test_a_fork_during_a_refill_closes_its_copy_and_reads_on_its_own(tmp_path: Path) -> None:
-    """A fork made while a refill runs (a fork-started worker, say) does not keep the
-    checkpoint's file open, and a large full write of its own reads its pieces."""
+    """A fork made while a refill runs and a read-ahead holds the buffer pool (a
+    fork-started worker, say) does not keep the checkpoint's file open, and a large
+    full write of its own reads its pieces (no lock of the parent's threads held)."""
     import subprocess
     import sys
 

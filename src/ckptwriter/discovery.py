@@ -225,7 +225,13 @@ def checkpoints_dirs(store: ReadStore, path: str, shown: str) -> list[tuple[str,
         hint = ("It is a checkpoints directory a writer has opened (it holds .lock), with "
                 "no checkpoint committed yet." if layout.LOCK_FILE in children else
                 "Expected a checkpoints directory, a run directory or outputs/<run_name>/.")
-        raise not_found(store, path, shown, hint)
+        try:
+            error = not_found(store, path, shown, hint)
+        except CheckpointError:
+            # The search nearby is for the message only: a listing refused above the
+            # path (credentials scoped to a prefix) must not replace "not found".
+            error = CheckpointNotFoundError(shown, hint=hint, searched=False)
+        raise error
     return found
 
 
@@ -253,10 +259,12 @@ def not_found(store: ReadStore, path: str, shown: str, hint: str = "") -> Checkp
             return CheckpointNotFoundError(shown, nearby(store, path), hint=hint)
         anc, missing = up, name_of(anc)
     children = store.listdir(anc) or []
-    # Bounded like `nearby`: each child is one more listing (a request on object storage).
+    # Bounded like `nearby`: each child is one more listing (a request on object storage),
+    # made only for a missing run name.
     runs = sorted(c for c in sorted(children)[:_NEARBY_LISTINGS] if not c.startswith(".")
                   and timestamped_runs(store, store.join(anc, c),
-                                       store.listdir(store.join(anc, c)) or []))
+                                       store.listdir(store.join(anc, c)) or [])) \
+        if missing else []
     if missing and runs and _searchable(store, anc) and not holds_checkpoints(children):
         where = store.url(anc)
         return CheckpointNotFoundError(shown, hint=" ".join(filter(None, (

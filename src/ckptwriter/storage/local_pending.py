@@ -164,9 +164,11 @@ class LocalPending:
             refill: list[int] = []
             if installed:
                 refill, self._refill = self._refill, []
-            self._close()
-        # The checkpoint stands: what follows is a hint, which never fails it.
-        refill_in_background(refill)
+            try:
+                self._close()
+            finally:
+                # The checkpoint stands: what follows is a hint, which never fails it.
+                refill_in_background(refill)
         return str(self._final)
 
     def _close(self) -> None:

@@ -171,14 +171,13 @@ class SyncCheckpointWriter:
             storage=storage, executor=executor, storage_options=storage_options,
         )
         self._loop: _PortalThread | None = None
-        self._portal: BlockingPortal | None = None
         self._writer_cm: AbstractContextManager[CheckpointWriter] | None = None
         # The process that opened it: a fork of that process (os.fork, a fork-started
         # worker) has no copy of the portal's thread, and must never wait for it.
         self._pid = os.getpid()
 
     def __enter__(self) -> Self:
-        if self._portal is not None:
+        if self._loop is not None:
             raise WriterClosedError("SyncCheckpointWriter is already open")
         loop = _PortalThread()
         portal = loop.portal
@@ -190,7 +189,7 @@ class SyncCheckpointWriter:
         except BaseException:
             loop.stop(cancel_remaining=True)
             raise
-        self._loop, self._portal, self._writer_cm = loop, portal, writer_cm
+        self._loop, self._writer_cm = loop, writer_cm
         self._pid = os.getpid()
         return self
 
@@ -200,15 +199,15 @@ class SyncCheckpointWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        portal, loop = self._portal, self._loop
-        if portal is None or loop is None:
+        loop = self._loop
+        if loop is None:
             return
         if os.getpid() != self._pid:
             # A fork leaving the block (sys.exit, an exception): the writer is the
             # parent's, which drains and closes it; here there is nothing to wait for.
-            self._portal = self._loop = self._writer_cm = None
+            self._loop = self._writer_cm = None
             return
-        self._portal = self._loop = None
+        self._loop = None
         writer_cm, self._writer_cm = self._writer_cm, None
         assert writer_cm is not None
         try:
@@ -229,13 +228,13 @@ class SyncCheckpointWriter:
         self.__exit__(None, None, None)
 
     def _require(self) -> BlockingPortal:
-        if self._portal is None:
+        if self._loop is None:
             raise WriterClosedError(
                 "SyncCheckpointWriter is not open: use `with SyncCheckpointWriter(...) as w:`"
             )
         if os.getpid() != self._pid:
             raise _forked_error("SyncCheckpointWriter", self._pid)
-        return self._portal
+        return self._loop.portal
 
     def submit(self, snapshot: Snapshot | CapturedSnapshot, *,
                replace: bool = False) -> SyncCheckpointHandle:

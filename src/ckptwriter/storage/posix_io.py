@@ -237,14 +237,7 @@ def _direct(fd: int, views: list[memoryview], writeback: Writeback | None,
         # A short write (near ENOSPC) resumes where it stopped; where that is not on a
         # block boundary, the next direct write is refused (EINVAL) and the rest is
         # written the ordinary way.
-        while n:
-            head = views[i]
-            if n >= len(head):
-                n -= len(head)
-                i += 1
-            else:
-                views[i] = head[n:]
-                n = 0
+        i = _past(views, i, n)
     return []
 
 
@@ -306,14 +299,21 @@ def _writev_all(fd: int, views: list[memoryview]) -> None:
     while i < len(views):
         n = os.writev(fd, views[i : i + _IOV_MAX])
         # Partial writes happen near ENOSPC and on signals: resume where it stopped.
-        while n:
-            head = views[i]
-            if n >= len(head):
-                n -= len(head)
-                i += 1
-            else:
-                views[i] = head[n:]
-                n = 0
+        i = _past(views, i, n)
+
+
+def _past(views: list[memoryview], i: int, n: int) -> int:
+    """The index of the first view not wholly written once ``n`` more bytes from
+    ``views[i]`` on are; a view written in part is cut to what is left of it."""
+    while n:
+        head = views[i]
+        if n >= len(head):
+            n -= len(head)
+            i += 1
+        else:
+            views[i] = head[n:]
+            n = 0
+    return i
 
 
 # copy_file_range is refused by some filesystems and sandboxes (FUSE, gVisor, seccomp,

@@ -309,3 +309,51 @@ def test_a_fork_during_a_refill_closes_its_copy_and_reads_on_its_own(tmp_path: P
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "f")],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_copy_prefix_stops_between_chunks_when_asked(tmp_path: Path) -> None:
+    """A copy asked to stop leaves off at a chunk boundary and says so; unasked, every
+    byte is copied and the offset is at the end, for the delta that follows."""
+    data = os.urandom(20 << 20)
+    (tmp_path / "src").write_bytes(data)
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    try:
+        for stop_after, whole in ((2, False), (None, True)):
+            dst = os.open(tmp_path / f"dst{stop_after}", os.O_WRONLY | os.O_CREAT, 0o644)
+            asked = []
+
+            def stop(stop_after: int | None = stop_after, asked: list[int] = asked) -> bool:
+                asked.append(1)
+                return stop_after is not None and len(asked) >= stop_after
+
+            try:
+                wb = Writeback(dst, len(data))
+                done = posix_io.copy_prefix(src, dst, len(data), "src", wb, stop=stop)
+                assert done is whole
+                copied = os.fstat(dst).st_size
+                if whole:
+                    assert os.lseek(dst, 0, os.SEEK_CUR) == len(data)
+                    wb.settle(lambda: False)
+                else:
+                    assert 0 < copied < len(data)
+                    assert len(asked) == 2
+            finally:
+                os.close(dst)
+            assert (tmp_path / f"dst{stop_after}").read_bytes() == data[:copied]
+    finally:
+        os.close(src)
+
+
+def test_settle_waits_for_every_piece_and_stops_when_asked(tmp_path: Path) -> None:
+    """settle() asked to stop returns before the first piece, unasked after the last;
+    either way the file holds every byte once fsynced."""
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        wb = Writeback(fd, 24 << 20)
+        write_all(fd, [os.urandom(24 << 20)], wb)
+        wb.settle(lambda: True)
+        wb.settle(lambda: False)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert os.path.getsize(tmp_path / "f") == 24 << 20

@@ -26,7 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from functools import partial
 
 import msgspec
@@ -54,6 +54,9 @@ from .storage.base import Backend, PendingCheckpoint, ReuseToken
 __all__ = ["CommitPipeline", "CommitReport", "best_of"]
 
 log = logging.getLogger("ckptwriter")
+
+# Smaller memory files copy in well under a millisecond: not copied ahead (prepare()).
+_PREPARE_MIN_BYTES = 1024 * 1024
 
 
 class CommitReport(msgspec.Struct, frozen=True):
@@ -86,6 +89,9 @@ class CommitReport(msgspec.Struct, frozen=True):
     logs_extendable: dict[str, tuple[str, int]] = {}
     # State keys whose files the next commit can link: key -> version.
     state_kept: dict[str, str] = {}
+    # Spent after the previous commit, before this snapshot was taken, copying the
+    # memory prefix this commit extended (storage/local_prepare.py).
+    prepare_seconds: float = 0.0
 
     @property
     def record(self) -> CheckpointRecord:
@@ -169,6 +175,9 @@ class CommitPipeline:
         # Failed background removals taken by a commit's out-of-space retry, for the
         # retention pass that reports them.
         self._reclaim_errors: list[str] = []
+        # The memory file the next commit will likely extend, and the one copied ahead.
+        self._next_prefix: ReuseToken | None = None
+        self._prepared: tuple[ReuseToken, float] | None = None
         # An immutable copy of ``known``, replaced whole after each change, for readers
         # in other threads (the writer's event loop) while a commit runs.
         self.committed: tuple[CheckpointRecord, ...] = ()
@@ -213,6 +222,8 @@ class CommitPipeline:
         """
         t0 = time.perf_counter()
         meta, mem, b = snap.meta, snap.memory, self.backend
+        # Whatever this commit does, a copy made ahead serves it or nothing.
+        prepared, self._prepared, self._next_prefix = self._prepared, None, None
         name = layout.checkpoint_name(meta.episode_index)
         mem_name = layout.memory_file_name(meta.episode_index)
         streams = [("memory", mem_name, mem), *(
@@ -236,6 +247,9 @@ class CommitPipeline:
             plan, tokens, runtime, latest_json, path, serialize_s = self._write(
                 snap, name, mem_name, streams, whole)
         self._carries.remember(plan, tokens)
+        carry, nxt = plan.memory.carry, tokens.get(mem_name)
+        prepare_s = prepared[1] if prepared and carry and prepared[0] == carry.token else 0.0
+        self._next_prefix = nxt if nxt and nxt.nbytes >= _PREPARE_MIN_BYTES else None
         record = CheckpointRecord(name, meta.episode_index, meta.val_score)
         # Known before the pointer moves: if that fails, retention still sees it later.
         self.known[name] = record
@@ -262,7 +276,26 @@ class CommitPipeline:
             retention_error=retention_error, log_id=mem.log_id, nbytes=mem.nbytes,
             extendable=extendable, best_error=best_error, bytes_reused=plan.bytes_reused,
             files_linked=plan.files_linked, logs_extendable=logs_ok, state_kept=kept,
+            prepare_seconds=prepare_s,
         )
+
+    @property
+    def can_prepare(self) -> bool:
+        """Whether :meth:`prepare` has a file to copy ahead (one was just committed)."""
+        return self._next_prefix is not None
+
+    def prepare(self, stop: Callable[[], bool]) -> None:
+        """Copy the memory file committed last ahead, for the next commit to extend
+        (:meth:`Backend.prepare_prefix`); asks ``stop`` as it goes. Never raises."""
+        token, self._next_prefix = self._next_prefix, None
+        if token is None:
+            return
+        try:
+            seconds = self.backend.prepare_prefix(token, stop)
+        except Exception as exc:  # only ever an optimization: the commit copies itself
+            log.debug("copying the memory prefix ahead failed: %s", exc)
+            return
+        self._prepared = (token, seconds) if seconds is not None else None
 
     def _write(self, snap: CapturedSnapshot, name: str, mem_name: str,
                streams: list[tuple[str, str, MemoryCapture]], whole: list[WholeFile],

@@ -13,6 +13,7 @@ checkpoint at a time; they differ in how they share the GIL with the training lo
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +45,15 @@ class Executor(Protocol):
         """Commit one snapshot (durable when this returns)."""
         ...
 
+    async def ready(self) -> None:
+        """Return once the next commit's memory prefix is copied ahead, or at once if
+        there is nothing to copy; cancelling the wait loses nothing."""
+        ...
+
+    def stop_preparing(self) -> None:
+        """The writer is closing: stop copying ahead as soon as possible."""
+        ...
+
     async def aclose(self) -> None:
         """Release the location; never loses an acknowledged checkpoint."""
         ...
@@ -61,6 +71,9 @@ class ThreadExecutor:
     def __init__(self, pipeline: CommitPipeline) -> None:
         self._p = pipeline
         self._limiter: anyio.CapacityLimiter | None = None
+        # Copying ahead runs only when the writer waits for it (coalesce): in this
+        # process it would take the GIL from the loop at no gain otherwise.
+        self._stop = threading.Event()
 
     async def open(self) -> list[CheckpointRecord]:
         # Our own limiter (made here: it needs a running event loop): an application that
@@ -70,6 +83,15 @@ class ThreadExecutor:
 
     async def persist(self, snap: CapturedSnapshot) -> CommitReport:
         return await anyio.to_thread.run_sync(self._p.persist, snap, limiter=self._limiter)
+
+    async def ready(self) -> None:
+        # A cancelled hop still waits for the thread: stop_preparing() cuts it short.
+        if self._p.can_prepare:
+            await anyio.to_thread.run_sync(self._p.prepare, self._stop.is_set,
+                                           limiter=self._limiter)
+
+    def stop_preparing(self) -> None:
+        self._stop.set()
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self._p.close, limiter=self._limiter)

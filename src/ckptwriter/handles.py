@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointHandle", "CheckpointResult", "Job"]
 
+log = logging.getLogger("ckptwriter")
+
 
 @dataclass(frozen=True, slots=True)
 class CheckpointResult:
@@ -25,6 +28,9 @@ class CheckpointResult:
     ``bytes_written`` counts the bytes really written (what was appended to a log, the
     files that changed, ``runtime.json``); ``bytes_reused`` those the checkpoint got from
     the previous one instead (a copied prefix, the ``files_linked`` files linked whole).
+    ``prepare_seconds``: the writer's time, after the previous commit and before this
+    snapshot was taken, copying the memory prefix this commit extended (ext4, tmpfs:
+    filesystems without clones), which ``write_seconds`` then does not include.
     """
 
     name: str
@@ -42,11 +48,17 @@ class CheckpointResult:
     deleted: tuple[str, ...] = ()
     bytes_reused: int = 0
     files_linked: int = 0
+    prepare_seconds: float = 0.0
 
     @classmethod
     def from_report(cls, o: CommitReport, *, loop_seconds: float, queue_wait_seconds: float,
                     latency_seconds: float) -> CheckpointResult:
-        """The result of the commit ``o`` reports, with the writer's own timings."""
+        """The result of the commit ``o`` reports, with the writer's own timings (and
+        what went wrong beside it, logged: retention, the best pointer)."""
+        if o.retention_error is not None:
+            log.warning("retention could not delete an old checkpoint: %s", o.retention_error)
+        if o.best_error is not None:
+            log.warning("%s", o.best_error)
         return cls(
             name=o.name, path=o.path, episode_index=o.episode_index,
             bytes_written=o.bytes_written, bytes_serialized=o.bytes_serialized,
@@ -55,6 +67,7 @@ class CheckpointResult:
             serialize_seconds=o.serialize_seconds, write_seconds=o.write_seconds,
             latency_seconds=latency_seconds, deleted=o.deleted,
             bytes_reused=o.bytes_reused, files_linked=o.files_linked,
+            prepare_seconds=o.prepare_seconds,
         )
 
 

@@ -3,8 +3,9 @@
 The writer process (``writer_process.py``) runs the commit pipeline in a child
 interpreter with its own GIL, on another core. The loop sends one small frame per
 checkpoint and only the memory bytes appended since the child's last commit; the child
-copies the rest from its previous file. Nothing is pickled: the bytes were encoded once,
-when the entries were appended.
+copies the rest from its previous file, ahead: after each commit it says when that copy
+is done (``wire.Ready``), and the next snapshot is sent only then. Nothing is pickled:
+the bytes were encoded once, when the entries were appended.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ _CLOSE_TIMEOUT = 30.0
 
 _OPEN_REPLY = wire.decoder(wire.OpenReply)
 _COMMIT_REPLY = wire.decoder(wire.CommitReply)
+_READY = wire.decoder(wire.Ready)
 # What a dead or dying child looks like from this side of the pipe.
 _PIPE_ERRORS = (OSError, anyio.EndOfStream, anyio.IncompleteRead,
                 anyio.ClosedResourceError, anyio.BrokenResourceError)
@@ -125,6 +127,8 @@ class ProcessExecutor:
         self._hints_for: Child | None = None
         self._log_bases: dict[str, tuple[str, int]] = {}
         self._state_kept: dict[str, str] = {}
+        # A commit's report was read and its Ready not yet: nothing may be sent before it.
+        self._owes_ready = False
 
     async def open(self) -> list[CheckpointRecord]:
         reply = await self._start()
@@ -169,6 +173,7 @@ class ProcessExecutor:
                 os.close(mem_fd)  # the child has its own
         self._wfd = wfd
         self._proc = Child(popen, out_r)
+        self._owes_ready = False
         _LIVE.add(self)
         self._base = None
         self._can_pull = False
@@ -242,7 +247,28 @@ class ProcessExecutor:
         self._known[report.name] = report.record
         for name in report.deleted:
             self._known.pop(name, None)
+        self._owes_ready = True
         return report
+
+    async def ready(self) -> None:
+        """Return once the process has copied the next commit's prefix ahead (at once
+        if it has nothing to copy); cancelling the wait loses nothing."""
+        if self._owes_ready and self._proc is not None and self._proc.out is not None:
+            try:
+                await anyio.wait_readable(self._proc.out)
+                with anyio.CancelScope(shield=True):
+                    await self._take_ready()
+            except _PIPE_ERRORS:
+                pass  # it died: the next persist says so and starts another
+
+    def stop_preparing(self) -> None:
+        # The process stops copying ahead by itself when its stdin closes.
+        pass
+
+    async def _take_ready(self) -> None:
+        if self._owes_ready:
+            await self._receive(_READY)
+            self._owes_ready = False
 
     def _request(self, snap: CapturedSnapshot, full: bool
                  ) -> tuple[wire.CommitRequest, list[memoryview]]:
@@ -275,6 +301,7 @@ class ProcessExecutor:
 
     async def _exchange(self, snap: CapturedSnapshot, *, full: bool) -> wire.CommitReply:
         assert self._wfd is not None
+        await self._take_ready()
         req, views = self._request(snap, full)
         delta = sum(len(v) for v in views)
         frame = wire.encode(msgspec.structs.replace(req, payload=delta))

@@ -149,6 +149,11 @@ class CommitReply(msgspec.Struct, frozen=True):
     path: bytes | None = None
 
 
+class Ready(msgspec.Struct, frozen=True):
+    """Sent after each commit's reply, once the next commit's prefix is copied ahead
+    (or that was not done): the parent sends the next snapshot only after it."""
+
+
 def reply_for(report: CommitReport) -> CommitReply:
     """The reply that carries ``report`` whatever bytes its path and messages hold."""
     try:

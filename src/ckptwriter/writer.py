@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .commit import CommitReport, best_of
+from .commit import best_of
 from .errors import WriterClosedError, WriterFailedError
 from .executor import make_executor
 from .existing_steps import EpisodeGuard
@@ -135,6 +135,7 @@ class CheckpointWriter:
         self._send: MemoryObjectSendStream[Job] | None = None
         self._done: anyio.Event | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._waiting: anyio.CancelScope | None = None
 
     @property
     def location(self) -> str:
@@ -185,10 +186,8 @@ class CheckpointWriter:
         self._state = _State.OPEN
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
         await self._close(exc)
         if exc is None:
             self._raise_if_failed()
@@ -212,6 +211,10 @@ class CheckpointWriter:
         assert self._done is not None
         assert self._tg is not None
         self._send.close()
+        # Nothing more to copy ahead for: what is queued is written now.
+        self._executor.stop_preparing()
+        if self._waiting is not None:
+            self._waiting.cancel()
         # Drain on normal exit and on an ordinary exception from the body, so progress
         # made before a crash in the training code is still saved. Cancellation skips it
         # (asyncio's task.cancel() too, mid-drain); the writer still stops before this.
@@ -280,12 +283,8 @@ class CheckpointWriter:
         """
         t0 = time.perf_counter()
         self._check_open()
-        if (
-            self._in_flight is not None
-            and self._executor.kind == "thread"
-            and not self._warned_starved
-            and t0 - self._in_flight_since > _STARVED_SECONDS
-        ):
+        if self._in_flight is not None and self._executor.kind == "thread" and \
+                not self._warned_starved and t0 - self._in_flight_since > _STARVED_SECONDS:
             self._warned_starved = True
             warn_starved(self._in_flight.snap.episode_index, t0 - self._in_flight_since)
         job = Job(snapshot.capture() if isinstance(snapshot, Snapshot) else snapshot)
@@ -364,7 +363,7 @@ class CheckpointWriter:
             task_status.started()
             try:
                 async with recv:
-                    async for job in recv:
+                    while (job := await self._next_job(recv)) is not None:
                         await self._write_one(job)
             finally:
                 with anyio.CancelScope(shield=True):
@@ -380,6 +379,17 @@ class CheckpointWriter:
                 job.error = dropped
                 job.event.set()
             self._done.set()
+
+    async def _next_job(self, recv: MemoryObjectReceiveStream[Job]) -> Job | None:
+        # Under coalesce the next snapshot is taken once the writer is ready for it (the
+        # prefix copied ahead): as fresh as it can be. Not waited for when closing.
+        if self._options.on_backlog == "coalesce" and self._state is _State.OPEN:
+            with anyio.CancelScope() as self._waiting:
+                await self._executor.ready()
+        try:
+            return await recv.receive()
+        except anyio.EndOfStream:
+            return None
 
     async def _write_one(self, job: Job) -> None:
         self._queued.remove(job)
@@ -397,22 +407,14 @@ class CheckpointWriter:
         except Exception as exc:
             self._fail(job, exc)
         else:
-            self._succeed(job, result, wait)
+            self._c.add_report(result, wait)
+            self._steps.committed(result.episode_index)
+            job.result = CheckpointResult.from_report(
+                result, loop_seconds=job.loop_seconds, queue_wait_seconds=wait,
+                latency_seconds=time.perf_counter() - job.snap.captured_at)
         finally:
             self._in_flight = None
             job.event.set()
-
-    def _succeed(self, job: Job, o: CommitReport, wait: float) -> None:
-        self._c.add_report(o, wait)
-        self._steps.committed(o.episode_index)
-        if o.retention_error is not None:
-            log.warning("retention could not delete an old checkpoint: %s", o.retention_error)
-        if o.best_error is not None:
-            log.warning("%s", o.best_error)
-        job.result = CheckpointResult.from_report(
-            o, loop_seconds=job.loop_seconds, queue_wait_seconds=wait,
-            latency_seconds=time.perf_counter() - job.snap.captured_at,
-        )
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         self._c.failed += 1
@@ -422,9 +424,7 @@ class CheckpointWriter:
         msg = f"checkpoint for episode {job.snap.episode_index} failed: {exc}"
         if self._options.on_error == "warn":
             log.warning("%s (training continues; the next checkpoint will be tried)", msg)
-            return
-        if self._error is None:
-            err = WriterFailedError(msg)
-            err.__cause__ = exc
-            self._error = err
+        elif self._error is None:
+            self._error = WriterFailedError(msg)
+            self._error.__cause__ = exc
 

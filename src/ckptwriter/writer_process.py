@@ -2,8 +2,10 @@
 
 It reads frames on stdin (``wire.OpenRequest``, then one ``wire.CommitRequest`` per
 checkpoint followed by that checkpoint's memory, log and state bytes, or naming where in
-the parent they are) and answers each on stdout. It exits when stdin closes. Nothing but
-frames is ever written to stdout.
+the parent they are) and answers each on stdout; a commit's report is followed by
+``wire.Ready`` once the next commit's memory prefix is copied ahead (the parent sends
+nothing in between). It exits when stdin closes. Nothing but frames is ever written to
+stdout.
 """
 
 from __future__ import annotations
@@ -240,6 +242,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
     puller = _puller(opening)
     _reply(out, wire.OpenReply([(r.name, r.episode_index, r.val_score) for r in records],
                                can_pull=puller is not None))
+    # Nothing arrives between a reply and its Ready but the end of stdin.
+    waiting = select.poll()
+    waiting.register(inp.fileno(), select.POLLIN | select.POLLHUP)
     try:
         while True:
             req = _read_frame(inp, _COMMIT)
@@ -281,6 +286,10 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                     _reply(out, wire.CommitReply(error=wire.WireError.of(exc)))
                 continue
             _reply(out, wire.reply_for(report))
+            # Before the parent may send the next snapshot: the next commit then only
+            # appends to this copy. Stopped at once if stdin closes (the drain).
+            pipeline.prepare(lambda: bool(waiting.poll(0)))
+            _reply(out, wire.Ready())
     finally:
         pipeline.close()
 

@@ -269,6 +269,14 @@ class Backend(Protocol):
         this backend can reuse it: as a prefix to append to, or (``whole``) whole."""
         ...
 
+    def prepare_prefix(self, token: ReuseToken, stop: Callable[[], bool]) -> float | None:
+        """Copy ``token``'s file ahead for the next commit to extend (then the seconds it
+        took); None: not done (nothing to gain here, refused, failed or ``stop``ped).
+
+        Only ever an optimization: never raises, and a commit that extends another file
+        (or none) than the one prepared copies as it would have."""
+        ...
+
     def replace_pointer(self, name: str, pointer_json: bytes, *, pointer: str = "latest") -> None:
         """Point ``pointer`` (``latest`` or ``best``) at finalized checkpoint ``name``.
 

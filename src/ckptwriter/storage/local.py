@@ -32,6 +32,7 @@ from .local_background import FsyncBatch, Reaper
 from .local_leftovers import clean_leftovers
 from .local_lock import DirectoryLock, lock_directory
 from .local_pending import CREATE, FILE_MODE, LocalPending
+from .local_prepare import Ahead, PreparedPrefix
 from .local_reuse import OwnChanges, open_checked, unlink_recorded
 from .local_store import LocalStore
 from .posix_io import os_error, write_all
@@ -99,6 +100,7 @@ class LocalStorage:
         # checkpoint it names, its bytes, its temp name in the directory).
         self._staged: tuple[str, bytes, str] | None = None
         self._pid = os.getpid()
+        self._ahead = Ahead()  # the next commit's memory prefix (local_prepare.py)
 
     def _step(self, name: str) -> None:
         """Called right after each protocol step; a no-op outside fault-injection tests."""
@@ -173,6 +175,8 @@ class LocalStorage:
         for msg in self._reap_errors(self._reaper.stop()):
             log.warning("%s; the next writer to open the directory removes them", msg)
         self._unstage()
+        self.drop_prepared()
+        self._ahead.drop_spare(self._dir_fd)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -219,6 +223,23 @@ class LocalStorage:
             return False
         os.close(fd)
         return True
+
+    def prepare_prefix(self, token: ReuseToken, stop: Callable[[], bool]) -> float | None:
+        # The last deletion's memory file is the spare this copy overwrites.
+        self._reaper.wait_idle()
+        src = self.open_reused(token)
+        if src is None:
+            return None
+        try:
+            return self._ahead.prepare(self._fd, src, token, fsync=self.fsync, stop=stop)
+        finally:
+            os.close(src)
+
+    def take_prepared(self, token: ReuseToken) -> PreparedPrefix | None:
+        return self._ahead.take(token)
+
+    def drop_prepared(self) -> None:
+        self._ahead.drop(self._dir_fd)
 
     def _create(self, dir_fd: int, name: str, data: bytes,
                 batch: FsyncBatch | None = None) -> None:
@@ -377,12 +398,16 @@ class LocalStorage:
             self._reap(trash)
 
     def _reap(self, trash: str) -> None:
+        if self._dir_fd is not None:
+            self._ahead.keep(self._dir_fd, trash)
         self._remove(trash)
         self._step("deleted")
 
     def settle(self, *, wait: bool) -> tuple[bool, list[str]]:
         running, failed = self._reaper.settle(wait=wait)
-        return running, self._reap_errors(failed)
+        # A spare kept for the next copy is space too, given back when it is wanted.
+        spared = wait and self._ahead.drop_spare(self._dir_fd)
+        return running or spared, self._reap_errors(failed)
 
     def _reap_errors(self, failed: list[tuple[str, BaseException]]) -> list[str]:
         where = "removing the files of a deleted checkpoint"

@@ -21,9 +21,12 @@ from .. import layout
 from ..errors import StorageError
 from .base import FileSpec, ReuseToken
 from .local_background import FsyncBatch
+from .local_prepare import PreparedPrefix, discard
 from .local_reuse import OwnChanges, link_checked, token_ident
 from .posix_io import (
+    CREATE,
     DIRECT_MIN_BYTES,
+    FILE_MODE,
     Writeback,
     copy_prefix,
     os_error,
@@ -34,10 +37,6 @@ from .posix_io import (
 
 __all__ = ["CREATE", "FILE_MODE", "LocalPending"]
 
-# Never world-writable, whatever the umask: the umask still narrows these further.
-FILE_MODE = 0o664
-# A new file only, never through a symlink, never kept open across exec.
-CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class _Storage(Protocol):
@@ -59,6 +58,8 @@ class _Storage(Protocol):
     def _install(self, tmp: str, name: str) -> None: ...
     def _discard(self, name: str) -> None: ...
     def _unstage(self) -> None: ...
+    def take_prepared(self, token: ReuseToken) -> PreparedPrefix | None: ...
+    def drop_prepared(self) -> None: ...
 
 
 class LocalPending:
@@ -73,6 +74,8 @@ class LocalPending:
         self._syncs = storage._batch()
         # Files written past the page cache, read back into it once this commit stands.
         self._refill: list[int] = []
+        # What copying the memory's prefix ahead took, when this commit used that copy.
+        self.prepared_seconds = 0.0
 
     @property
     def _fd(self) -> int:
@@ -111,10 +114,16 @@ class LocalPending:
         return ReuseToken(str(self._final / spec.name), st.st_size, token_ident(st))
 
     def _create_one(self, spec: FileSpec, src: int | None) -> os.stat_result:
-        fd = os.open(spec.name, CREATE, FILE_MODE, dir_fd=self._fd)
+        ready = self._take_prepared(spec)
+        fd = ready.fd if ready is not None else \
+            os.open(spec.name, CREATE, FILE_MODE, dir_fd=self._fd)
         try:
             wb = Writeback(fd, spec.nbytes) if self._s.fsync else None
-            if src is not None and spec.reuse is not None:
+            if ready is not None:
+                # The prefix was copied ahead (local_prepare): only the delta is written.
+                if wb is not None:
+                    wb = Writeback(fd, spec.nbytes, offset=ready.token.nbytes)
+            elif src is not None and spec.reuse is not None:
                 copy_prefix(src, fd, spec.reuse.nbytes, spec.reuse.path, wb)
                 if wb is not None and hasattr(os, "posix_fadvise"):
                     # The previous file is durable and the next copy reads this one:
@@ -140,6 +149,22 @@ class LocalPending:
             raise
         self._syncs.add(fd)
         return st
+
+    def _take_prepared(self, spec: FileSpec) -> PreparedPrefix | None:
+        """The prefix of ``spec`` copied ahead, moved into the temp directory, if any."""
+        if spec.reuse is None or not spec.data:
+            return None
+        ready = self._s.take_prepared(spec.reuse)
+        if ready is None:
+            return None
+        try:
+            # A name in our own new directory: nothing is there to replace.
+            os.rename(ready.name, spec.name, src_dir_fd=self._s._fd, dst_dir_fd=self._fd)
+        except OSError:
+            discard(self._s._fd, ready.name, ready.fd)
+            return None  # copied again, as without it
+        self.prepared_seconds = ready.seconds
+        return ready
 
     def finalize(self, marker: bytes, *, latest: bytes | None = None) -> str:
         s = self._s
@@ -172,6 +197,8 @@ class LocalPending:
         return str(self._final)
 
     def _close(self) -> None:
+        # A prefix copied ahead for another file than this commit extended is stale.
+        self._s.drop_prepared()
         refill, self._refill = self._refill, []
         for kept in refill:
             os.close(kept)

@@ -14,8 +14,13 @@ from typing import Any
 
 from ..errors import StorageError
 
-__all__ = ["COPY_CHUNK", "DIRECT_MIN_BYTES", "Writeback", "copy_prefix", "libc_function",
-           "os_error", "refill_in_background", "write_all", "write_uncached"]
+__all__ = ["COPY_CHUNK", "CREATE", "DIRECT_MIN_BYTES", "FILE_MODE", "Writeback", "copy_prefix",
+           "libc_function", "os_error", "refill_in_background", "write_all", "write_uncached"]
+
+# Never world-writable, whatever the umask: the umask still narrows these further.
+FILE_MODE = 0o664
+# A new file only, never through a symlink, never kept open across exec.
+CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Linux caps one writev at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
@@ -44,6 +49,9 @@ def os_error(exc: OSError, action: str, path: Path | str) -> StorageError:
 WRITEBACK_CHUNK = 1 << 20
 _WRITEBACK_PIECES = 16
 _SYNC_FILE_RANGE_WRITE = 2
+# WAIT_BEFORE | WRITE | WAIT_AFTER: the range's pages are on the disk when it returns
+# (its metadata is not: that is the fsync's).
+_SYNC_FILE_RANGE_SETTLE = 1 | 2 | 4
 
 
 def libc_function(name: str, argtypes: list[type[Any]]) -> Any | None:
@@ -88,6 +96,25 @@ class Writeback:
         """``nbytes`` more are on the file without dirty pages (written past the cache)."""
         self._end += nbytes
         self._started = self._end
+
+    def flush(self) -> None:
+        """Start the writeback of what was written since the last piece started."""
+        if self._call is not None and self._end > self._started:
+            if self._call(self._fd, self._started, self._end - self._started,
+                          _SYNC_FILE_RANGE_WRITE) != 0:
+                self._call = None
+            self._started = self._end
+
+    def settle(self, stop: Callable[[], bool]) -> None:
+        """Write every piece so far and wait until they are on the disk, a piece at a
+        time, asking ``stop`` after each (then it is left to the fsync)."""
+        self.flush()
+        for at in range(0, self._end, self.chunk):
+            if self._call is None or stop():
+                return
+            if self._call(self._fd, at, min(self.chunk, self._end - at),
+                          _SYNC_FILE_RANGE_SETTLE) != 0:
+                self._call = None
 
     def wrote(self, nbytes: int) -> None:
         """``nbytes`` more were written, right after what was written before."""
@@ -323,11 +350,17 @@ COPY_CHUNK = 4 * 1024 * 1024
 
 
 def copy_prefix(src_fd: int, dst_fd: int, nbytes: int, shown: str,
-                writeback: Writeback | None = None) -> None:
+                writeback: Writeback | None = None,
+                stop: Callable[[], bool] | None = None) -> bool:
     """Copy the first ``nbytes`` of open file ``src_fd`` (named ``shown`` in errors) into
     ``dst_fd`` in the kernel (a reflink where the filesystem has one), a chunk at a time
-    when ``writeback`` starts the pages' writeback as they are filled."""
+    when ``writeback`` starts the pages' writeback as they are filled.
+
+    ``stop`` is asked after each chunk (of at most :data:`_BATCH_BYTES` then); False:
+    it said stop, and the copy is left unfinished."""
     step = nbytes if writeback is None else writeback.chunk
+    if stop is not None:
+        step = min(step, _BATCH_BYTES)
     copied = 0
     try:
         while copied < nbytes:
@@ -337,6 +370,8 @@ def copy_prefix(src_fd: int, dst_fd: int, nbytes: int, shown: str,
             copied += n
             if writeback is not None:
                 writeback.wrote(n)
+            if stop is not None and copied < nbytes and stop():
+                return False
     except (AttributeError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
             raise
@@ -348,4 +383,7 @@ def copy_prefix(src_fd: int, dst_fd: int, nbytes: int, shown: str,
             copied += len(chunk)
             if writeback is not None:
                 writeback.wrote(len(chunk))
+            if stop is not None and copied < nbytes and stop():
+                return False
     os.lseek(dst_fd, nbytes, os.SEEK_SET)
+    return True

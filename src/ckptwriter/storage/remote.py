@@ -217,6 +217,10 @@ class RemoteStorage:
                 self._committed.discard(name)
         return RemotePending(self, name, existing)
 
+    def prepare_prefix(self, token: ReuseToken, stop: Callable[[], bool]) -> float | None:
+        # The server copies a prefix as part of the next upload: nothing to do ahead.
+        return None
+
     def can_reuse(self, token: ReuseToken, *, whole: bool = False) -> bool:
         """True only on S3, for an object still at the token's ETag and size, of at least
         5 MiB to extend it (UploadPartCopy), of any size to copy it whole (CopyObject).

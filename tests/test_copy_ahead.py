@@ -1,0 +1,182 @@
+"""The next commit's memory prefix, copied ahead of its snapshot (storage/local_prepare.py).
+
+After a commit the writer copies the memory file it just wrote into a ``.tmp-*`` file,
+before it takes the next snapshot (``coalesce``; the writer process does it after every
+commit): the next commit renames that copy into place and only appends. The copy
+overwrites the memory file of the checkpoint retention deleted last, when nothing else
+can see it change: never a file a reader still has open, never one with a second link.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _fault_util import mounted_tmpfs
+from ckptwriter import CheckpointWriter, MemoryLog, load_checkpoint
+from ckptwriter.entries import Observation
+from conftest import files_match_their_digests, snapshot
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+_MEMORY = "memory_{}.jsonl"
+
+
+def _grow(mem: MemoryLog, n: int, tag: str) -> None:
+    for i in range(n):
+        mem.append(Observation(content=f"{tag}-{i}-" + "x" * 200))
+
+
+def _memory(path: Path, ep: int) -> Path:
+    return path / f"ep_{ep:06d}" / _MEMORY.format(ep)
+
+
+def _leftovers(path: Path) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.startswith("."))
+
+
+@pytest.mark.parametrize(("executor", "on_backlog", "ahead"), [
+    ("process", "coalesce", True), ("process", "block", True),
+    ("thread", "coalesce", True), ("thread", "block", False),
+])
+async def test_each_commit_extends_a_prefix_copied_ahead(
+        tmp_path: Path, executor: Any, on_backlog: Any, ahead: bool) -> None:
+    mem = MemoryLog()
+    _grow(mem, 8000, "a")  # ~1.7 MB: copied ahead from 1 MiB on
+    results = []
+    async with CheckpointWriter(tmp_path, executor=executor, on_backlog=on_backlog) as w:
+        for ep in range(1, 5):
+            _grow(mem, 50, f"ep{ep}")
+            results.append(await (await w.submit(snapshot(mem, ep))).wait())
+    assert [r.incremental for r in results] == [False, True, True, True]
+    # The writer process copies ahead after every commit; a worker thread only when
+    # the writer waits for it before it takes the next snapshot (coalesce).
+    assert [r.prepare_seconds > 0 for r in results] == [False, ahead, ahead, ahead]
+    for ep in range(1, 5):
+        files_match_their_digests(tmp_path / f"ep_{ep:06d}")
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.memory.nbytes == mem.nbytes
+    assert _memory(tmp_path, 4).read_bytes() == mem.to_jsonl()
+    assert [n for n in _leftovers(tmp_path) if n.startswith(".tmp-")] == []
+
+
+async def test_closing_while_copying_ahead_leaves_nothing_behind(tmp_path: Path) -> None:
+    mem = MemoryLog()
+    _grow(mem, 200_000, "big")  # ~45 MB: the copy is still going when the writer closes
+    async with CheckpointWriter(tmp_path, on_backlog="coalesce") as w:
+        await (await w.submit(snapshot(mem, 1))).wait()
+        _grow(mem, 10, "more")
+        await (await w.submit(snapshot(mem, 2))).wait()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []
+    assert _memory(tmp_path, 2).read_bytes() == mem.to_jsonl()
+
+
+async def test_a_deleted_checkpoints_memory_file_is_overwritten_in_place(
+        tmp_path: Path) -> None:
+    mem = MemoryLog()
+    _grow(mem, 8000, "a")
+    async with CheckpointWriter(tmp_path, keep_last=2, on_backlog="coalesce") as w:
+        for ep in (1, 2):
+            _grow(mem, 20, f"ep{ep}")
+            await (await w.submit(snapshot(mem, ep))).wait()
+        # An O_PATH descriptor keeps the inode (and its number) alive without opening
+        # it for reading: nothing that stops the reuse, but a new file cannot get it.
+        kept = os.open(_memory(tmp_path, 1), os.O_PATH)
+        try:
+            for ep in (3, 4):
+                _grow(mem, 20, f"ep{ep}")
+                await (await w.submit(snapshot(mem, ep))).wait()
+            # ep_1 went with ep_3's retention; ep_4 was copied over its memory file.
+            assert not (tmp_path / "ep_000001").exists()
+            assert os.stat(_memory(tmp_path, 4)).st_ino == os.fstat(kept).st_ino
+        finally:
+            os.close(kept)
+    assert _memory(tmp_path, 4).read_bytes() == mem.to_jsonl()
+    files_match_their_digests(tmp_path / "ep_000004")
+
+
+@pytest.mark.parametrize("holds", ["descriptor", "mapping"])
+async def test_a_reader_of_a_deleted_checkpoint_keeps_its_bytes(
+        tmp_path: Path, holds: str) -> None:
+    mem = MemoryLog()
+    _grow(mem, 8000, "a")
+    async with CheckpointWriter(tmp_path, keep_last=1, on_backlog="coalesce") as w:
+        await (await w.submit(snapshot(mem, 1))).wait()
+        # A reader of ep_1: an open descriptor, or a mapping whose descriptor is closed.
+        fd = os.open(_memory(tmp_path, 1), os.O_RDONLY)
+        # Its identity, held without opening it (as in the test above).
+        ident = os.open(_memory(tmp_path, 1), os.O_PATH)
+        size = os.fstat(fd).st_size
+        want = hashlib.sha256(os.pread(fd, size, 0)).hexdigest()
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        if holds == "mapping":
+            os.close(fd)
+        try:
+            inodes = set()
+            for ep in range(2, 6):
+                _grow(mem, 20, f"ep{ep}")
+                await (await w.submit(snapshot(mem, ep))).wait()
+                inodes.add(os.stat(_memory(tmp_path, ep)).st_ino)
+            assert not (tmp_path / "ep_000001").exists()
+            # Never reused while read (a prefix copy would even keep the bytes it maps:
+            # the file would still grow under the reader).
+            assert os.fstat(ident).st_ino not in inodes
+            assert os.fstat(ident).st_size == size
+            assert hashlib.sha256(mapped).hexdigest() == want
+            if holds == "descriptor":
+                assert hashlib.sha256(os.pread(fd, size + 1, 0)).hexdigest() == want
+        finally:
+            os.close(ident)
+            mapped.close()
+            if holds == "descriptor":
+                os.close(fd)
+    files_match_their_digests(tmp_path / "ep_000005")
+
+
+async def test_a_memory_file_linked_from_outside_is_never_overwritten(
+        tmp_path: Path) -> None:
+    ckpts, outside = tmp_path / "ckpts", tmp_path / "outside.jsonl"
+    mem = MemoryLog()
+    _grow(mem, 8000, "a")
+    async with CheckpointWriter(ckpts, keep_last=1, on_backlog="coalesce") as w:
+        await (await w.submit(snapshot(mem, 1))).wait()
+        os.link(_memory(ckpts, 1), outside)  # a second name, outside the directory
+        want = outside.read_bytes()
+        for ep in range(2, 6):
+            _grow(mem, 20, f"ep{ep}")
+            await (await w.submit(snapshot(mem, ep))).wait()
+    assert outside.read_bytes() == want
+    assert os.stat(outside).st_nlink == 1  # ep_1's name is gone, this one is whole
+    files_match_their_digests(ckpts / "ep_000005")
+
+
+async def test_copies_ahead_left_by_a_crash_are_removed_at_open(tmp_path: Path) -> None:
+    tmp_path.mkdir(exist_ok=True)
+    for name in (".tmp-next-0a1b2c3d", ".tmp-spare-4e5f6a7b"):
+        (tmp_path / name).write_bytes(b"half a copy")
+    mem = MemoryLog()
+    _grow(mem, 10, "a")
+    async with CheckpointWriter(tmp_path) as w:
+        await (await w.submit(snapshot(mem, 1))).wait()
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []
+
+
+async def test_no_room_to_copy_ahead_costs_nothing_but_the_attempt(tmp_path: Path) -> None:
+    """On a full disk the copy ahead fails (and is removed); each commit still commits."""
+    mem = MemoryLog()
+    _grow(mem, 6000, "a")  # ~1.3 MB per memory file
+    with mounted_tmpfs(tmp_path / "mnt", "4m") as mnt:
+        async with CheckpointWriter(mnt, keep_last=1, on_backlog="coalesce") as w:
+            await (await w.submit(snapshot(mem, 1))).wait()
+            for ep in range(2, 5):
+                _grow(mem, 20, f"ep{ep}")
+                # ep_1 and its copy ahead fill most of the 4 MiB: what does not fit is
+                # copied by the commit itself, once retention made room.
+                await (await w.submit(snapshot(mem, ep))).wait()
+        assert _memory(mnt, 4).read_bytes() == mem.to_jsonl()
+        assert [n for n in os.listdir(mnt) if n.startswith(".tmp-")] == []

@@ -102,21 +102,29 @@ def _memory(n: int) -> MemoryLog:
     return mem
 
 
-@pytest.mark.parametrize("executor", ["process", "thread"])
-async def test_incremental_checkpoint_clones_the_prefix(reflink_fs: Path, executor: str) -> None:
-    """ep 3's memory file shares ep 2's extents for the prefix; only the delta is new."""
+@pytest.mark.parametrize(("executor", "on_backlog"), [
+    ("process", "block"), ("thread", "block"), ("process", "coalesce"), ("thread", "coalesce")])
+async def test_incremental_checkpoint_clones_the_prefix(
+        reflink_fs: Path, executor: str, on_backlog: str) -> None:
+    """ep 3's memory file shares ep 2's extents for the prefix; only the delta is new.
+    Nothing is copied ahead of a commit (ext4's way): the commit's clone costs nothing."""
     root = reflink_fs / "checkpoints"
     mem = _memory(80_000)  # about 8 MiB: many blocks, so sharing is unmistakable
     allocated: list[int] = []
     deltas: list[int] = []
-    async with CheckpointWriter(root, executor=executor) as w:  # type: ignore[arg-type]
+    prepared: list[float] = []
+    async with CheckpointWriter(root, executor=executor,  # type: ignore[arg-type]
+                                on_backlog=on_backlog) as w:  # type: ignore[arg-type]
         for ep in (1, 2, 3):
             before_bytes = mem.nbytes
             mem.extend(Observation(content=f"ep {ep} step {i}") for i in range(200))
             before = used_bytes(reflink_fs)
-            await (await w.submit(Snapshot(ep, ep, "A", mem))).wait()
+            result = await (await w.submit(Snapshot(ep, ep, "A", mem))).wait()
+            prepared.append(result.prepare_seconds)
             allocated.append(used_bytes(reflink_fs) - before)
             deltas.append(mem.nbytes - before_bytes)
+    assert prepared == [0.0, 0.0, 0.0]
+    assert [n for n in os.listdir(root) if n.startswith(".tmp-")] == []
 
     prev = extents(root / "ep_000002" / "memory_2.jsonl")
     new = extents(root / "ep_000003" / "memory_3.jsonl")

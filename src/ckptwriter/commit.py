@@ -55,8 +55,7 @@ __all__ = ["CommitPipeline", "CommitReport", "best_of"]
 
 log = logging.getLogger("ckptwriter")
 
-# Smaller memory files copy in well under a millisecond: not copied ahead (prepare()).
-_PREPARE_MIN_BYTES = 1024 * 1024
+_PREPARE_MIN_BYTES = 1024 * 1024  # smaller files copy in well under a millisecond
 
 
 class CommitReport(msgspec.Struct, frozen=True):
@@ -92,6 +91,8 @@ class CommitReport(msgspec.Struct, frozen=True):
     # Spent after the previous commit, before this snapshot was taken, copying the
     # memory prefix this commit extended (storage/local_prepare.py).
     prepare_seconds: float = 0.0
+    # The next commit's prefix is being copied ahead: a Ready follows this report.
+    preparing: bool = False
 
     @property
     def record(self) -> CheckpointRecord:
@@ -222,7 +223,7 @@ class CommitPipeline:
         """
         t0 = time.perf_counter()
         meta, mem, b = snap.meta, snap.memory, self.backend
-        # Whatever this commit does, a copy made ahead serves it or nothing.
+        # A copy made ahead serves this commit or none.
         prepared, self._prepared, self._next_prefix = self._prepared, None, None
         name = layout.checkpoint_name(meta.episode_index)
         mem_name = layout.memory_file_name(meta.episode_index)
@@ -276,26 +277,25 @@ class CommitPipeline:
             retention_error=retention_error, log_id=mem.log_id, nbytes=mem.nbytes,
             extendable=extendable, best_error=best_error, bytes_reused=plan.bytes_reused,
             files_linked=plan.files_linked, logs_extendable=logs_ok, state_kept=kept,
-            prepare_seconds=prepare_s,
+            prepare_seconds=prepare_s, preparing=self.can_prepare,
         )
 
     @property
     def can_prepare(self) -> bool:
-        """Whether :meth:`prepare` has a file to copy ahead (one was just committed)."""
-        return self._next_prefix is not None
+        """Whether :meth:`prepare` has a file to copy ahead, and it may help."""
+        return self._next_prefix is not None and self.backend.prepares
 
     def prepare(self, stop: Callable[[], bool]) -> None:
         """Copy the memory file committed last ahead, for the next commit to extend
         (:meth:`Backend.prepare_prefix`); asks ``stop`` as it goes. Never raises."""
         token, self._next_prefix = self._next_prefix, None
-        if token is None:
-            return
         try:
-            seconds = self.backend.prepare_prefix(token, stop)
+            seconds = self.backend.prepare_prefix(token, stop) if token else None
         except Exception as exc:  # only ever an optimization: the commit copies itself
             log.debug("copying the memory prefix ahead failed: %s", exc)
-            return
-        self._prepared = (token, seconds) if seconds is not None else None
+            seconds = None
+        self._prepared = (token, seconds) if token is not None and seconds is not None \
+            else None
 
     def _write(self, snap: CapturedSnapshot, name: str, mem_name: str,
                streams: list[tuple[str, str, MemoryCapture]], whole: list[WholeFile],

@@ -247,7 +247,7 @@ class ProcessExecutor:
         self._known[report.name] = report.record
         for name in report.deleted:
             self._known.pop(name, None)
-        self._owes_ready = True
+        self._owes_ready = report.preparing
         return report
 
     async def ready(self) -> None:

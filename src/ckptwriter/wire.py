@@ -150,8 +150,8 @@ class CommitReply(msgspec.Struct, frozen=True):
 
 
 class Ready(msgspec.Struct, frozen=True):
-    """Sent after each commit's reply, once the next commit's prefix is copied ahead
-    (or that was not done): the parent sends the next snapshot only after it."""
+    """Sent after a commit's reply that says ``preparing``, once the next commit's prefix
+    is copied ahead (or that failed): the parent sends the next snapshot only after it."""
 
 
 def reply_for(report: CommitReport) -> CommitReply:

@@ -2,9 +2,9 @@
 
 It reads frames on stdin (``wire.OpenRequest``, then one ``wire.CommitRequest`` per
 checkpoint followed by that checkpoint's memory, log and state bytes, or naming where in
-the parent they are) and answers each on stdout; a commit's report is followed by
-``wire.Ready`` once the next commit's memory prefix is copied ahead (the parent sends
-nothing in between). It exits when stdin closes. Nothing but frames is ever written to
+the parent they are) and answers each on stdout; a report that says ``preparing`` is
+followed by ``wire.Ready`` once the next commit's memory prefix is copied ahead (the
+parent sends nothing in between). It exits when stdin closes. Nothing but frames is ever written to
 stdout.
 """
 
@@ -286,10 +286,11 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                     _reply(out, wire.CommitReply(error=wire.WireError.of(exc)))
                 continue
             _reply(out, wire.reply_for(report))
-            # Before the parent may send the next snapshot: the next commit then only
-            # appends to this copy. Stopped at once if stdin closes (the drain).
-            pipeline.prepare(lambda: bool(waiting.poll(0)))
-            _reply(out, wire.Ready())
+            if report.preparing:
+                # Before the parent may send the next snapshot: the next commit then
+                # only appends to this copy. Stopped at once if stdin closes (drain).
+                pipeline.prepare(lambda: bool(waiting.poll(0)))
+                _reply(out, wire.Ready())
     finally:
         pipeline.close()
 

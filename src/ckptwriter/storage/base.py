@@ -269,6 +269,12 @@ class Backend(Protocol):
         this backend can reuse it: as a prefix to append to, or (``whole``) whole."""
         ...
 
+    @property
+    def prepares(self) -> bool:
+        """Whether :meth:`prepare_prefix` can help: False on object storage, and on a
+        filesystem that clones (the commit's own copy costs nothing there)."""
+        ...
+
     def prepare_prefix(self, token: ReuseToken, stop: Callable[[], bool]) -> float | None:
         """Copy ``token``'s file ahead for the next commit to extend (then the seconds it
         took); None: not done (nothing to gain here, refused, failed or ``stop``ped).

@@ -32,7 +32,7 @@ from .local_background import FsyncBatch, Reaper
 from .local_leftovers import clean_leftovers
 from .local_lock import DirectoryLock, lock_directory
 from .local_pending import CREATE, FILE_MODE, LocalPending
-from .local_prepare import Ahead, PreparedPrefix
+from .local_prepare import Ahead
 from .local_reuse import OwnChanges, open_checked, unlink_recorded
 from .local_store import LocalStore
 from .posix_io import os_error, write_all
@@ -175,7 +175,7 @@ class LocalStorage:
         for msg in self._reap_errors(self._reaper.stop()):
             log.warning("%s; the next writer to open the directory removes them", msg)
         self._unstage()
-        self.drop_prepared()
+        self._ahead.drop(self._dir_fd)
         self._ahead.drop_spare(self._dir_fd)
         if self._lock is not None:
             self._lock.close()
@@ -224,6 +224,10 @@ class LocalStorage:
         os.close(fd)
         return True
 
+    @property
+    def prepares(self) -> bool:
+        return self._ahead.clones is not True
+
     def prepare_prefix(self, token: ReuseToken, stop: Callable[[], bool]) -> float | None:
         # The last deletion's memory file is the spare this copy overwrites.
         self._reaper.wait_idle()
@@ -234,12 +238,6 @@ class LocalStorage:
             return self._ahead.prepare(self._fd, src, token, fsync=self.fsync, stop=stop)
         finally:
             os.close(src)
-
-    def take_prepared(self, token: ReuseToken) -> PreparedPrefix | None:
-        return self._ahead.take(token)
-
-    def drop_prepared(self) -> None:
-        self._ahead.drop(self._dir_fd)
 
     def _create(self, dir_fd: int, name: str, data: bytes,
                 batch: FsyncBatch | None = None) -> None:

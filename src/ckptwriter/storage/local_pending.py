@@ -21,7 +21,7 @@ from .. import layout
 from ..errors import StorageError
 from .base import FileSpec, ReuseToken
 from .local_background import FsyncBatch
-from .local_prepare import PreparedPrefix, discard
+from .local_prepare import Ahead, PreparedPrefix, discard
 from .local_reuse import OwnChanges, link_checked, token_ident
 from .posix_io import (
     CREATE,
@@ -58,8 +58,8 @@ class _Storage(Protocol):
     def _install(self, tmp: str, name: str) -> None: ...
     def _discard(self, name: str) -> None: ...
     def _unstage(self) -> None: ...
-    def take_prepared(self, token: ReuseToken) -> PreparedPrefix | None: ...
-    def drop_prepared(self) -> None: ...
+    _ahead: Ahead
+    _dir_fd: int | None
 
 
 class LocalPending:
@@ -154,7 +154,7 @@ class LocalPending:
         """The prefix of ``spec`` copied ahead, moved into the temp directory, if any."""
         if spec.reuse is None or not spec.data:
             return None
-        ready = self._s.take_prepared(spec.reuse)
+        ready = self._s._ahead.take(spec.reuse)
         if ready is None:
             return None
         try:
@@ -198,7 +198,7 @@ class LocalPending:
 
     def _close(self) -> None:
         # A prefix copied ahead for another file than this commit extended is stale.
-        self._s.drop_prepared()
+        self._s._ahead.drop(self._s._dir_fd)
         refill, self._refill = self._refill, []
         for kept in refill:
             os.close(kept)

@@ -157,6 +157,26 @@ def _open_spare(dir_fd: int, spare: str) -> int | None:
     return None
 
 
+_FICLONE = 0x40049409  # Linux: the destination shares the source's extents
+
+
+def _clones(dir_fd: int, src_fd: int) -> bool:
+    """Whether a file in ``dir_fd`` can be a clone of ``src_fd`` (tried for real)."""
+    name = layout.temp_name("probe")
+    try:
+        fd = os.open(name, CREATE, FILE_MODE, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        fcntl.ioctl(fd, _FICLONE, src_fd)
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        discard(dir_fd, name, fd)
+
+
 def _release(fd: int, nbytes: int) -> None:
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):  # only a hint
@@ -179,6 +199,8 @@ class Ahead:
 
     def __init__(self) -> None:
         self.next: PreparedPrefix | None = None
+        # Whether the filesystem clones (XFS reflink, btrfs), once a copy was asked for.
+        self.clones: bool | None = None
         # Kept only once copies ahead are made (the reaper thread sets it).
         self.recycle = False
         self._spare: str | None = None
@@ -188,6 +210,10 @@ class Ahead:
     def prepare(self, dir_fd: int, src_fd: int, token: ReuseToken, *, fsync: bool,
                 stop: Callable[[], bool]) -> float | None:
         self.drop(dir_fd)
+        if self.clones is None:
+            self.clones = _clones(dir_fd, src_fd)
+        if self.clones:
+            return None  # the commit's own copy is a clone: nothing to do ahead
         self.recycle = True
         with self._lock:
             spare, self._spare = self._spare, None

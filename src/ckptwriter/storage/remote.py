@@ -217,8 +217,10 @@ class RemoteStorage:
                 self._committed.discard(name)
         return RemotePending(self, name, existing)
 
+    # The server copies a prefix as part of the next upload: nothing to do ahead.
+    prepares = False
+
     def prepare_prefix(self, token: ReuseToken, stop: Callable[[], bool]) -> float | None:
-        # The server copies a prefix as part of the next upload: nothing to do ahead.
         return None
 
     def can_reuse(self, token: ReuseToken, *, whole: bool = False) -> bool:

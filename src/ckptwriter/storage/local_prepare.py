@@ -59,6 +59,7 @@ def copy_ahead(dir_fd: int, src_fd: int, token: ReuseToken, *, fsync: bool,
     t0 = time.perf_counter()
     fd = _open_spare(dir_fd, spare) if spare is not None else None
     name = spare if fd is not None and spare is not None else layout.temp_name("next")
+    recycled = fd is not None
     if fd is None:
         if spare is not None:
             discard(dir_fd, spare, None)
@@ -77,17 +78,15 @@ def copy_ahead(dir_fd: int, src_fd: int, token: ReuseToken, *, fsync: bool,
         wb = Writeback(fd, token.nbytes) if fsync else None
         done = copy_prefix(src_fd, fd, token.nbytes, token.path, wb, stop=stop)
         if done and wb is not None:
-            # As a commit's own copy does (local_pending), the source's pages go back,
-            # here beside the wait for the disk, which takes no CPU.
-            release = threading.Thread(target=_release, args=(src_fd, token.nbytes),
-                                       name="ckptwriter-release")
-            release.start()
-            try:
-                # On the disk before the next snapshot is taken: its commit's fsync then
-                # writes the delta and the metadata only, a short and steady wait.
-                wb.settle(stop)
-            finally:
-                release.join()
+            # On the disk before the next snapshot is taken: its commit's fsync then
+            # writes the delta and the metadata only, a short and steady wait.
+            wb.settle(stop)
+            if not recycled:
+                # As a commit's own copy does (local_pending): the source's pages go
+                # back, for this copy's successor to reuse. Not when a deleted file is
+                # recycled: its pages are reused in place, and the page cache of the
+                # files retention keeps is bounded by them.
+                _release(src_fd, token.nbytes)
     except BaseException:
         discard(dir_fd, name, fd)
         raise

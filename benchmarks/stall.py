@@ -100,8 +100,9 @@ def bench_stall_freshness(
         "3.floor", f"disk floor: copy + fsync of the {cfg.large_memory:,}-entry memory file",
         ms(floor), "ms", "", None,
         "what every incremental checkpoint at that size must do on a filesystem without "
-        "reflinks (ext4), measured after each large run; a coalesced submit waits for "
-        "the commit in flight and then its own: up to two of these",
+        "reflinks (ext4), measured after each large run; the writer copies it ahead and "
+        "takes the next snapshot once the copy is on the disk, so a submit waits for "
+        "about one of these and a short commit",
     ))
     raw["floor_s"] = floor
     # One copy+fsync into pages just freed is the best case; a run that commits back to
@@ -116,8 +117,9 @@ def bench_stall_freshness(
         f"back, 5 kept, {cfg.large_memory:,} entries", ms(s50), "ms", "", None,
         f"p50 of each, p99 {ms(s99)} ms: a copy loop that keeps its last 5 files as "
         "retention does, their page cache kept too; copies into page cache not used "
-        "before cost more (10x on a VM), which the writer avoids by giving each previous "
-        "file's pages back once it has copied it",
+        "before cost more (10x on a VM), which the writer avoids by copying over the "
+        "memory file retention deleted last (its pages reused in place), else by giving "
+        "each copied file's pages back",
     ))
     raw["floor_sustained_s"] = sustained
     report.raw["stall_freshness"] = raw

@@ -9,12 +9,14 @@ can see it change: never a file a reader still has open, never one with a second
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from _fault_util import mounted_tmpfs
@@ -76,11 +78,15 @@ async def test_closing_while_copying_ahead_leaves_nothing_behind(tmp_path: Path)
     assert _memory(tmp_path, 2).read_bytes() == mem.to_jsonl()
 
 
+@pytest.mark.parametrize(("executor", "recycled"), [("process", True), ("thread", False)])
 async def test_a_deleted_checkpoints_memory_file_is_overwritten_in_place(
-        tmp_path: Path) -> None:
+        tmp_path: Path, executor: Any, recycled: bool) -> None:
+    """The writer process copies over it; a worker thread never does (the lease that
+    tests the file would signal the training process if it were broken)."""
     mem = MemoryLog()
     _grow(mem, 8000, "a")
-    async with CheckpointWriter(tmp_path, keep_last=2, on_backlog="coalesce") as w:
+    async with CheckpointWriter(tmp_path, keep_last=2, on_backlog="coalesce",
+                                executor=executor) as w:
         for ep in (1, 2):
             _grow(mem, 20, f"ep{ep}")
             await (await w.submit(snapshot(mem, ep))).wait()
@@ -93,7 +99,8 @@ async def test_a_deleted_checkpoints_memory_file_is_overwritten_in_place(
                 await (await w.submit(snapshot(mem, ep))).wait()
             # ep_1 went with ep_3's retention; ep_4 was copied over its memory file.
             assert not (tmp_path / "ep_000001").exists()
-            assert os.stat(_memory(tmp_path, 4)).st_ino == os.fstat(kept).st_ino
+            assert (os.stat(_memory(tmp_path, 4)).st_ino == os.fstat(kept).st_ino) \
+                is recycled
         finally:
             os.close(kept)
     assert _memory(tmp_path, 4).read_bytes() == mem.to_jsonl()
@@ -180,3 +187,52 @@ async def test_no_room_to_copy_ahead_costs_nothing_but_the_attempt(tmp_path: Pat
                 await (await w.submit(snapshot(mem, ep))).wait()
         assert _memory(mnt, 4).read_bytes() == mem.to_jsonl()
         assert [n for n in os.listdir(mnt) if n.startswith(".tmp-")] == []
+
+
+async def test_a_copy_the_next_commit_does_not_extend_gives_its_space_back_first(
+        tmp_path: Path) -> None:
+    """The next commit writes another log (nothing to extend): the copy made ahead is
+    removed before that commit writes, so its space is there for it."""
+    a, b = MemoryLog(), MemoryLog()
+    _grow(a, 6000, "a")  # ~1.3 MB each: ep 1, its copy and ep 2 do not fit in 4 MiB
+    _grow(b, 6000, "b")
+    with mounted_tmpfs(tmp_path / "mnt", "4m") as mnt:
+        async with CheckpointWriter(mnt, keep_last=1, on_backlog="coalesce") as w:
+            await (await w.submit(snapshot(a, 1))).wait()
+            second = await (await w.submit(snapshot(b, 2))).wait()
+        assert not second.incremental
+        assert _memory(mnt, 2).read_bytes() == b.to_jsonl()
+        assert [n for n in os.listdir(mnt) if n.startswith(".tmp-")] == []
+
+
+async def test_a_forked_child_holds_no_descriptor_of_a_copy_made_ahead(tmp_path: Path) -> None:
+    """Thread executor: a worker forked while a copy made ahead exists closes its
+    descriptor (it would keep a future checkpoint's memory file open for writing)."""
+    mem = MemoryLog()
+    _grow(mem, 8000, "a")
+    async with CheckpointWriter(tmp_path, executor="thread", on_backlog="coalesce") as w:
+        await (await w.submit(snapshot(mem, 1))).wait()
+        for _ in range(1000):  # the writer copies ahead once it waits for a snapshot
+            copies = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-next-")]
+            if copies:
+                break
+            await anyio.sleep(0.01)
+        assert copies
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: which of its descriptors name the copy?
+            try:
+                os.close(r)
+                held = 0
+                for fd in os.listdir("/proc/self/fd"):
+                    with contextlib.suppress(OSError):  # the listing's own, closed
+                        held += ".tmp-next-" in os.readlink(f"/proc/self/fd/{fd}")
+                os.write(wfd, str(held).encode())
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        os.waitpid(pid, 0)  # noqa: ASYNC222 - the child exits at once
+        assert os.read(r, 16) == b"0"
+        os.close(r)
+        _grow(mem, 20, "ep2")
+        assert (await (await w.submit(snapshot(mem, 2))).wait()).prepare_seconds > 0

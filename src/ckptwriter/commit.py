@@ -88,8 +88,8 @@ class CommitReport(msgspec.Struct, frozen=True):
     logs_extendable: dict[str, tuple[str, int]] = {}
     # State keys whose files the next commit can link: key -> version.
     state_kept: dict[str, str] = {}
-    # Spent after the previous commit, before this snapshot was taken, copying the
-    # memory prefix this commit extended (storage/local_prepare.py).
+    # Spent after the previous commit copying ahead the memory prefix this commit
+    # extended (storage/local_prepare.py); not in write_seconds.
     prepare_seconds: float = 0.0
     # The next commit's prefix is being copied ahead: a Ready follows this report.
     preparing: bool = False
@@ -176,9 +176,8 @@ class CommitPipeline:
         # Failed background removals taken by a commit's out-of-space retry, for the
         # retention pass that reports them.
         self._reclaim_errors: list[str] = []
-        # The memory file the next commit will likely extend, and the one copied ahead.
+        # The memory file the next commit will likely extend (prepare()).
         self._next_prefix: ReuseToken | None = None
-        self._prepared: tuple[ReuseToken, float] | None = None
         # An immutable copy of ``known``, replaced whole after each change, for readers
         # in other threads (the writer's event loop) while a commit runs.
         self.committed: tuple[CheckpointRecord, ...] = ()
@@ -223,8 +222,7 @@ class CommitPipeline:
         """
         t0 = time.perf_counter()
         meta, mem, b = snap.meta, snap.memory, self.backend
-        # A copy made ahead serves this commit or none.
-        prepared, self._prepared, self._next_prefix = self._prepared, None, None
+        self._next_prefix = None  # set again once this commit stands
         name = layout.checkpoint_name(meta.episode_index)
         mem_name = layout.memory_file_name(meta.episode_index)
         streams = [("memory", mem_name, mem), *(
@@ -234,7 +232,7 @@ class CommitPipeline:
                    for it in snap.state.values()),
                  *(WholeFile(n, data) for n, data in meta.extra_files.items())]
         try:
-            plan, tokens, runtime, latest_json, path, serialize_s = self._write(
+            plan, tokens, runtime, latest_json, path, (serialize_s, prepare_s) = self._write(
                 snap, name, mem_name, streams, whole)
         except StorageError as exc:
             # Space that deletions of earlier commits are still freeing in the
@@ -245,12 +243,14 @@ class CommitPipeline:
             self._reclaim_errors += failed
             if not freed:
                 raise
-            plan, tokens, runtime, latest_json, path, serialize_s = self._write(
+            plan, tokens, runtime, latest_json, path, (serialize_s, prepare_s) = self._write(
                 snap, name, mem_name, streams, whole)
         self._carries.remember(plan, tokens)
-        carry, nxt = plan.memory.carry, tokens.get(mem_name)
-        prepare_s = prepared[1] if prepared and carry and prepared[0] == carry.token else 0.0
-        self._next_prefix = nxt if nxt and nxt.nbytes >= _PREPARE_MIN_BYTES else None
+        # Copied ahead for the next commit where it may extend this file: not for a
+        # memory that did not grow (then linked, likely again next time).
+        nxt = tokens.get(mem_name)
+        self._next_prefix = nxt if nxt and nxt.nbytes >= _PREPARE_MIN_BYTES and \
+            plan.memory.new_bytes else None
         record = CheckpointRecord(name, meta.episode_index, meta.val_score)
         # Known before the pointer moves: if that fails, retention still sees it later.
         self.known[name] = record
@@ -290,17 +290,16 @@ class CommitPipeline:
         (:meth:`Backend.prepare_prefix`); asks ``stop`` as it goes. Never raises."""
         token, self._next_prefix = self._next_prefix, None
         try:
-            seconds = self.backend.prepare_prefix(token, stop) if token else None
+            if token is not None:
+                self.backend.prepare_prefix(token, stop)
         except Exception as exc:  # only ever an optimization: the commit copies itself
             log.debug("copying the memory prefix ahead failed: %s", exc)
-            seconds = None
-        self._prepared = (token, seconds) if token is not None and seconds is not None \
-            else None
 
     def _write(self, snap: CapturedSnapshot, name: str, mem_name: str,
                streams: list[tuple[str, str, MemoryCapture]], whole: list[WholeFile],
-               ) -> tuple[Plan, dict[str, ReuseToken], bytes, bytes, str, float]:
-        """The checkpoint's files and marker, finalized: it exists when this returns."""
+               ) -> tuple[Plan, dict[str, ReuseToken], bytes, bytes, str, tuple[float, float]]:
+        """The checkpoint's files and marker, finalized: it exists when this returns (and
+        the seconds spent serializing, and copying ahead the prefix it extended)."""
         meta, b = snap.meta, self.backend
         plan = self._carries.plan(b, streams, whole)
         pending: PendingCheckpoint | None = None
@@ -329,7 +328,7 @@ class CommitPipeline:
                 where = b.store.join(b.root, name)
                 raise b.store.error(exc, "writing checkpoint", where) from exc
             raise
-        return plan, tokens, runtime, latest_json, path, serialize_s
+        return plan, tokens, runtime, latest_json, path, (serialize_s, pending.prepared_seconds)
 
     def _hints(self, snap: CapturedSnapshot, tokens: Mapping[str, ReuseToken]
                ) -> tuple[bool, dict[str, tuple[str, int]], dict[str, str]]:

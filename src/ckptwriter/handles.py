@@ -28,9 +28,9 @@ class CheckpointResult:
     ``bytes_written`` counts the bytes really written (what was appended to a log, the
     files that changed, ``runtime.json``); ``bytes_reused`` those the checkpoint got from
     the previous one instead (a copied prefix, the ``files_linked`` files linked whole).
-    ``prepare_seconds``: the writer's time, after the previous commit and before this
-    snapshot was taken, copying the memory prefix this commit extended (ext4, tmpfs:
-    filesystems without clones), which ``write_seconds`` then does not include.
+    ``prepare_seconds``: the writer's time after the previous commit copying ahead the
+    memory prefix this commit extended (ext4, tmpfs: filesystems without clones), not
+    included in ``write_seconds``.
     """
 
     name: str

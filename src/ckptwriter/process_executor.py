@@ -206,6 +206,7 @@ class ProcessExecutor:
         return reply
 
     async def persist(self, snap: CapturedSnapshot) -> CommitReport:
+        await self.ready()  # (or notice it died since its last reply)
         if self._proc is None:
             await self._start()  # the previous process died: start over
         if self._hints_for is not self._proc:
@@ -259,7 +260,12 @@ class ProcessExecutor:
                 with anyio.CancelScope(shield=True):
                     await self._take_ready()
             except _PIPE_ERRORS:
-                pass  # it died: the next persist says so and starts another
+                # It died after its last reply, before anything else was sent: no
+                # checkpoint is lost, and the next one starts another.
+                with anyio.CancelScope(shield=True):
+                    code = await self._stop()
+                log.warning("the checkpoint writer process %s between checkpoints; the "
+                            "next checkpoint starts a new one", describe_exit(code))
 
     def stop_preparing(self) -> None:
         # The process stops copying ahead by itself when its stdin closes.

@@ -196,6 +196,7 @@ def _open(req: wire.OpenRequest) -> CommitPipeline:
                            storage_options=dict(options.storage_options))
     if isinstance(backend, LocalStorage):
         backend.owner = f"pid {req.owner_pid}"  # the training run, not this helper
+        backend.spares = True  # SIGIO is ignored here (main)
     elif isinstance(backend, RemoteStorage):
         backend.claim_as(f"pid {req.owner_pid} on {socket.gethostname()}", req.lock_token)
     return CommitPipeline(backend, options.policy, options.protect, mode=options.mode)
@@ -304,6 +305,10 @@ def main() -> int:
     group = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in group:
         signal.signal(sig, signal.SIG_IGN)
+    # A lease break (storage/local_prepare.keep_spare) signals SIGIO, whose default is
+    # to exit: the lease is only ever a test, but nothing may stop a commit.
+    if hasattr(signal, "SIGIO"):
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, group)
     parent = os.getppid()
     _die_with_parent(parent)

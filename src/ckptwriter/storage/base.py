@@ -105,6 +105,8 @@ class PendingCheckpoint(Protocol):
     """A checkpoint being written: invisible to readers until :meth:`finalize`."""
 
     name: str
+    # What copying ahead the memory prefix this checkpoint extended took (0: none).
+    prepared_seconds: float
 
     def write(self, files: Sequence[FileSpec]) -> dict[str, ReuseToken]:
         """Write files, durable by the time :meth:`finalize` makes the checkpoint appear;

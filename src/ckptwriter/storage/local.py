@@ -79,6 +79,8 @@ class LocalStorage:
     BEST_STEPS = ("best_link_replaced", "best_json_replaced", "best_synced",
                   "best_json_removed", "best_link_removed")
 
+    spares = False  # deleted memory files kept as spares: the writer process's only
+
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         # Resolved once, here: a checkpoint_dir that is a symlink is written (and listed)
         # where it points now, never through the link, and a later chdir changes nothing.
@@ -137,6 +139,7 @@ class LocalStorage:
             self._check_in_place("opening", self.root)
             clean_leftovers(self._dir_fd, self.path, is_whole)
             self._pid = os.getpid()
+            self._ahead = Ahead()  # of this process
         except OSError as exc:
             self.close()
             raise os_error(exc, "opening", self.root) from exc
@@ -229,13 +232,12 @@ class LocalStorage:
         return self._ahead.clones is not True
 
     def prepare_prefix(self, token: ReuseToken, stop: Callable[[], bool]) -> float | None:
-        # The last deletion's memory file is the spare this copy overwrites.
-        self._reaper.wait_idle()
-        src = self.open_reused(token)
-        if src is None:
+        if (src := self.open_reused(token)) is None:
             return None
         try:
             return self._ahead.prepare(self._fd, src, token, fsync=self.fsync, stop=stop)
+        except Exception:  # closed meanwhile, moved: only an optimization
+            return None
         finally:
             os.close(src)
 
@@ -390,21 +392,21 @@ class LocalStorage:
             return  # already gone: nothing to delete
         except OSError as exc:
             raise os_error(exc, "deleting checkpoint", self.path / name) from exc
+        # Its memory file may be the next copy's spare (local_prepare.keep_spare).
+        if self.spares and (ino := self._ahead.keep(self._fd, trash)) is not None:
+            self._own.forget(ino)
         try:
             self._reaper.submit(trash)
         except RuntimeError:  # closing: removed now
             self._reap(trash)
 
     def _reap(self, trash: str) -> None:
-        if self._dir_fd is not None:
-            self._ahead.keep(self._dir_fd, trash)
         self._remove(trash)
         self._step("deleted")
 
     def settle(self, *, wait: bool) -> tuple[bool, list[str]]:
         running, failed = self._reaper.settle(wait=wait)
-        # A spare kept for the next copy is space too, given back when it is wanted.
-        spared = wait and self._ahead.drop_spare(self._dir_fd)
+        spared = wait and self._ahead.drop_spare(self._dir_fd)  # space wanted: given back
         return running or spared, self._reap_errors(failed)
 
     def _reap_errors(self, failed: list[tuple[str, BaseException]]) -> list[str]:

@@ -164,21 +164,12 @@ class Reaper:
         with self._cond:
             progressed = bool(self._todo) or self._busy or self._finished != self._seen
             if wait:
-                self._wait_idle()
+                while self._todo or self._busy:
+                    self._ensure_thread()  # never wait on a thread that is gone
+                    self._cond.wait(timeout=1.0)
             self._seen = self._finished
             failed, self._failed = self._failed, []
         return progressed, failed
-
-    def wait_idle(self) -> None:
-        """Return once every removal submitted so far is done (failures kept for
-        :meth:`settle`)."""
-        with self._cond:
-            self._wait_idle()
-
-    def _wait_idle(self) -> None:
-        while self._todo or self._busy:
-            self._ensure_thread()  # never wait on a thread that is gone
-            self._cond.wait(timeout=1.0)
 
     def stop(self) -> list[tuple[str, BaseException]]:
         """Finish every removal, then end the thread; the failures not yet taken."""

@@ -38,7 +38,6 @@ from .posix_io import (
 __all__ = ["CREATE", "FILE_MODE", "LocalPending"]
 
 
-
 class _Storage(Protocol):
     """What a pending checkpoint uses of its :class:`~ckptwriter.storage.LocalStorage`."""
 
@@ -84,6 +83,11 @@ class LocalPending:
         return self._tmp_fd
 
     def write(self, files: Sequence[FileSpec]) -> dict[str, ReuseToken]:
+        ahead = self._s._ahead
+        if ahead.next is not None and not any(
+                s.reuse == ahead.next.token and s.data for s in files):
+            # A copy this commit does not extend: its space is given back first.
+            ahead.drop(self._s._dir_fd)
         tokens: dict[str, ReuseToken] = {}
         try:
             for spec in files:

@@ -9,8 +9,10 @@ recorded (:class:`OwnChanges`) and a token whose ctime they explain is still goo
 whole-file reuse hard-links it into the pending checkpoint (``linkat`` through the
 directory descriptors) and checks that the new name is the inode just verified; where
 the filesystem refuses the link (``EXDEV``, ``EPERM``, ``EMLINK``...) the caller copies
-the bytes instead. Checkpoint files are never written in place once created, so one
-inode can safely stand in several checkpoints; deleting one of them unlinks a name only.
+the bytes instead. A file in a checkpoint is never written in place, so one inode can
+safely stand in several checkpoints; deleting one of them unlinks a name only. (Only
+once a deleted checkpoint's memory file has no name left in any checkpoint, and no one
+has it open, may it be overwritten as the next copy's spare: storage/local_prepare.py.)
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class Writeback:
 
     def settle(self, stop: Callable[[], bool]) -> None:
         """Write every piece so far and wait until they are on the disk, a piece at a
-        time, asking ``stop`` after each (then it is left to the fsync)."""
+        time, asking ``stop`` before each (then the rest is left to the fsync)."""
         self.flush()
         for at in range(0, self._end, self.chunk):
             if self._call is None or stop():

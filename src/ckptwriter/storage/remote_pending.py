@@ -44,6 +44,7 @@ class RemotePending:
 
     def __init__(self, backend: _Storage, name: str, existing: Existing | None) -> None:
         self.name = name
+        self.prepared_seconds = 0.0  # the server copies prefixes: nothing is made ahead
         self._backend = backend
         self._prefix = f"{backend.root}/{name}"
         self._url = backend.store.url(self._prefix)

@@ -28,6 +28,8 @@ class CheckpointResult:
     ``bytes_written`` counts the bytes really written (what was appended to a log, the
     files that changed, ``runtime.json``); ``bytes_reused`` those the checkpoint got from
     the previous one instead (a copied prefix, the ``files_linked`` files linked whole).
+    A coalesced handle's result is the newer snapshot's that replaced it: its
+    ``latency_seconds`` runs from that snapshot's capture, not from this submit.
     ``prepare_seconds``: the writer's time after the previous commit copying ahead the
     memory prefix this commit extended (ext4, tmpfs: filesystems without clones), not
     included in ``write_seconds``.

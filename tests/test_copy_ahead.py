@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import mmap
 import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +238,40 @@ async def test_a_forked_child_holds_no_descriptor_of_a_copy_made_ahead(tmp_path:
         os.close(r)
         _grow(mem, 20, "ep2")
         assert (await (await w.submit(snapshot(mem, 2))).wait()).prepare_seconds > 0
+
+
+def _writer_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "ckptwriter.writer_process"],
+                         capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("on_backlog", ["block", "coalesce"])
+async def test_a_writer_process_killed_between_checkpoints_fails_none(
+        tmp_path: Path, on_backlog: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGKILLed once its copy ahead is done (as the OOM killer may, while it is idle):
+    the next checkpoint starts a new writer process and is written; a warning says so."""
+    mem = MemoryLog()
+    _grow(mem, 8000, "a")
+    async with CheckpointWriter(tmp_path, on_backlog=on_backlog) as w:
+        await (await w.submit(snapshot(mem, 1))).wait()
+        size = _memory(tmp_path, 1).stat().st_size
+        for _ in range(1000):  # the copy ahead, whole
+            if any(n.startswith(".tmp-next-") and (tmp_path / n).stat().st_size == size
+                   for n in os.listdir(tmp_path)):
+                break
+            await anyio.sleep(0.01)
+        (pid,) = _writer_pids()
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(1000):  # wholly dead: every thread gone, left to be reaped
+            # WNOHANG: never waits; WNOWAIT: left for the writer to reap.
+            if os.waitid(os.P_PID, pid,  # noqa: ASYNC222
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                break
+            await anyio.sleep(0.01)
+        _grow(mem, 20, "ep2")
+        result = await (await w.submit(snapshot(mem, 2))).wait()
+    assert result.episode_index == 2
+    assert "killed by SIGKILL between checkpoints" in caplog.text
+    assert _memory(tmp_path, 2).read_bytes() == mem.to_jsonl()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []

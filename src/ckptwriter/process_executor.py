@@ -207,6 +207,8 @@ class ProcessExecutor:
 
     async def persist(self, snap: CapturedSnapshot) -> CommitReport:
         await self.ready()  # (or notice it died since its last reply)
+        if self._proc is not None and self._proc.exited():
+            await self._lost()  # after its Ready, or idle: OOM-killed between checkpoints
         if self._proc is None:
             await self._start()  # the previous process died: start over
         if self._hints_for is not self._proc:
@@ -260,12 +262,15 @@ class ProcessExecutor:
                 with anyio.CancelScope(shield=True):
                     await self._take_ready()
             except _PIPE_ERRORS:
-                # It died after its last reply, before anything else was sent: no
-                # checkpoint is lost, and the next one starts another.
-                with anyio.CancelScope(shield=True):
-                    code = await self._stop()
-                log.warning("the checkpoint writer process %s between checkpoints; the "
-                            "next checkpoint starts a new one", describe_exit(code))
+                await self._lost()
+
+    async def _lost(self) -> None:
+        # It died after its last reply, before anything else was sent: no checkpoint
+        # is lost, and the next one starts another.
+        with anyio.CancelScope(shield=True):
+            code = await self._stop()
+        log.warning("the checkpoint writer process %s between checkpoints; the next "
+                    "checkpoint starts a new one", describe_exit(code))
 
     def stop_preparing(self) -> None:
         # The process stops copying ahead by itself when its stdin closes.
@@ -307,7 +312,8 @@ class ProcessExecutor:
 
     async def _exchange(self, snap: CapturedSnapshot, *, full: bool) -> wire.CommitReply:
         assert self._wfd is not None
-        await self._take_ready()
+        with anyio.CancelScope(shield=True):  # (read by persist's ready() as a rule)
+            await self._take_ready()
         req, views = self._request(snap, full)
         delta = sum(len(v) for v in views)
         frame = wire.encode(msgspec.structs.replace(req, payload=delta))

@@ -83,6 +83,10 @@ class Child:
     def returncode(self) -> int | None:
         return self._popen.returncode
 
+    def exited(self) -> bool:
+        """Whether it has exited (reaped now if so), without waiting."""
+        return self._popen.poll() is not None
+
     async def receive_exactly(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:

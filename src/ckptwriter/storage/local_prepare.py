@@ -72,18 +72,22 @@ def copy_ahead(dir_fd: int, src_fd: int, token: ReuseToken, *, fsync: bool,
         OSError: the copy failed (nothing is left behind).
     """
     t0 = time.perf_counter()
+    if spare is not None:
+        # The deletion that freed it and its move out are durable before a block of it
+        # changes: a power loss never brings the deleted checkpoint back altered.
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            discard(dir_fd, spare, None)
+            spare = None
     fd = _open_spare(dir_fd, spare) if spare is not None else None
     recycled = fd is not None
     name = spare if recycled and spare is not None else layout.temp_name("next")
     if fd is None:
         fd = os.open(name, CREATE, FILE_MODE, dir_fd=dir_fd)
     try:
-        if recycled:
-            # The deletion that freed it and its move out are durable before a block of
-            # it changes: a power loss never brings the deleted checkpoint back altered.
-            os.fsync(dir_fd)
-            if os.fstat(fd).st_size > token.nbytes:
-                os.ftruncate(fd, token.nbytes)
+        if recycled and os.fstat(fd).st_size > token.nbytes:
+            os.ftruncate(fd, token.nbytes)
         _allocate(fd, token.nbytes)
         wb = Writeback(fd, token.nbytes) if fsync else None
         done = copy_prefix(src_fd, fd, token.nbytes, token.path, wb, stop=stop)
@@ -110,8 +114,10 @@ def copy_ahead(dir_fd: int, src_fd: int, token: ReuseToken, *, fsync: bool,
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
     """fallocate(2) itself: glibc's posix_fallocate writes a byte per block where the
     filesystem has none (NFS < 4.2), slowly and through a write-only fd not at all."""
-    fn: Callable[[int, int, int, int], int] | None = libc_function(
-        "fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+    # fallocate64: 64-bit offsets on 32-bit systems too (the same call on 64-bit ones).
+    args = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn: Callable[[int, int, int, int], int] | None = \
+        libc_function("fallocate64", args) or libc_function("fallocate", args)
     return fn
 
 

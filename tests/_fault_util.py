@@ -463,3 +463,38 @@ def record_protocol(monkeypatch: Any) -> list[tuple[str, str]]:
     monkeypatch.setattr(local_mod.os, "rename", rename)
     monkeypatch.setattr(local_mod.os, "replace", replace)
     return events
+
+
+def writer_process_pid() -> int:
+    """The pid of this process's one writer process."""
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "ckptwriter.writer_process"],
+                         capture_output=True, text=True, check=False).stdout
+    (pid,) = (int(p) for p in out.split())
+    return pid
+
+
+async def kill_with_a_checkpoint_in_flight(pid: int, submit: Any) -> Any:
+    """SIGKILL writer process ``pid`` once ``submit()``'s checkpoint was sent to it and
+    before it can answer (stopped meanwhile): that checkpoint is in flight, for sure.
+    Returns what ``submit()`` returned."""
+    import fcntl
+    import struct
+    import termios
+
+    import anyio
+
+    os.kill(pid, signal.SIGSTOP)
+    handle = await submit()
+    # Its stdin (reached through /proc) holds the request once the writer sent it.
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for _ in range(2000):
+            if struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]:
+                break
+            await anyio.sleep(0.005)
+        else:
+            raise AssertionError("the writer never sent the checkpoint")
+    finally:
+        os.close(fd)
+    os.kill(pid, signal.SIGKILL)
+    return handle

@@ -14,6 +14,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from _fault_util import kill_with_a_checkpoint_in_flight
 from _s3_util import BACKENDS, make_backend, s3_endpoint  # noqa: F401 -- fixture
 from ckptwriter import CheckpointWriter, ConfigError, MemoryLog, load_checkpoint
 from ckptwriter.storage import LocalStorage
@@ -106,10 +107,8 @@ async def test_dead_writer_process_is_replaced(tmp_path: Path) -> None:
         add_episode(mem, 1)
         await (await w.submit(snapshot(mem, 1))).wait()
         (pid,) = _writer_pids(os.getpid())
-        os.kill(pid, signal.SIGKILL)
-        await anyio.sleep(0.1)
         add_episode(mem, 2)
-        h = await w.submit(snapshot(mem, 2))
+        h = await kill_with_a_checkpoint_in_flight(pid, lambda: w.submit(snapshot(mem, 2)))
         with pytest.raises(Exception, match=r"writer process exited unexpectedly"):
             await h.wait()
         add_episode(mem, 3)

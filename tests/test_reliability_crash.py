@@ -20,11 +20,13 @@ from _fault_util import (
     PY,
     FaultStorage,
     episode_entries,
+    kill_with_a_checkpoint_in_flight,
     leftovers,
     memory_until,
     raise_eio,
     record_protocol,
     snapshot,
+    writer_process_pid,
 )
 from ckptwriter import (
     CheckpointWriter,
@@ -293,19 +295,12 @@ async def test_everything_is_fsynced_before_latest_moves(
 # -- the writer process dies under a live run ------------------------------------------
 
 
-def _kill_lock_owner(root: Path) -> int:
-    """SIGKILL the writer process (it holds the directory lock), as OOM would."""
-    import signal
-    import subprocess
-
+def _lock_owner(root: Path) -> int:
+    """The writer process (it holds the directory lock), for a test to SIGKILL as OOM would."""
     # The lock file names the training process (the one a user would stop); the writer
     # process is its child.
     assert int((root / ".lock").read_text().split()[1]) == os.getpid()
-    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "ckptwriter.writer_process"],
-                         capture_output=True, text=True, check=False).stdout
-    (pid,) = (int(p) for p in out.split())
-    os.kill(pid, signal.SIGKILL)
-    return pid
+    return writer_process_pid()
 
 
 @pytest.mark.anyio
@@ -315,9 +310,9 @@ async def test_writer_process_killed_next_checkpoint_recovers(tmp_path: Path) ->
     log = memory_until(1)
     async with CheckpointWriter(root, executor="process", on_error="warn") as w:
         await (await w.submit(snapshot(1, log))).wait()
-        _kill_lock_owner(root)
         log.extend(episode_entries(2))
-        h = await w.submit(snapshot(2, log))
+        h = await kill_with_a_checkpoint_in_flight(
+            _lock_owner(root), lambda: w.submit(snapshot(2, log)))
         with pytest.raises(WriterFailedError, match=(
             r"^checkpoint for episode 2 was not written: the checkpoint writer process exited "
             r"unexpectedly \(it was killed by SIGKILL\) while writing episode 2$"
@@ -345,9 +340,9 @@ async def test_writer_process_killed_raise_stops_training(tmp_path: Path) -> Non
 async def _kill_writer_then_flush(root: Path, log: MemoryLog) -> None:
     async with CheckpointWriter(root, executor="process") as w:
         await (await w.submit(snapshot(1, log))).wait()
-        _kill_lock_owner(root)
         log.extend(episode_entries(2))
-        await w.submit(snapshot(2, log))
+        await kill_with_a_checkpoint_in_flight(
+            _lock_owner(root), lambda: w.submit(snapshot(2, log)))
         await w.flush()
 
 

@@ -473,28 +473,17 @@ def writer_process_pid() -> int:
     return pid
 
 
-async def kill_with_a_checkpoint_in_flight(pid: int, submit: Any) -> Any:
-    """SIGKILL writer process ``pid`` once ``submit()``'s checkpoint was sent to it and
-    before it can answer (stopped meanwhile): that checkpoint is in flight, for sure.
-    Returns what ``submit()`` returned."""
-    import fcntl
-    import struct
-    import termios
 
+async def kill_wholly(pid: int) -> None:
+    """SIGKILL writer process ``pid`` (as the OOM killer would, between checkpoints) and
+    return once it is wholly gone (every thread), left for its parent to reap."""
     import anyio
 
-    os.kill(pid, signal.SIGSTOP)
-    handle = await submit()
-    # Its stdin (reached through /proc) holds the request once the writer sent it.
-    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        for _ in range(2000):
-            if struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]:
-                break
-            await anyio.sleep(0.005)
-        else:
-            raise AssertionError("the writer never sent the checkpoint")
-    finally:
-        os.close(fd)
     os.kill(pid, signal.SIGKILL)
-    return handle
+    for _ in range(2000):
+        # WNOHANG: never waits; WNOWAIT: the writer still reaps it.
+        if os.waitid(os.P_PID, pid,  # noqa: ASYNC222
+                     os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return
+        await anyio.sleep(0.005)
+    raise AssertionError(f"writer process {pid} did not die")

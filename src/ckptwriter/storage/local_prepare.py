@@ -36,7 +36,7 @@ from functools import cache
 from .. import layout
 from .base import ReuseToken
 from .dirfd import open_dir
-from .posix_io import CREATE, FILE_MODE, Writeback, copy_prefix, libc_function
+from .posix_io import CREATE, FICLONE, FILE_MODE, Writeback, copy_prefix, libc_function
 
 try:
     import fcntl
@@ -45,7 +45,6 @@ except ImportError:  # pragma: no cover - not POSIX
 
 __all__ = ["Ahead", "PreparedPrefix", "copy_ahead", "discard", "keep_spare"]
 
-_FICLONE = 0x40049409  # Linux: the destination shares the source's extents
 # What fallocate(2) answers where the filesystem has none: then blocks come as written.
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
@@ -216,7 +215,7 @@ def _clones(dir_fd: int, src_fd: int) -> bool:
     except OSError:
         return False
     try:
-        fcntl.ioctl(fd, _FICLONE, src_fd)
+        fcntl.ioctl(fd, FICLONE, src_fd)
     except OSError:
         return False
     else:
@@ -282,13 +281,11 @@ class Ahead:
         self.next = None
         return ready
 
-    def drop(self, dir_fd: int | None) -> bool:
-        """Remove the prefix copied ahead; whether there was one."""
+    def drop(self, dir_fd: int | None) -> None:
+        """Remove the prefix copied ahead (a fork's copy names the parent's: left)."""
         ready, self.next = self.next, None
-        if ready is None:
-            return False
-        discard(dir_fd if ready.pid == os.getpid() else None, ready.name, ready.fd)
-        return True
+        if ready is not None:
+            discard(dir_fd if ready.pid == os.getpid() else None, ready.name, ready.fd)
 
     def keep(self, dir_fd: int, trash: str) -> int | None:
         """Keep the memory file of the just deleted ``trash`` as the spare (if none is

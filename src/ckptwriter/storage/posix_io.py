@@ -14,13 +14,17 @@ from typing import Any
 
 from ..errors import StorageError
 
-__all__ = ["COPY_CHUNK", "CREATE", "DIRECT_MIN_BYTES", "FILE_MODE", "Writeback", "copy_prefix",
+__all__ = ["COPY_CHUNK", "CREATE", "DIRECT_MIN_BYTES", "FICLONE", "FILE_MODE", "Writeback",
+           "copy_prefix",
            "libc_function", "os_error", "refill_in_background", "write_all", "write_uncached"]
 
 # Never world-writable, whatever the umask: the umask still narrows these further.
 FILE_MODE = 0o664
 # A new file only, never through a symlink, never kept open across exec.
 CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Linux ioctl: the destination file shares the source's extents (a reflink).
+FICLONE = 0x40049409
 
 # Linux caps one writev at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
